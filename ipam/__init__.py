@@ -1,0 +1,1 @@
+"""Cluster-wide IP address management for pyoverlay, backed by etcd transactions."""

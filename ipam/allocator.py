@@ -1,0 +1,329 @@
+"""The IpamDriver's logic: pools and addresses unique across every host sharing the etcd.
+
+Every change is one etcd transaction that compares what it read (create-if-absent for a new address,
+compare-mod-revision for a changed record), never a read followed by a blind write. Pool creation also
+compares the pool index, so two hosts cannot create overlapping pools at the same moment.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ipam.subnets import (
+    NETWORK_OPT,
+    IPNetwork,
+    check_in_pool,
+    check_network_id,
+    next_free,
+    overlaps,
+    parse_address,
+    parse_cidr,
+    pick_subnet,
+    pool_id,
+    usable,
+)
+from kvstore import KVStore, Keys, StoreError, StoreUnavailable, Txn
+from kvstore.records import AddressRecord, PoolRecord
+from plugin.errors import Conflict, InvalidRequest, NotFound, Unavailable
+
+log = logging.getLogger(__name__)
+
+GATEWAY_TYPE = "com.docker.network.gateway"
+ENDPOINT_NAME = "com.docker.network.endpoint.name"
+LOCAL_SPACE = "PyOverlayLocal"
+GLOBAL_SPACE = "PyOverlayGlobal"
+_RETRIES = 16
+
+
+@dataclass(frozen=True)
+class DefaultPools:
+    v4: IPNetwork
+    v4_size: int
+    v6: IPNetwork
+    v6_size: int
+
+
+def _store_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """etcd failures become plugin errors that say so (and are answered fast)."""
+
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except StoreUnavailable as err:
+            raise Unavailable(f"IPAM: cluster store unavailable, nothing was changed: {err}") from err
+        except StoreError as err:
+            raise Unavailable(f"IPAM: cluster store error, nothing was changed: {err}") from err
+
+    wrapped.__name__ = fn.__name__
+    wrapped.__doc__ = fn.__doc__
+    return wrapped
+
+
+class Ipam:
+    def __init__(self, store: KVStore, keys: Keys, host: str, defaults: DefaultPools,
+                 host_routes: Callable[[], list[IPNetwork]]) -> None:
+        self.store = store
+        self.keys = keys
+        self.host = host
+        self.defaults = defaults
+        self.host_routes = host_routes
+        self._cursor: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    # -- pools ------------------------------------------------------------------------------------------
+
+    @_store_errors
+    def request_pool(self, pool: str, sub_pool: str, options: dict[str, str], v6: bool) -> dict[str, Any]:
+        explicit = options.get(NETWORK_OPT) or None
+        if explicit is not None:
+            check_network_id(explicit, f"Options.{NETWORK_OPT}")
+        if sub_pool and not pool:
+            raise InvalidRequest("SubPool: an ip-range needs a subnet (Pool is empty)")
+        net = parse_cidr(pool, "Pool", v6) if pool else None
+        rng = parse_cidr(sub_pool, "SubPool", v6) if sub_pool else None
+        if net is not None and rng is not None and not rng.subnet_of(net):  # type: ignore[arg-type]
+            raise InvalidRequest(f"SubPool: ip-range {rng} is not inside the subnet {net}")
+        family = 6 if v6 else 4
+
+        for _ in range(_RETRIES):
+            if explicit is not None:
+                pid = f"net.{explicit}.v{family}"
+            elif net is not None:
+                pid = pool_id(net, None)
+            else:
+                pid = ""
+            if pid:
+                kv = self.store.get(self.keys.pool(pid))
+                if kv is not None:
+                    rec = PoolRecord.load(kv.value)
+                    self._check_same_pool(rec, net, rng)
+                    rec.refs[self.host] = rec.refs.get(self.host, 0) + 1
+                    if self.store.swap(kv.key, rec.dump(), kv.mod_revision):
+                        return self._pool_answer(rec)
+                    continue
+            rec = self._new_pool(pid, net, rng, explicit, family)
+            if rec is not None:
+                return self._pool_answer(rec)
+        raise Unavailable("IPAM: too many concurrent pool changes; try again")
+
+    def _check_same_pool(self, rec: PoolRecord, net: IPNetwork | None, rng: IPNetwork | None) -> None:
+        if net is not None and rec.cidr != str(net):
+            raise Conflict(
+                f"Pool: network id {rec.pool_id.split('.')[1]} already uses subnet {rec.cidr}, not {net}"
+            )
+        if net is not None and (str(rng) if rng else None) != rec.ip_range:
+            raise Conflict(
+                f"SubPool: subnet {rec.cidr} is already defined with ip-range {rec.ip_range or 'none'}, "
+                f"not {rng or 'none'}; use the same --ip-range on every host"
+            )
+
+    def _new_pool(self, pid: str, net: IPNetwork | None, rng: IPNetwork | None, explicit: str | None,
+                  family: int) -> PoolRecord | None:
+        """Create a pool record; None when another host changed the pools meanwhile (retry)."""
+        kvs, _ = self.store.range(self.keys.pools())
+        pools = [PoolRecord.load(kv.value) for kv in kvs]
+        index = self.store.get(self.keys.pool_index())
+        if net is None:
+            taken = [ipaddress.ip_network(p.cidr) for p in pools] + self.host_routes()
+            base, size = (self.defaults.v6, self.defaults.v6_size) if family == 6 else (
+                self.defaults.v4, self.defaults.v4_size)
+            net = pick_subnet(base, size, taken)
+            if net is None:
+                raise Unavailable(f"IPAM: no free /{size} left in the default range {base}; pass --subnet")
+            pid = pid or pool_id(net, None)
+        elif explicit is None:
+            clash = overlaps(net, [ipaddress.ip_network(p.cidr) for p in pools if not p.explicit])
+            if clash is not None:
+                raise Conflict(
+                    f"Pool: {net} overlaps the pyoverlay pool {clash}; choose another subnet, or give both "
+                    f"networks ids with --ipam-opt {NETWORK_OPT}=ID and -o {NETWORK_OPT}=ID"
+                )
+        rec = PoolRecord(pool_id=pid, cidr=str(net), family=family, explicit=explicit is not None,  # type: ignore[arg-type]
+                         ip_range=str(rng) if rng else None, refs={self.host: 1})
+        txn = Txn().absent(self.keys.pool(pid))
+        if index is None:
+            txn.absent(self.keys.pool_index())
+        else:
+            txn.unchanged(index.key, index.mod_revision)
+        counter = int(index.value or b"0") + 1 if index else 1
+        txn.put(self.keys.pool(pid), rec.dump()).put(self.keys.pool_index(), str(counter))
+        return rec if self.store.commit(txn) else None
+
+    @staticmethod
+    def _pool_answer(rec: PoolRecord) -> dict[str, Any]:
+        return {"PoolID": rec.pool_id, "Pool": rec.cidr, "Data": {}}
+
+    @_store_errors
+    def release_pool(self, pid: str) -> dict[str, Any]:
+        for _ in range(_RETRIES):
+            kv = self.store.get(self.keys.pool(pid))
+            if kv is None:
+                return {}
+            rec = PoolRecord.load(kv.value)
+            if rec.refs.get(self.host, 0) <= 0:
+                return {}
+            rec.refs[self.host] -= 1
+            if rec.refs[self.host] == 0:
+                del rec.refs[self.host]
+            txn = Txn().unchanged(kv.key, kv.mod_revision)
+            if rec.refs:
+                txn.put(kv.key, rec.dump())
+            else:
+                # Last user anywhere: the pool and every address in it go in the same transaction.
+                index = self.store.get(self.keys.pool_index())
+                counter = int(index.value or b"0") + 1 if index else 1
+                txn.delete(kv.key).delete_prefix(self.keys.addrs(pid)).put(self.keys.pool_index(), str(counter))
+            if self.store.commit(txn):
+                self._cursor.pop(pid, None)
+                return {}
+        raise Unavailable("IPAM: too many concurrent pool changes; try again")
+
+    def _pool(self, pid: str, field: str = "PoolID") -> tuple[PoolRecord, IPNetwork, int]:
+        kv = self.store.get(self.keys.pool(pid))
+        if kv is None:
+            raise NotFound(f"{field}: unknown pool {pid!r} (never requested, or already released)")
+        rec = PoolRecord.load(kv.value)
+        return rec, ipaddress.ip_network(rec.cidr), kv.mod_revision
+
+    # -- addresses --------------------------------------------------------------------------------------
+
+    @_store_errors
+    def request_address(self, pid: str, address: str, options: dict[str, str]) -> dict[str, Any]:
+        rec, net, _ = self._pool(pid)
+        if options.get("RequestAddressType") == GATEWAY_TYPE:
+            kind = "gateway"
+        elif ENDPOINT_NAME in options:
+            kind = "endpoint"
+        else:
+            kind = "reserved"
+        owner = options.get(ENDPOINT_NAME)
+        if address:
+            addr = parse_address(address, "Address")
+            check_in_pool(addr, net, "Address")
+        elif kind == "gateway":
+            addr = ipaddress.ip_address(rec.gateway) if rec.gateway else ipaddress.ip_address(usable(net)[0])
+        else:
+            addr = self._allocate(rec, net, owner)
+            return self._address_answer(addr, net)
+
+        if kind == "endpoint":
+            new = AddressRecord(address=str(addr), kind="endpoint", host=self.host, owner=owner)
+            if not self.store.create(self.keys.addr(pid, str(addr)), new.dump()):
+                raise Conflict(f"Address: {addr} is already in use{self._holder(pid, addr)}")
+        else:
+            self._claim(pid, addr, kind, owner)
+            if kind == "gateway" and rec.gateway is None:
+                self._remember_gateway(pid, addr)
+        return self._address_answer(addr, net)
+
+    @staticmethod
+    def _address_answer(addr: ipaddress.IPv4Address | ipaddress.IPv6Address, net: IPNetwork) -> dict[str, Any]:
+        return {"Address": f"{addr}/{net.prefixlen}", "Data": {}}
+
+    def _holder(self, pid: str, addr: Any) -> str:
+        kv = self.store.get(self.keys.addr(pid, str(addr)))
+        if kv is None:
+            return ""
+        held = AddressRecord.load(kv.value)
+        who = {"gateway": "the network gateway", "reserved": "a reserved (aux) address"}.get(
+            held.kind, f"container {held.owner}" if held.owner else "an endpoint")
+        return f" by {who} on host {held.host}"
+
+    def _claim(self, pid: str, addr: Any, kind: str, owner: str | None) -> None:
+        """Gateway and aux addresses are shared by every host defining the network: claim, not take."""
+        key = self.keys.addr(pid, str(addr))
+        for _ in range(_RETRIES):
+            kv = self.store.get(key)
+            if kv is None:
+                new = AddressRecord(address=str(addr), kind=kind, host=self.host, owner=owner,  # type: ignore[arg-type]
+                                    claims=[self.host])
+                if self.store.create(key, new.dump()):
+                    return
+                continue
+            held = AddressRecord.load(kv.value)
+            if held.kind != kind:
+                raise Conflict(f"Address: {addr} is already in use{self._holder(pid, addr)}")
+            if self.host in held.claims:
+                return
+            held.claims.append(self.host)
+            if self.store.swap(key, held.dump(), kv.mod_revision):
+                return
+        raise Unavailable("IPAM: too many concurrent changes to one address; try again")
+
+    def _remember_gateway(self, pid: str, addr: Any) -> None:
+        for _ in range(_RETRIES):
+            kv = self.store.get(self.keys.pool(pid))
+            if kv is None:
+                return
+            rec = PoolRecord.load(kv.value)
+            if rec.gateway is not None:
+                return
+            rec.gateway = str(addr)
+            if self.store.swap(kv.key, rec.dump(), kv.mod_revision):
+                return
+
+    def _allocate(self, rec: PoolRecord, net: IPNetwork, owner: str | None) -> Any:
+        rng = ipaddress.ip_network(rec.ip_range) if rec.ip_range else None
+        first, last = usable(net, rng)
+        new = AddressRecord(address="", kind="endpoint", host=self.host, owner=owner)
+        with self._lock:
+            cursor = self._cursor.get(rec.pool_id, first - 1)
+        used: set[int] | None = None
+        for _ in range(_RETRIES):
+            if used is None:
+                # Fast path: the next address after the last one this host handed out is usually free.
+                cand = next_free(first, last, set(), cursor)
+            else:
+                cand = next_free(first, last, used, cursor)
+            if cand is None:
+                raise Unavailable(f"IPAM: no free address left in {rng or net}")
+            addr = ipaddress.ip_address(cand)
+            new.address = str(addr)
+            if self.store.create(self.keys.addr(rec.pool_id, str(addr)), new.dump()):
+                with self._lock:
+                    self._cursor[rec.pool_id] = cand
+                return addr
+            kvs, _ = self.store.range(self.keys.addrs(rec.pool_id), keys_only=True)
+            used = {int(ipaddress.ip_address(Keys.last(kv.key))) for kv in kvs}
+            if rec.gateway:
+                used.add(int(ipaddress.ip_address(rec.gateway)))
+            cursor = cand
+        raise Unavailable("IPAM: too many concurrent allocations; try again")
+
+    @_store_errors
+    def release_address(self, pid: str, address: str) -> dict[str, Any]:
+        addr = parse_address(address, "Address")
+        key = self.keys.addr(pid, str(addr))
+        for _ in range(_RETRIES):
+            kv = self.store.get(key)
+            if kv is None:
+                return {}
+            held = AddressRecord.load(kv.value)
+            txn = Txn().unchanged(key, kv.mod_revision)
+            if held.kind == "endpoint":
+                if held.host != self.host:
+                    # Another host holds it now (a container moved there): not ours to free.
+                    log.warning("ReleaseAddress %s in %s: held by host %s, not this host; left alone",
+                                addr, pid, held.host)
+                    return {}
+                txn.delete(key)
+            else:
+                if self.host not in held.claims:
+                    return {}
+                held.claims.remove(self.host)
+                if held.claims:
+                    txn.put(key, held.dump())
+                else:
+                    txn.delete(key)
+            if self.store.commit(txn):
+                return {}
+        raise Unavailable("IPAM: too many concurrent changes to one address; try again")
+
+    @staticmethod
+    def address_spaces() -> dict[str, str]:
+        return {"LocalDefaultAddressSpace": LOCAL_SPACE, "GlobalDefaultAddressSpace": GLOBAL_SPACE}

@@ -1,0 +1,431 @@
+"""The one module that talks to etcd (v3).
+
+Everything else in pyoverlay sees typed records and a handful of operations: read, prefix read,
+create-if-absent, compare-and-swap, delete, transactions, leases and prefix watches that resume from a
+revision and resynchronise after compaction. Every call is bounded by a timeout so a plugin call never
+hangs on a slow or absent etcd, and several endpoints are tried in turn.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import etcd3
+import etcd3.exceptions as etcd_exc
+import grpc
+from etcd3 import transactions as tx
+from etcd3.etcdrpc import rpc_pb2 as rpc
+from etcd3.etcdrpc import rpc_pb2_grpc as rpc_grpc
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Short reconnect backoff: after an outage the first call should find etcd again within a second or two,
+# not after gRPC's default exponential backoff of up to two minutes.
+_GRPC_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 300),
+    ("grpc.min_reconnect_backoff_ms", 300),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+    ("grpc.keepalive_time_ms", 10000),
+    ("grpc.keepalive_timeout_ms", 3000),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+
+class StoreError(Exception):
+    """Base class of everything kvstore raises."""
+
+
+class StoreUnavailable(StoreError):
+    """etcd could not be reached within the timeout (on any endpoint)."""
+
+
+class Compacted(StoreError):
+    def __init__(self, revision: int) -> None:
+        super().__init__(f"revision compacted (oldest available {revision})")
+        self.revision = revision
+
+
+@dataclass(frozen=True)
+class EtcdConfig:
+    endpoints: Sequence[str]
+    cacert: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    username: str | None = None
+    password: str | None = None
+    timeout: float = 2.0
+
+
+@dataclass(frozen=True)
+class KV:
+    key: str
+    value: bytes
+    mod_revision: int
+    create_revision: int
+    version: int
+    lease: int
+
+
+@dataclass
+class WatchEvent:
+    kind: str  # "put" | "delete"
+    key: str
+    value: bytes
+    mod_revision: int
+
+
+def _kv(raw: Any) -> KV:
+    return KV(
+        key=raw.key.decode(),
+        value=bytes(raw.value),
+        mod_revision=raw.mod_revision,
+        create_revision=raw.create_revision,
+        version=raw.version,
+        lease=raw.lease,
+    )
+
+
+def prefix_end(prefix: str) -> bytes:
+    return etcd3.utils.increment_last_byte(prefix.encode())
+
+
+@dataclass
+class Txn:
+    """A transaction under construction; kvstore turns it into one etcd Txn round trip."""
+
+    compare: list[Any] = field(default_factory=list)
+    success: list[Any] = field(default_factory=list)
+    failure: list[Any] = field(default_factory=list)
+
+    def absent(self, key: str) -> Txn:
+        self.compare.append(tx.Version(key) == 0)
+        return self
+
+    def unchanged(self, key: str, mod_revision: int) -> Txn:
+        self.compare.append(tx.ModRevision(key) == mod_revision)
+        return self
+
+    def put(self, key: str, value: bytes | str, lease: int | None = None) -> Txn:
+        self.success.append(tx.Put(key, value, lease=lease))
+        return self
+
+    def delete(self, key: str) -> Txn:
+        self.success.append(tx.Delete(key))
+        return self
+
+    def delete_prefix(self, prefix: str) -> Txn:
+        self.success.append(tx.Delete(prefix, range_end=prefix_end(prefix)))
+        return self
+
+
+class KVStore:
+    """Thread-safe etcd v3 access with timeouts and endpoint failover."""
+
+    def __init__(self, config: EtcdConfig, observe: Callable[[str, float, bool], None] | None = None) -> None:
+        if not config.endpoints:
+            raise ValueError("no etcd endpoints configured")
+        self.config = config
+        self._lock = threading.Lock()
+        self._client: etcd3.Etcd3Client | None = None
+        self._index = 0
+        self._observe = observe or (lambda op, seconds, ok: None)
+
+    # -- connection handling -------------------------------------------------------------------------
+
+    def _connect(self, endpoint: str) -> etcd3.Etcd3Client:
+        url = urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
+        if not url.hostname:
+            raise StoreError(f"bad etcd endpoint {endpoint!r}")
+        tls = url.scheme == "https" or self.config.cacert is not None
+        return etcd3.client(
+            host=url.hostname,
+            port=url.port or 2379,
+            ca_cert=self.config.cacert if tls else None,
+            cert_key=self.config.key if tls else None,
+            cert_cert=self.config.cert if tls else None,
+            timeout=self.config.timeout,
+            user=self.config.username,
+            password=self.config.password,
+            grpc_options=_GRPC_OPTIONS,
+        )
+
+    def _current(self) -> etcd3.Etcd3Client:
+        with self._lock:
+            if self._client is None:
+                endpoint = self.config.endpoints[self._index % len(self.config.endpoints)]
+                try:
+                    self._client = self._connect(endpoint)
+                except (grpc.RpcError, etcd_exc.Etcd3Exception) as err:
+                    # Authentication happens while connecting: an unreachable endpoint fails here.
+                    self._index += 1
+                    raise StoreUnavailable(f"etcd at {endpoint} unreachable: {_describe(err)}") from err
+            return self._client
+
+    def _drop(self, client: etcd3.Etcd3Client) -> None:
+        with self._lock:
+            if self._client is client:
+                self._client = None
+                self._index += 1
+        try:
+            client.close()
+        except Exception:  # noqa: BLE001 - closing a broken channel may fail in many ways
+            pass
+
+    def _call(self, op: str, fn: Callable[[etcd3.Etcd3Client], T]) -> T:
+        """Run fn against etcd, failing over across endpoints until the deadline."""
+        deadline = time.monotonic() + self.config.timeout * max(1, len(self.config.endpoints))
+        last: Exception | None = None
+        start = time.perf_counter()
+        for _ in range(max(2, len(self.config.endpoints) + 1)):
+            if time.monotonic() > deadline:
+                break
+            try:
+                client = self._current()
+            except StoreUnavailable as err:
+                last = err
+                continue
+            try:
+                result = fn(client)
+                self._observe(op, time.perf_counter() - start, True)
+                return result
+            except (etcd_exc.ConnectionFailedError, etcd_exc.ConnectionTimeoutError) as err:
+                last = err
+                self._drop(client)
+            except grpc.RpcError as err:
+                code = err.code() if hasattr(err, "code") else None
+                if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.UNAVAILABLE,
+                            grpc.StatusCode.DEADLINE_EXCEEDED):
+                    # An expired auth token or a dead endpoint: reconnect (re-authenticates) and retry.
+                    last = err
+                    self._drop(client)
+                    continue
+                self._observe(op, time.perf_counter() - start, False)
+                raise StoreError(f"etcd {op} failed: {_describe(err)}") from err
+        self._observe(op, time.perf_counter() - start, False)
+        raise StoreUnavailable(
+            f"etcd unreachable ({', '.join(self.config.endpoints)}): {_describe(last)}"
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+    # -- reads ------------------------------------------------------------------------------------------
+
+    def get(self, key: str) -> KV | None:
+        def run(c: etcd3.Etcd3Client) -> KV | None:
+            resp = c.get_response(key)
+            return _kv(resp.kvs[0]) if resp.kvs else None
+
+        return self._call("get", run)
+
+    def range(self, prefix: str, keys_only: bool = False) -> tuple[list[KV], int]:
+        """All keys under prefix, and the store revision they were read at."""
+
+        def run(c: etcd3.Etcd3Client) -> tuple[list[KV], int]:
+            req = rpc.RangeRequest(key=prefix.encode(), range_end=prefix_end(prefix), keys_only=keys_only)
+            resp = c.kvstub.Range(req, c.timeout, credentials=c.call_credentials, metadata=c.metadata)
+            return [_kv(k) for k in resp.kvs], resp.header.revision
+
+        return self._call("range", run)
+
+    def health(self) -> float:
+        """Round trip to etcd in seconds (raises StoreUnavailable)."""
+        start = time.perf_counter()
+        self._call("health", lambda c: c.get_response("health"))
+        return time.perf_counter() - start
+
+    # -- writes -----------------------------------------------------------------------------------------
+
+    def put(self, key: str, value: bytes | str, lease: int | None = None) -> int:
+        def run(c: etcd3.Etcd3Client) -> int:
+            return int(c.put(key, value, lease=lease).header.revision)
+
+        return self._call("put", run)
+
+    def delete(self, key: str) -> bool:
+        return bool(self._call("delete", lambda c: c.delete(key)))
+
+    def delete_prefix(self, prefix: str) -> int:
+        return int(self._call("delete", lambda c: c.delete_prefix(prefix).deleted))
+
+    def commit(self, txn: Txn) -> bool:
+        """Run a transaction; True when every comparison held and the success branch ran."""
+
+        def run(c: etcd3.Etcd3Client) -> bool:
+            ok, _ = c.transaction(compare=txn.compare, success=txn.success, failure=txn.failure)
+            return bool(ok)
+
+        return self._call("txn", run)
+
+    def create(self, key: str, value: bytes | str, lease: int | None = None) -> bool:
+        """Create key unless it exists (never read-then-write)."""
+        return self.commit(Txn().absent(key).put(key, value, lease))
+
+    def swap(self, key: str, value: bytes | str, mod_revision: int) -> bool:
+        """Replace key only if nobody changed it since mod_revision."""
+        return self.commit(Txn().unchanged(key, mod_revision).put(key, value))
+
+    # -- leases -----------------------------------------------------------------------------------------
+
+    def grant(self, ttl: int) -> int:
+        return int(self._call("lease", lambda c: c.lease(ttl).id))
+
+    def refresh(self, lease_id: int) -> int:
+        """Keep a lease alive; returns its remaining TTL (0 or less when it already expired)."""
+
+        def run(c: etcd3.Etcd3Client) -> int:
+            resps = list(c.refresh_lease(lease_id))
+            return int(resps[0].TTL) if resps else 0
+
+        return self._call("lease", run)
+
+    def revoke(self, lease_id: int) -> None:
+        self._call("lease", lambda c: c.revoke_lease(lease_id))
+
+    # -- watches ----------------------------------------------------------------------------------------
+
+    def watch_prefix(
+        self,
+        prefix: str,
+        on_snapshot: Callable[[list[KV], int], None],
+        on_events: Callable[[list[WatchEvent]], None],
+        on_error: Callable[[Exception], None] | None = None,
+    ) -> PrefixWatch:
+        """Follow every key under prefix: a full snapshot first, then events from the next revision.
+
+        After a disconnect the watch resumes from the last revision seen; if that revision was compacted
+        meanwhile it takes a new snapshot, so the consumer never misses a change.
+        """
+        w = PrefixWatch(self, prefix, on_snapshot, on_events, on_error)
+        w.start()
+        return w
+
+    def _watch_stream(self, prefix: str, start_revision: int) -> tuple[Iterable[Any], Callable[[], None]]:
+        client = self._current()
+        create = rpc.WatchCreateRequest(
+            key=prefix.encode(), range_end=prefix_end(prefix), start_revision=start_revision,
+            progress_notify=True,
+        )
+        stub = rpc_grpc.WatchStub(client.channel)
+        stop = threading.Event()
+
+        def requests() -> Iterable[Any]:
+            yield rpc.WatchRequest(create_request=create)
+            stop.wait()
+
+        call = stub.Watch(requests(), credentials=client.call_credentials, metadata=client.metadata)
+
+        def cancel() -> None:
+            stop.set()
+            call.cancel()
+
+        return call, cancel
+
+
+class PrefixWatch:
+    """A background thread following one prefix (see KVStore.watch_prefix)."""
+
+    def __init__(self, store: KVStore, prefix: str, on_snapshot: Callable[[list[KV], int], None],
+                 on_events: Callable[[list[WatchEvent]], None],
+                 on_error: Callable[[Exception], None] | None) -> None:
+        self.store = store
+        self.prefix = prefix
+        self.on_snapshot = on_snapshot
+        self.on_events = on_events
+        self.on_error = on_error or (lambda e: log.warning("watch %s: %s", prefix, e))
+        self.revision = 0  # next revision to receive; 0 = snapshot needed
+        self.synced = threading.Event()
+        self._stop = threading.Event()
+        self._cancel: Callable[[], None] | None = None
+        self._thread = threading.Thread(target=self._run, name=f"watch:{prefix}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._cancel:
+            self._cancel()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        backoff = 0.1
+        while not self._stop.is_set():
+            try:
+                if self.revision == 0:
+                    kvs, rev = self.store.range(self.prefix)
+                    self.on_snapshot(kvs, rev)
+                    self.revision = rev + 1
+                    self.synced.set()
+                self._follow()
+                backoff = 0.1
+            except Compacted as err:
+                log.info("watch %s: %s; resynchronising", self.prefix, err)
+                self.revision = 0
+            except Exception as err:  # noqa: BLE001 - any failure: report, back off, resume
+                if self._stop.is_set():
+                    return
+                self.on_error(err)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    def _follow(self) -> None:
+        try:
+            stream, cancel = self.store._watch_stream(self.prefix, self.revision)
+        except grpc.RpcError as err:
+            raise StoreUnavailable(_describe(err)) from err
+        self._cancel = cancel
+        try:
+            for resp in stream:
+                if self._stop.is_set():
+                    return
+                if resp.compact_revision:
+                    raise Compacted(resp.compact_revision)
+                if resp.created:
+                    continue  # its header revision is "now", not what we have received
+                if resp.canceled:
+                    raise StoreUnavailable(f"watch canceled by etcd: {resp.cancel_reason}")
+                events = [
+                    WatchEvent(
+                        kind="delete" if ev.type == ev.DELETE else "put",
+                        key=ev.kv.key.decode(),
+                        value=bytes(ev.kv.value),
+                        mod_revision=ev.kv.mod_revision,
+                    )
+                    for ev in resp.events
+                ]
+                if events:
+                    self.on_events(events)
+                    self.revision = events[-1].mod_revision + 1
+                elif resp.header.revision >= self.revision:
+                    self.revision = resp.header.revision + 1  # progress notification
+        except grpc.RpcError as err:
+            if self._stop.is_set():
+                return
+            raise StoreUnavailable(_describe(err)) from err
+        finally:
+            cancel()
+            self._cancel = None
+        raise StoreUnavailable("watch stream ended")
+
+
+def _describe(err: BaseException | None) -> str:
+    if err is None:
+        return "no endpoint answered"
+    if isinstance(err, grpc.RpcError) and hasattr(err, "details"):
+        try:
+            return f"{err.code().name}: {err.details()}"
+        except Exception:  # noqa: BLE001
+            pass
+    return str(err) or type(err).__name__

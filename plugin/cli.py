@@ -1,0 +1,42 @@
+"""The `pyoverlay` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from plugin import __version__, config
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level, logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("pyroute2", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pyoverlay", description="Docker VXLAN overlay network plugin")
+    parser.add_argument("--version", action="version", version=f"pyoverlay {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", help="run the plugin (settings from the environment; see README)")
+    args = parser.parse_args(argv)
+    try:
+        settings = config.load()
+    except config.ConfigError as err:
+        print(f"pyoverlay: {err}", file=sys.stderr)
+        return 2
+    _logging(settings.log_level)
+    if args.command == "serve":
+        from plugin.server import serve
+
+        serve(settings)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

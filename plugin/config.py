@@ -1,0 +1,130 @@
+"""Settings, all from the environment (the same for `pyoverlay serve` and the operator commands)."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kvstore import EtcdConfig
+
+DEFAULT_SOCKET = "/run/docker/plugins/pyoverlay.sock"
+DEFAULT_STATE_DIR = "/var/lib/pyoverlay"
+# Not 4789: Docker's swarm overlay holds that port on every swarm node, and pyoverlay runs beside it.
+DEFAULT_VXLAN_PORT = 4800
+
+
+class ConfigError(Exception):
+    pass
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    value = os.environ.get(name)
+    return value if value not in (None, "") else default
+
+
+def _int(name: str, default: int, low: int, high: int) -> int:
+    raw = _env(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{name}={value} is outside {low}..{high}")
+    return value
+
+
+def _float(name: str, default: float) -> float:
+    raw = _env(name)
+    try:
+        return float(raw) if raw is not None else default
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number") from None
+
+
+def _pool(name: str, default: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, int]:
+    """BASE/SIZE, for example 10.128.0.0/9/24: networks of /SIZE taken from BASE."""
+    raw = _env(name, default) or default
+    try:
+        base, size = raw.rsplit("/", 1)
+        return ipaddress.ip_network(base), int(size)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r}: expected BASE/SIZE such as {default}") from None
+
+
+@dataclass(frozen=True)
+class Settings:
+    socket: Path
+    state_dir: Path
+    host: str
+    vtep: str | None                 # IP or interface name; None = source address of the default route
+    vxlan_port: int
+    scope: str
+    mtu: int | None                  # default MTU override for every network on this host
+    etcd_endpoints: list[str]        # empty = embedded single-host etcd
+    etcd_cacert: str | None
+    etcd_cert: str | None
+    etcd_key: str | None
+    etcd_username: str | None
+    etcd_password: str | None
+    etcd_timeout: float
+    etcd_prefix: str
+    default_pool: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, int]
+    default_pool6: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, int]
+    lease_ttl: int
+    log_level: str
+    threads: int
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def netns_dir(self) -> Path:
+        return self.state_dir / "netns"
+
+    def etcd(self, endpoints: list[str] | None = None) -> EtcdConfig:
+        return EtcdConfig(
+            endpoints=endpoints or self.etcd_endpoints,
+            cacert=self.etcd_cacert,
+            cert=self.etcd_cert,
+            key=self.etcd_key,
+            username=self.etcd_username,
+            password=self.etcd_password,
+            timeout=self.etcd_timeout,
+        )
+
+
+def load() -> Settings:
+    scope = (_env("PYOVERLAY_SCOPE", "local") or "local").lower()
+    if scope not in ("local", "global"):
+        raise ConfigError(f"PYOVERLAY_SCOPE={scope!r}: use local (plain Docker) or global (swarm)")
+    endpoints = [e.strip() for e in (_env("ETCD_ENDPOINTS", "") or "").split(",") if e.strip()]
+    mtu = _env("PYOVERLAY_MTU")
+    pool4 = _pool("PYOVERLAY_DEFAULT_POOL", "10.128.0.0/9/24")
+    pool6 = _pool("PYOVERLAY_DEFAULT_POOL6", "fd75:7079:6f76::/48/64")
+    if pool4[0].version != 4 or pool6[0].version != 6:
+        raise ConfigError("PYOVERLAY_DEFAULT_POOL must be IPv4 and PYOVERLAY_DEFAULT_POOL6 IPv6")
+    return Settings(
+        socket=Path(_env("PYOVERLAY_SOCKET", DEFAULT_SOCKET) or DEFAULT_SOCKET),
+        state_dir=Path(_env("PYOVERLAY_STATE_DIR", DEFAULT_STATE_DIR) or DEFAULT_STATE_DIR),
+        host=_env("PYOVERLAY_HOST", socket.gethostname()) or socket.gethostname(),
+        vtep=_env("PYOVERLAY_VTEP"),
+        vxlan_port=_int("PYOVERLAY_VXLAN_PORT", DEFAULT_VXLAN_PORT, 1, 65535),
+        scope=scope,
+        mtu=_int("PYOVERLAY_MTU", 0, 576, 65535) if mtu else None,
+        etcd_endpoints=endpoints,
+        etcd_cacert=_env("ETCD_CACERT"),
+        etcd_cert=_env("ETCD_CERT"),
+        etcd_key=_env("ETCD_KEY"),
+        etcd_username=_env("ETCD_USERNAME"),
+        etcd_password=_env("ETCD_PASSWORD"),
+        etcd_timeout=_float("PYOVERLAY_ETCD_TIMEOUT", 2.0),
+        etcd_prefix=_env("PYOVERLAY_ETCD_PREFIX", "/pyoverlay/v1") or "/pyoverlay/v1",
+        default_pool=pool4,
+        default_pool6=pool6,
+        lease_ttl=_int("PYOVERLAY_LEASE_TTL", 15, 5, 3600),
+        log_level=(_env("LOG_LEVEL", "info") or "info").upper(),
+        threads=_int("PYOVERLAY_THREADS", 16, 2, 256),
+    )

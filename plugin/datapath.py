@@ -1,0 +1,431 @@
+"""Kernel programming for pyoverlay, through pyroute2 (netlink), nothing else.
+
+Per network, a namespace of its own (pinned at <state>/netns/pyo-<vni>) holds a bridge `br0` and a VXLAN
+device `vxlan0`. The VXLAN device is created in the host namespace and then moved, so its UDP socket
+stays on the underlay while its frames stay inside the network's namespace: bridged traffic never meets
+the host's iptables, and networks cannot reach each other. Per endpoint, a veth pair: one end on br0,
+the other left in the host namespace for Docker to move into the container.
+
+Every call is idempotent (ensure, not create) and every object carries an alias tag "pyoverlay:..." so a
+later start can tell its own stale objects from anybody else's.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from plugin import netns
+from plugin.errors import Conflict, InvalidRequest, Unavailable
+
+log = logging.getLogger(__name__)
+
+VXLAN_OVERHEAD = 50      # inner Ethernet 14 + outer IPv4 20 + UDP 8 + VXLAN 8
+VXLAN6_EXTRA = 20        # an IPv6 outer header is 20 bytes longer
+NUD_PERMANENT = 0x80
+NTF_SELF = 0x02
+TAG = "pyoverlay"
+BRIDGE = "br0"
+VXLAN = "vxlan0"
+
+
+@dataclass(frozen=True)
+class Underlay:
+    address: str   # the VTEP address other hosts send VXLAN to
+    ifname: str
+    mtu: int
+
+    @property
+    def version(self) -> int:
+        return ipaddress.ip_address(self.address).version
+
+    def overlay_mtu(self) -> int:
+        return self.mtu - VXLAN_OVERHEAD - (VXLAN6_EXTRA if self.version == 6 else 0)
+
+
+@dataclass(frozen=True)
+class NetworkPlan:
+    vni: int
+    port: int
+    mtu: int
+    tag: str  # network key, recorded in the aliases
+
+
+def ns_name(vni: int) -> str:
+    return f"pyo-{vni:06x}"
+
+
+def host_ifname(endpoint_id: str) -> str:
+    return f"pyo{endpoint_id[:11]}"
+
+
+def ns_ifname(endpoint_id: str) -> str:
+    return f"ve{endpoint_id[:11]}"
+
+
+def _attr(msg: Any, name: str) -> Any:
+    return msg.get_attr(name)
+
+
+def _info(link: Any) -> tuple[str | None, Any]:
+    info = _attr(link, "IFLA_LINKINFO")
+    if info is None:
+        return None, None
+    return info.get_attr("IFLA_INFO_KIND"), info.get_attr("IFLA_INFO_DATA")
+
+
+class DataPath:
+    def __init__(self, netns_dir: Path, instance: str, vtep: str | None) -> None:
+        self.netns_dir = netns_dir
+        self.instance = instance
+        self.vtep_setting = vtep
+        self._host = IPRoute()
+        self._ns: dict[int, IPRoute] = {}
+        self._lock = threading.RLock()
+        self._underlay: Underlay | None = None
+
+    def close(self) -> None:
+        with self._lock:
+            for ipr in self._ns.values():
+                ipr.close()
+            self._ns.clear()
+            self._host.close()
+
+    # -- the underlay -----------------------------------------------------------------------------------
+
+    def underlay(self, refresh: bool = False) -> Underlay:
+        """The VTEP: PYOVERLAY_VTEP (address or interface), else the default route's source address."""
+        if self._underlay is not None and not refresh:
+            return self._underlay
+        with self._lock:
+            self._underlay = self._find_underlay()
+            return self._underlay
+
+    def _find_underlay(self) -> Underlay:
+        setting = self.vtep_setting
+        addrs = list(self._host.get_addr())
+        if setting:
+            try:
+                ipaddress.ip_address(setting)
+                is_ip = True
+            except ValueError:
+                is_ip = False
+            for a in addrs:
+                ifname = self._ifname(a["index"])
+                if (is_ip and _attr(a, "IFA_ADDRESS") == setting) or (not is_ip and ifname == setting):
+                    return Underlay(_attr(a, "IFA_ADDRESS"), ifname, self._mtu(a["index"]))
+            what = "address" if is_ip else "interface (with an address)"
+            raise Unavailable(f"PYOVERLAY_VTEP={setting}: no such {what} on this host")
+        for family in (2, 10):
+            for r in self._host.get_default_routes(family=family):
+                oif = _attr(r, "RTA_OIF")
+                src = _attr(r, "RTA_PREFSRC")
+                if src is None:
+                    cands = [a for a in addrs if a["index"] == oif and a["family"] == family
+                             and a["scope"] == 0]
+                    src = _attr(cands[0], "IFA_ADDRESS") if cands else None
+                if src and oif:
+                    return Underlay(src, self._ifname(oif), self._mtu(oif))
+        raise Unavailable("no default route to take the VTEP address from; set PYOVERLAY_VTEP")
+
+    def _ifname(self, index: int) -> str:
+        return str(_attr(self._host.link("get", index=index)[0], "IFLA_IFNAME"))
+
+    def _mtu(self, index: int) -> int:
+        return int(_attr(self._host.link("get", index=index)[0], "IFLA_MTU"))
+
+    def host_routes(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        """Destinations this host already routes (auto-chosen subnets must avoid them)."""
+        out: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        for family in (2, 10):
+            for r in self._host.get_routes(family=family, table=254):
+                dst = _attr(r, "RTA_DST")
+                if dst and r["dst_len"] > 0:
+                    try:
+                        out.append(ipaddress.ip_network(f"{dst}/{r['dst_len']}", strict=False))
+                    except ValueError:
+                        continue
+        return out
+
+    @staticmethod
+    def udp_port_users(port: int) -> int:
+        """How many UDP sockets of this namespace are bound to port (vxlan sockets included)."""
+        count = 0
+        for table in ("/proc/self/net/udp", "/proc/self/net/udp6"):
+            try:
+                with open(table) as f:
+                    next(f, None)
+                    for line in f:
+                        local = line.split()[1]
+                        if int(local.rsplit(":", 1)[1], 16) == port:
+                            count += 1
+            except OSError:
+                continue
+        return count
+
+    # -- networks ---------------------------------------------------------------------------------------
+
+    def ns_path(self, vni: int) -> Path:
+        return self.netns_dir / ns_name(vni)
+
+    def _ipr(self, vni: int) -> IPRoute:
+        with self._lock:
+            ipr = self._ns.get(vni)
+            if ipr is None:
+                ipr = netns.iproute(self.ns_path(vni))
+                self._ns[vni] = ipr
+            return ipr
+
+    def _tag(self, *parts: str) -> str:
+        return ":".join([TAG, self.instance, *parts])
+
+    def ensure_network(self, plan: NetworkPlan) -> None:
+        """Make the namespace, bridge and VXLAN device of a network exist as planned (idempotent)."""
+        with self._lock:
+            path = self.ns_path(plan.vni)
+            fresh = False
+            if not netns.is_pinned(path):
+                self._ns.pop(plan.vni, None)
+                netns.create(path)
+                fresh = True
+            try:
+                self._ensure_devices(plan)
+            except Exception:
+                if fresh:
+                    self.remove_network(plan.vni)
+                raise
+
+    def _ensure_devices(self, plan: NetworkPlan) -> None:
+        ipr = self._ipr(plan.vni)
+        underlay = self.underlay()
+        br = ipr.link_lookup(ifname=BRIDGE)
+        if not br:
+            ipr.link("add", ifname=BRIDGE, kind="bridge", br_stp_state=0, br_forward_delay=0)
+            br = ipr.link_lookup(ifname=BRIDGE)
+        bridx = br[0]
+        ipr.link("set", index=bridx, mtu=plan.mtu, ifalias=self._tag("net", plan.tag), state="up")
+
+        vx = ipr.link_lookup(ifname=VXLAN)
+        if vx:
+            problem = self._vxlan_mismatch(ipr.link("get", index=vx[0])[0], plan, underlay)
+            if problem:
+                log.warning("network vni %d: recreating %s (%s)", plan.vni, VXLAN, problem)
+                ipr.link("del", index=vx[0])
+                vx = []
+        if not vx:
+            self._create_vxlan(plan, underlay)
+            vx = ipr.link_lookup(ifname=VXLAN)
+        ipr.link("set", index=vx[0], master=bridx, mtu=plan.mtu, ifalias=self._tag("net", plan.tag),
+                 state="up")
+
+    @staticmethod
+    def _vxlan_mismatch(link: Any, plan: NetworkPlan, underlay: Underlay) -> str:
+        kind, data = _info(link)
+        if kind != "vxlan" or data is None:
+            return f"{VXLAN} is a {kind}, not vxlan"
+        have = (data.get_attr("IFLA_VXLAN_ID"), data.get_attr("IFLA_VXLAN_PORT"),
+                data.get_attr("IFLA_VXLAN_LOCAL") or data.get_attr("IFLA_VXLAN_LOCAL6"))
+        want = (plan.vni, plan.port, underlay.address)
+        return "" if have == want else f"has vni/port/local {have}, want {want}"
+
+    def _create_vxlan(self, plan: NetworkPlan, underlay: Underlay) -> None:
+        temp = f"pyovx{plan.vni:06x}"
+        stale = self._host.link_lookup(ifname=temp)
+        if stale:
+            self._host.link("del", index=stale[0])
+        local = {"vxlan_local6" if underlay.version == 6 else "vxlan_local": underlay.address}
+        if self.udp_port_users(plan.port) and not self._port_is_ours(plan.port):
+            raise Conflict(
+                f"VXLAN port {plan.port} is already in use on this host by something other than pyoverlay "
+                f"(Docker's swarm overlay uses 4789); set PYOVERLAY_VXLAN_PORT to a free port on every host"
+            )
+        try:
+            self._host.link("add", ifname=temp, kind="vxlan", vxlan_id=plan.vni, vxlan_port=plan.port,
+                            vxlan_learning=0, vxlan_proxy=1, mtu=plan.mtu, **local)
+        except NetlinkError as err:
+            if err.code == errno.EEXIST:
+                raise Conflict(
+                    f"a VXLAN device with VNI {plan.vni} and port {plan.port} already exists in this host's "
+                    f"namespace (another pyoverlay instance or overlay driver?)"
+                ) from None
+            raise
+        idx = self._host.link_lookup(ifname=temp)[0]
+        fd = os.open(self.ns_path(plan.vni), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            self._host.link("set", index=idx, net_ns_fd=fd, ifname=VXLAN)
+        except Exception:
+            self._host.link("del", index=idx)
+            raise
+        finally:
+            os.close(fd)
+
+    def _port_is_ours(self, port: int) -> bool:
+        """Is the UDP port held by a VXLAN device of one of our network namespaces?"""
+        for vni in self.list_networks():
+            try:
+                ipr = self._ipr(vni)
+                vx = ipr.link_lookup(ifname=VXLAN)
+                if vx:
+                    _, data = _info(ipr.link("get", index=vx[0])[0])
+                    if data is not None and data.get_attr("IFLA_VXLAN_PORT") == port:
+                        return True
+            except (OSError, NetlinkError):
+                continue
+        return False
+
+    def remove_network(self, vni: int) -> None:
+        """Delete the network's devices and namespace; missing pieces are fine."""
+        with self._lock:
+            ipr = self._ns.pop(vni, None)
+            path = self.ns_path(vni)
+            if ipr is None and netns.is_pinned(path):
+                try:
+                    ipr = netns.iproute(path)
+                except OSError:
+                    ipr = None
+            if ipr is not None:
+                try:
+                    for link in ipr.get_links():
+                        if _attr(link, "IFLA_IFNAME") != "lo":
+                            try:
+                                ipr.link("del", index=link["index"])
+                            except NetlinkError as err:
+                                if err.code != errno.ENODEV:
+                                    raise
+                finally:
+                    ipr.close()
+            netns.remove(path)
+
+    def list_networks(self) -> list[int]:
+        """VNIs of the namespaces pinned in our directory."""
+        out = []
+        if self.netns_dir.is_dir():
+            for p in self.netns_dir.iterdir():
+                if p.name.startswith("pyo-") and netns.is_pinned(p):
+                    try:
+                        out.append(int(p.name[4:], 16))
+                    except ValueError:
+                        continue
+        return sorted(out)
+
+    def has_network(self, vni: int) -> bool:
+        try:
+            ipr = self._ipr(vni)
+            return bool(ipr.link_lookup(ifname=BRIDGE)) and bool(ipr.link_lookup(ifname=VXLAN))
+        except (OSError, NetlinkError):
+            return False
+
+    # -- endpoints --------------------------------------------------------------------------------------
+
+    def add_endpoint(self, vni: int, endpoint_id: str, mac: str, mtu: int) -> str:
+        """A veth pair: one end on the network's bridge, the other in the host namespace. Returns its name."""
+        ipr = self._ipr(vni)
+        outer, inner = host_ifname(endpoint_id), ns_ifname(endpoint_id)
+        br = ipr.link_lookup(ifname=BRIDGE)
+        if not br:
+            raise Unavailable(f"network namespace {ns_name(vni)} has no bridge; restart the plugin to repair it")
+        # A leftover from an earlier, interrupted Join: start clean.
+        for old in ipr.link_lookup(ifname=inner):
+            ipr.link("del", index=old)
+        for old in self._host.link_lookup(ifname=outer):
+            self._host.link("del", index=old)
+        host_fd = netns.open_host()
+        try:
+            ipr.link("add", ifname=inner, kind="veth", mtu=mtu,
+                     peer={"ifname": outer, "net_ns_fd": host_fd, "mtu": mtu, "address": mac})
+        finally:
+            os.close(host_fd)
+        try:
+            idx = ipr.link_lookup(ifname=inner)[0]
+            ipr.link("set", index=idx, master=br[0], ifalias=self._tag("ep", endpoint_id), state="up")
+        except Exception:
+            self.remove_endpoint(vni, endpoint_id)
+            raise
+        return outer
+
+    def remove_endpoint(self, vni: int, endpoint_id: str) -> None:
+        inner, outer = ns_ifname(endpoint_id), host_ifname(endpoint_id)
+        try:
+            ipr = self._ipr(vni) if netns.is_pinned(self.ns_path(vni)) else None
+        except OSError:
+            ipr = None
+        if ipr is not None:
+            for idx in ipr.link_lookup(ifname=inner):
+                _ignore_gone(lambda i=idx: ipr.link("del", index=i))
+        for idx in self._host.link_lookup(ifname=outer):
+            _ignore_gone(lambda i=idx: self._host.link("del", index=i))
+
+    def endpoint_links(self, vni: int) -> list[str]:
+        """Endpoint ids (12-char prefixes) of the veths on a network's bridge, from their tags."""
+        out = []
+        try:
+            ipr = self._ipr(vni)
+            for link in ipr.get_links():
+                alias = _attr(link, "IFLA_IFALIAS") or ""
+                parts = alias.split(":")
+                if len(parts) == 4 and parts[0] == TAG and parts[2] == "ep":
+                    out.append(parts[3])
+        except (OSError, NetlinkError):
+            return []
+        return out
+
+    def stale_host_links(self, known_endpoints: set[str]) -> list[str]:
+        """Host-side veth ends of ours that no known endpoint owns (a Join Docker never completed)."""
+        prefixes = {host_ifname(e) for e in known_endpoints}
+        out = []
+        for link in self._host.get_links():
+            name = _attr(link, "IFLA_IFNAME") or ""
+            kind, _ = _info(link)
+            if name.startswith("pyo") and kind == "veth" and name not in prefixes:
+                out.append(name)
+            elif name.startswith("pyovx") and kind == "vxlan":
+                out.append(name)
+        return out
+
+    def delete_host_link(self, name: str) -> None:
+        for idx in self._host.link_lookup(ifname=name):
+            _ignore_gone(lambda i=idx: self._host.link("del", index=i))
+
+    # -- peers (remote endpoints) -----------------------------------------------------------------------
+
+    def set_peer(self, vni: int, ip: str, mac: str, vtep: str) -> None:
+        """Permanent neighbour + FDB entry: frames for mac go to vtep, ARP for ip is answered locally."""
+        ipr = self._ipr(vni)
+        vx = ipr.link_lookup(ifname=VXLAN)[0]
+        ipr.fdb("replace", ifindex=vx, lladdr=mac, dst=vtep, flags=NTF_SELF, state=NUD_PERMANENT)
+        ipr.neigh("replace", dst=ip, lladdr=mac, ifindex=vx, state=NUD_PERMANENT)
+
+    def del_peer(self, vni: int, ip: str, mac: str, vtep: str) -> None:
+        ipr = self._ipr(vni)
+        vx = ipr.link_lookup(ifname=VXLAN)
+        if not vx:
+            return
+        _ignore_gone(lambda: ipr.neigh("del", dst=ip, lladdr=mac, ifindex=vx[0]))
+        _ignore_gone(lambda: ipr.fdb("del", ifindex=vx[0], lladdr=mac, dst=vtep, flags=NTF_SELF))
+
+
+def _ignore_gone(fn: Any) -> None:
+    try:
+        fn()
+    except NetlinkError as err:
+        if err.code not in (errno.ENODEV, errno.ENOENT, errno.ESRCH, errno.EINVAL):
+            raise
+
+
+def validate_mtu(value: str, field: str) -> int:
+    try:
+        mtu = int(value)
+    except ValueError:
+        raise InvalidRequest(f"{field}: {value!r} is not a number") from None
+    if not 576 <= mtu <= 65535:
+        raise InvalidRequest(f"{field}: {mtu} is outside 576..65535")
+    return mtu

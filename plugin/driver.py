@@ -1,0 +1,446 @@
+"""The NetworkDriver's logic: networks, endpoints, joins; etcd records and the data path kept in step.
+
+Every call either completes or undoes what it did (etcd and kernel), and every delete path accepts IDs it
+does not know. etcd is written before the local file, so a crash between the two is repaired from etcd at
+the next start; etcd changes that fail on a delete path are queued and retried, never dropped.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import threading
+import zlib
+from collections import defaultdict
+from typing import Any
+
+from ipam.subnets import NETWORK_OPT, check_network_id, mac_from_ip, network_key, parse_cidr, pool_id
+from kvstore import KVStore, Keys, StoreError, StoreUnavailable, Txn
+from kvstore.records import AddressRecord, EndpointRecord, MemberRecord, NetworkRecord
+from plugin import protocol as p
+from plugin.config import Settings
+from plugin.datapath import DataPath, NetworkPlan, validate_mtu
+from plugin.errors import Conflict, InvalidRequest, NotFound, PluginError, Unavailable
+from plugin.state import LocalEndpoint, LocalNetwork, LocalState
+
+log = logging.getLogger(__name__)
+
+GENERIC = "com.docker.network.generic"
+DRIVER_MTU = "com.docker.network.driver.mtu"
+INTERNAL = "com.docker.network.internal"
+VNI_OPT = "pyoverlay.vni"
+ENCRYPTED = "encrypted"
+KNOWN_OPTS = {ENCRYPTED, NETWORK_OPT, VNI_OPT, DRIVER_MTU}
+VNI_MIN, VNI_MAX = 4096, (1 << 24) - 1  # below 4096 would collide with 802.1Q VLAN ids on some platforms
+
+
+def _short(docker_id: str) -> str:
+    return docker_id[:12]
+
+
+class NetworkDriver:
+    def __init__(self, settings: Settings, store: KVStore, keys: Keys, datapath: DataPath,
+                 state: LocalState) -> None:
+        self.settings = settings
+        self.store = store
+        self.keys = keys
+        self.datapath = datapath
+        self.state = state
+        self.host = settings.host
+        self._locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
+        self._locks_guard = threading.Lock()
+
+    def _lock(self, docker_network_id: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks[docker_network_id]
+
+    # -- capabilities -----------------------------------------------------------------------------------
+
+    def capabilities(self) -> dict[str, Any]:
+        return {"Scope": self.settings.scope, "ConnectivityScope": "global"}
+
+    # -- networks ---------------------------------------------------------------------------------------
+
+    def create_network(self, req: p.CreateNetwork) -> dict[str, Any]:
+        nid = req.NetworkID
+        opts = req.Options or {}
+        generic = opts.get(GENERIC) or {}
+        if not isinstance(generic, dict) or not all(isinstance(v, str) for v in generic.values()):
+            raise InvalidRequest(f"Options.{GENERIC}: expected a map of strings (the --opt values)")
+        unknown = sorted(set(generic) - KNOWN_OPTS)
+        if unknown:
+            raise InvalidRequest(
+                f"unknown --opt {', '.join(unknown)}; pyoverlay understands: {', '.join(sorted(KNOWN_OPTS))}"
+            )
+        if ENCRYPTED in generic and generic[ENCRYPTED] not in ("", "true", "1"):
+            raise InvalidRequest(f"--opt encrypted={generic[ENCRYPTED]!r}: give it bare (--opt encrypted)")
+        encrypted = ENCRYPTED in generic
+        explicit = generic.get(NETWORK_OPT) or None
+        if explicit is not None:
+            check_network_id(explicit, f"--opt {NETWORK_OPT}")
+        mtu_opt = validate_mtu(generic[DRIVER_MTU], f"--opt {DRIVER_MTU}") if DRIVER_MTU in generic else None
+        vni_opt = None
+        if VNI_OPT in generic:
+            try:
+                vni_opt = int(generic[VNI_OPT])
+            except ValueError:
+                raise InvalidRequest(f"--opt {VNI_OPT}={generic[VNI_OPT]!r} is not a number") from None
+            if not 1 <= vni_opt <= VNI_MAX:
+                raise InvalidRequest(f"--opt {VNI_OPT}={vni_opt} is outside 1..{VNI_MAX}")
+        internal = opts.get(INTERNAL) is True
+
+        v4 = req.IPv4Data or []
+        v6 = req.IPv6Data or []
+        if len(v4) > 1 or len(v6) > 1:
+            raise InvalidRequest("pyoverlay networks take one IPv4 and/or one IPv6 subnet (several --subnet given)")
+        if not v4 and not v6:
+            raise InvalidRequest("IPv4Data: a network needs a subnet (none was allocated)")
+        subnets = []
+        for label, data, is6 in (("IPv4Data", v4, False), ("IPv6Data", v6, True)):
+            if data:
+                subnets.append(parse_cidr(data[0].Pool, f"{label}.Pool", is6))
+        gateway = v4[0].Gateway if v4 and v4[0].Gateway else None
+        gateway6 = v6[0].Gateway if v6 and v6[0].Gateway else None
+        if encrypted:
+            # Fail closed: no clear-text network may stand in for an encrypted one.
+            raise Unavailable(
+                "--opt encrypted: IPsec for pyoverlay networks is not available in this version; "
+                "no network was created (create it without --opt encrypted only if clear text is acceptable)"
+            )
+        nkey = network_key(subnets[0], explicit)
+        wanted = NetworkRecord(
+            key=nkey, vni=vni_opt or 0, subnets=[str(s) for s in subnets], gateway=gateway, gateway6=gateway6,
+            encrypted=encrypted, port=self.settings.vxlan_port, mtu=mtu_opt, internal=internal,
+            options={k: v for k, v in generic.items()}, created_by=self.host,
+        )
+
+        with self._lock(nid):
+            existing = self.state.network(nid)
+            if existing is not None:
+                self._check_same(existing.record, wanted)
+                return {}  # a repeated CreateNetwork: already done
+            try:
+                self._check_ipam_matches(subnets, explicit)
+                record, created = self._join_cluster_network(nid, wanted)
+            except StoreUnavailable as err:
+                raise Unavailable(f"cluster store unavailable, network not created: {err}") from err
+            except StoreError as err:
+                raise Unavailable(f"cluster store error, network not created: {err}") from err
+            mtu = self._mtu(record)
+            local = LocalNetwork(docker_network_id=nid, record=record, mtu=mtu)
+            try:
+                self.datapath.ensure_network(NetworkPlan(record.vni, record.port, mtu, record.key))
+            except Exception as err:
+                self._undo_create(nid, record, created)
+                if isinstance(err, PluginError):
+                    raise
+                raise Unavailable(f"could not set up the data path for VNI {record.vni}: {err}") from err
+            self.state.put_network(local)
+        log.info("network %s: key=%s vni=%d mtu=%d subnets=%s", _short(nid), record.key, record.vni, mtu,
+                 ",".join(record.subnets))
+        return {}
+
+    def _mtu(self, record: NetworkRecord) -> int:
+        return record.mtu or self.settings.mtu or self.datapath.underlay().overlay_mtu()
+
+    def _check_ipam_matches(self, subnets: list[Any], explicit: str | None) -> None:
+        """Catch -o pyoverlay.network without the matching --ipam-opt (and the reverse) early."""
+        first = subnets[0]
+        by_cidr = self.store.get(self.keys.pool(pool_id(first, None)))
+        if explicit is not None and by_cidr is not None and self.store.get(
+                self.keys.pool(pool_id(first, explicit))) is None:
+            raise InvalidRequest(
+                f"-o {NETWORK_OPT}={explicit} needs --ipam-opt {NETWORK_OPT}={explicit} as well, "
+                f"so the addresses of {first} belong to that network"
+            )
+        if explicit is None and by_cidr is None:
+            kvs, _ = self.store.range(self.keys.pools())
+            for kv in kvs:
+                if kv.key.endswith(f".v{first.version}") and f'"cidr":"{first}"' in kv.value.decode():
+                    raise InvalidRequest(
+                        f"--ipam-opt {NETWORK_OPT}=... was given for {first}: pass the same value as "
+                        f"-o {NETWORK_OPT}=..."
+                    )
+
+    @staticmethod
+    def _check_same(have: NetworkRecord, want: NetworkRecord) -> None:
+        diffs = []
+        for field in ("subnets", "gateway", "gateway6", "encrypted", "port", "mtu", "internal"):
+            a, b = getattr(have, field), getattr(want, field)
+            if field == "subnets":
+                a, b = sorted(a), sorted(b)
+            if a != b:
+                diffs.append(f"{field} {b!r} (the cluster has {a!r})")
+        if want.vni and want.vni != have.vni:
+            diffs.append(f"vni {want.vni} (the cluster has {have.vni})")
+        if diffs:
+            raise Conflict(
+                f"network {have.key} already exists in the cluster (created by host {have.created_by}) with "
+                f"different settings: " + "; ".join(diffs) + ". Use the same options on every host, or a "
+                f"different subnet / -o {NETWORK_OPT}=ID"
+            )
+
+    def _join_cluster_network(self, nid: str, wanted: NetworkRecord) -> tuple[NetworkRecord, bool]:
+        """Find or create the cluster network record and add this host as a member.
+
+        Membership is added in the same transaction that checks the network record is unchanged, so a
+        host deleting the last membership concurrently cannot leave us a member of a deleted network.
+        """
+        member_key = self.keys.member(wanted.key, self.host)
+        member = MemberRecord(host=self.host, docker_network_id=nid)
+        for _ in range(32):
+            kv = self.store.get(self.keys.network(wanted.key))
+            if kv is not None:
+                record = NetworkRecord.load(kv.value)
+                self._check_same(record, wanted)
+                mine = self.store.get(member_key)
+                if mine is not None:
+                    other = MemberRecord.load(mine.value).docker_network_id
+                    if other != nid and self.state.network(other) is not None:
+                        raise Conflict(
+                            f"network {record.key} already exists on this host as Docker network {_short(other)}"
+                        )
+                txn = Txn().unchanged(kv.key, kv.mod_revision).put(kv.key, kv.value).put(member_key, member.dump())
+                if self.store.commit(txn):
+                    return record, False
+                continue
+            vni = wanted.vni or self._vni_start(wanted.key)
+            for probe in range(64):
+                cand = wanted.vni or VNI_MIN + (vni - VNI_MIN + probe) % (VNI_MAX - VNI_MIN + 1)
+                record = wanted.model_copy(update={"vni": cand})
+                txn = (Txn().absent(self.keys.network(wanted.key)).absent(self.keys.vni(cand))
+                       .put(self.keys.network(wanted.key), record.dump())
+                       .put(self.keys.vni(cand), wanted.key).put(member_key, member.dump()))
+                if self.store.commit(txn):
+                    return record, True
+                if self.store.get(self.keys.network(wanted.key)) is not None:
+                    break  # created by another host meanwhile: join it
+                if wanted.vni:
+                    raise Conflict(f"--opt {VNI_OPT}={wanted.vni}: that VNI is used by another network")
+            else:
+                raise Unavailable("could not allocate a VNI (64 candidates taken)")
+        raise Unavailable("too many concurrent changes to this network; try again")
+
+    @staticmethod
+    def _vni_start(key: str) -> int:
+        # A stable starting point per network spreads VNIs and makes a re-created network likely to get
+        # the same one.
+        return VNI_MIN + zlib.crc32(key.encode()) % (VNI_MAX - VNI_MIN + 1)
+
+    def _undo_create(self, nid: str, record: NetworkRecord, created: bool) -> None:
+        try:
+            self._leave_cluster_network(record)
+        except StoreError as err:
+            log.error("network %s: rollback could not reach etcd (%s); queued", _short(nid), err)
+            self.state.defer({"op": "leave-network", "key": record.key})
+
+    def _leave_cluster_network(self, record: NetworkRecord) -> None:
+        """Drop this host's membership; the last member removes the network record and its VNI."""
+        self.store.delete(self.keys.member(record.key, self.host))
+        for _ in range(32):
+            kv = self.store.get(self.keys.network(record.key))
+            if kv is None:
+                return
+            members, _ = self.store.range(self.keys.members(record.key), keys_only=True)
+            if members:
+                return
+            current = NetworkRecord.load(kv.value)
+            txn = (Txn().unchanged(kv.key, kv.mod_revision).delete(kv.key)
+                   .delete(self.keys.vni(current.vni)).delete_prefix(self.keys.endpoints(record.key)))
+            if self.store.commit(txn):
+                return
+
+    def delete_network(self, req: p.NetworkRef) -> dict[str, Any]:
+        nid = req.NetworkID
+        with self._lock(nid):
+            local = self.state.network(nid)
+            if local is None:
+                return {}
+            self.datapath.remove_network(local.record.vni)
+            gone = self.state.drop_network(nid)
+            for ep in gone:
+                self._forget_endpoint_record(ep.record)
+            try:
+                self._leave_cluster_network(local.record)
+            except StoreError as err:
+                log.warning("network %s: etcd unreachable (%s); membership removal queued", _short(nid), err)
+                self.state.defer({"op": "leave-network", "key": local.record.key})
+        log.info("network %s deleted (key=%s vni=%d)", _short(nid), local.record.key, local.record.vni)
+        return {}
+
+    def allocate_network(self, req: p.AllocateNetwork) -> dict[str, Any]:
+        # Swarm managers: hand the --opt values back so workers receive them in CreateNetwork.
+        generic = (req.Options or {}).get(GENERIC) if isinstance((req.Options or {}).get(GENERIC), dict) else None
+        options = generic if generic is not None else {k: v for k, v in (req.Options or {}).items()
+                                                       if isinstance(v, str)}
+        return {"Options": options}
+
+    # -- endpoints --------------------------------------------------------------------------------------
+
+    def _network(self, nid: str) -> LocalNetwork:
+        local = self.state.network(nid)
+        if local is None:
+            raise NotFound(
+                f"NetworkID: unknown network {_short(nid)}: pyoverlay has no record of it on this host "
+                f"(created while another plugin served this name?); remove and re-create the network"
+            )
+        return local
+
+    def create_endpoint(self, req: p.CreateEndpoint) -> dict[str, Any]:
+        local = self._network(req.NetworkID)
+        iface = req.Interface or p.EndpointInterface()
+        if not iface.Address and not iface.AddressIPv6:
+            raise InvalidRequest("Interface.Address: an endpoint needs an IPv4 or IPv6 address from the IPAM")
+        subnets = [ipaddress.ip_network(s) for s in local.record.subnets]
+        addrs = []
+        for field, value in (("Interface.Address", iface.Address), ("Interface.AddressIPv6", iface.AddressIPv6)):
+            if not value:
+                continue
+            try:
+                ifc = ipaddress.ip_interface(value)
+            except ValueError:
+                raise InvalidRequest(f"{field}: {value!r} is not an address in CIDR form") from None
+            if not any(ifc.ip in s for s in subnets):
+                raise InvalidRequest(f"{field}: {ifc.ip} is not in the network's subnets {local.record.subnets}")
+            addrs.append(ifc)
+        mac = iface.MacAddress or mac_from_ip(addrs[0].ip)
+        if iface.MacAddress:
+            try:
+                mac = ":".join(f"{int(x, 16):02x}" for x in iface.MacAddress.split(":"))
+                assert len(mac) == 17
+            except (ValueError, AssertionError):
+                raise InvalidRequest(f"Interface.MacAddress: {iface.MacAddress!r} is not a MAC address") from None
+        v4 = next((a for a in addrs if a.version == 4), None)
+        v6 = next((a for a in addrs if a.version == 6), None)
+        record = EndpointRecord(
+            endpoint_id=req.EndpointID, network_key=local.record.key, docker_network_id=req.NetworkID,
+            host=self.host, vtep=self.datapath.underlay().address, mac=mac,
+            address=str(v4) if v4 else None, address6=str(v6) if v6 else None,
+        )
+        existing = self.state.endpoint(req.EndpointID)
+        if existing is not None and existing.record.model_dump(exclude={"name"}) == record.model_dump(
+                exclude={"name"}):
+            return self._endpoint_answer(iface, mac)
+        try:
+            record.name = self._container_name(local.record, addrs[0])
+            self.store.put(self.keys.endpoint(record.network_key, record.endpoint_id), record.dump())
+        except StoreError as err:
+            raise Unavailable(f"cluster store unavailable, endpoint not created: {err}") from err
+        self.state.put_endpoint(LocalEndpoint(record=record))
+        return self._endpoint_answer(iface, mac)
+
+    @staticmethod
+    def _endpoint_answer(iface: p.EndpointInterface, mac: str) -> dict[str, Any]:
+        # Docker lets a driver fill only what it left empty: answer the MAC only when it gave none.
+        return {"Interface": None if iface.MacAddress else {"MacAddress": mac}}
+
+    def _container_name(self, record: NetworkRecord, addr: Any) -> str | None:
+        """The container's name, which Docker told the IPAM when it asked for the address."""
+        explicit = record.options.get(NETWORK_OPT)
+        kv = self.store.get(self.keys.addr(pool_id(addr.network, explicit), str(addr.ip)))
+        return AddressRecord.load(kv.value).owner if kv is not None else None
+
+    def endpoint_info(self, req: p.EndpointRef) -> dict[str, Any]:
+        ep = self.state.endpoint(req.EndpointID)
+        local = self.state.network(req.NetworkID)
+        if ep is None or local is None:
+            return {"Value": {}}
+        return {"Value": {"pyoverlay.vni": str(local.record.vni), "pyoverlay.host": self.host,
+                          "pyoverlay.vtep": ep.record.vtep}}
+
+    def delete_endpoint(self, req: p.EndpointRef) -> dict[str, Any]:
+        ep = self.state.endpoint(req.EndpointID)
+        if ep is None:
+            return {}
+        local = self.state.network(ep.record.docker_network_id)
+        if local is not None:
+            self.datapath.remove_endpoint(local.record.vni, req.EndpointID)
+        self._forget_endpoint_record(ep.record)
+        self.state.drop_endpoint(req.EndpointID)
+        return {}
+
+    def _forget_endpoint_record(self, record: EndpointRecord) -> None:
+        key = self.keys.endpoint(record.network_key, record.endpoint_id)
+        try:
+            self.store.delete(key)
+        except StoreError as err:
+            log.warning("endpoint %s: etcd unreachable (%s); record removal queued",
+                        _short(record.endpoint_id), err)
+            self.state.defer({"op": "delete", "key": key})
+
+    def join(self, req: p.Join) -> dict[str, Any]:
+        ep = self.state.endpoint(req.EndpointID)
+        if ep is None:
+            raise NotFound(f"EndpointID: unknown endpoint {_short(req.EndpointID)} (CreateEndpoint never succeeded)")
+        local = self._network(req.NetworkID)
+        try:
+            ifname = self.datapath.add_endpoint(local.record.vni, req.EndpointID, ep.record.mac, local.mtu)
+        except PluginError:
+            raise
+        except Exception as err:
+            raise Unavailable(f"could not create the endpoint's interface: {err}") from err
+        ep.joined = True
+        self.state.put_endpoint(ep)
+        return {"InterfaceName": {"SrcName": ifname, "DstPrefix": "eth"}, "DisableGatewayService": False}
+
+    def leave(self, req: p.EndpointRef) -> dict[str, Any]:
+        ep = self.state.endpoint(req.EndpointID)
+        if ep is None:
+            return {}
+        local = self.state.network(ep.record.docker_network_id)
+        if local is not None:
+            self.datapath.remove_endpoint(local.record.vni, req.EndpointID)
+        ep.joined = False
+        self.state.put_endpoint(ep)
+        return {}
+
+    # -- start-up and background repair ---------------------------------------------------------------
+
+    def restore(self) -> None:
+        """Bring the kernel in line with this host's recorded networks; remove our stale objects."""
+        known_vnis = set()
+        for local in list(self.state.data.networks.values()):
+            known_vnis.add(local.record.vni)
+            try:
+                self.datapath.ensure_network(NetworkPlan(local.record.vni, local.record.port, local.mtu,
+                                                         local.record.key))
+            except Exception as err:  # noqa: BLE001 - keep restoring the others
+                log.error("restore network %s (vni %d): %s", local.record.key, local.record.vni, err)
+        for vni in self.datapath.list_networks():
+            if vni not in known_vnis:
+                log.info("removing stale network namespace for vni %d", vni)
+                self.datapath.remove_network(vni)
+        joined = {e.record.endpoint_id for e in self.state.data.endpoints.values() if e.joined}
+        for vni in known_vnis:
+            for eid in self.datapath.endpoint_links(vni):
+                if eid not in joined:
+                    log.info("removing stale endpoint link %s (vni %d)", _short(eid), vni)
+                    self.datapath.remove_endpoint(vni, eid)
+        for name in self.datapath.stale_host_links(set(self.state.data.endpoints)):
+            log.info("removing stale host link %s", name)
+            self.datapath.delete_host_link(name)
+
+    def flush_pending(self) -> int:
+        """Retry queued etcd changes; returns how many are still pending."""
+        for op in self.state.take_pending():
+            try:
+                if op["op"] == "delete":
+                    self.store.delete(op["key"])
+                elif op["op"] == "leave-network":
+                    if self.state.by_key(op["key"]) is None:
+                        self._leave_cluster_network(NetworkRecord(key=op["key"], vni=0, subnets=[], port=0,
+                                                                  created_by=""))
+                self.state.done_pending(op)
+            except StoreError:
+                break
+        return len(self.state.take_pending())
+
+    def republish(self) -> None:
+        """Make etcd hold this host's memberships and endpoints again (after an outage or restart)."""
+        for local in list(self.state.data.networks.values()):
+            record, _ = self._join_cluster_network(local.docker_network_id, local.record)
+        for ep in list(self.state.data.endpoints.values()):
+            key = self.keys.endpoint(ep.record.network_key, ep.record.endpoint_id)
+            kv = self.store.get(key)
+            if kv is None or EndpointRecord.load(kv.value) != ep.record:
+                self.store.put(key, ep.record.dump())

@@ -1,0 +1,99 @@
+"""Wires the pieces together inside the serving process and runs the background work.
+
+The socket is already listening when this starts (gunicorn's master binds it), so nothing here may be
+slow on the way to `ready`: restoring the data path needs only the local state file and the kernel. etcd
+work (host registration, queued changes, republishing) happens afterwards, in the background, and keeps
+retrying while etcd is away.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from ipam.allocator import DefaultPools, Ipam
+from kvstore import KVStore, Keys, StoreError
+from kvstore.records import HostRecord
+from plugin import __version__, metrics
+from plugin.config import Settings
+from plugin.datapath import DataPath
+from plugin.driver import NetworkDriver
+from plugin.errors import Unavailable
+from plugin.state import LocalState
+
+log = logging.getLogger(__name__)
+
+
+class Runtime:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.keys = Keys(settings.etcd_prefix)
+        self.store = KVStore(settings.etcd(), observe=metrics.observe_etcd)
+        self.state = LocalState(settings.state_dir / "state.json")
+        self.datapath = DataPath(settings.netns_dir, settings.host, settings.vtep)
+        defaults = DefaultPools(settings.default_pool[0], settings.default_pool[1],
+                                settings.default_pool6[0], settings.default_pool6[1])
+        self.ipam = Ipam(self.store, self.keys, settings.host, defaults, self.datapath.host_routes)
+        self.driver = NetworkDriver(settings, self.store, self.keys, self.datapath, self.state)
+        self.ready = threading.Event()
+        self.stage = "starting"
+        self.lease: int | None = None
+        self.synced = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="runtime", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def wait_ready(self, timeout: float = 10.0) -> None:
+        if not self.ready.wait(timeout):
+            raise Unavailable(f"pyoverlay is still starting ({self.stage}); try again in a moment")
+
+    def _run(self) -> None:
+        self.stage = "restoring the data path"
+        try:
+            self.datapath.underlay()
+        except Exception as err:  # noqa: BLE001 - reported on every call until fixed
+            log.error("underlay: %s", err)
+        try:
+            self.driver.restore()
+        except Exception:  # noqa: BLE001
+            log.exception("restoring the data path failed; serving anyway")
+        self.stage = "ready"
+        self.ready.set()
+        log.info("ready: host=%s scope=%s state=%s", self.settings.host, self.settings.scope,
+                 self.settings.state_dir)
+        interval = max(1.0, self.settings.lease_ttl / 3)
+        while not self._stop.is_set():
+            try:
+                self._tick()
+            except StoreError as err:
+                log.debug("background etcd work postponed: %s", err)
+            except Exception:  # noqa: BLE001 - the loop must survive anything
+                log.exception("background work failed")
+            self._stop.wait(interval)
+
+    def _tick(self) -> None:
+        self._keep_registered()
+        if not self.synced:
+            self.driver.republish()
+            self.synced = True
+            log.info("this host's networks and endpoints are published in etcd")
+        metrics.PENDING.set(self.driver.flush_pending())
+
+    def _keep_registered(self) -> None:
+        """This host's record, bound to a lease that other hosts watch for liveness."""
+        if self.lease is not None and self.store.refresh(self.lease) > 0:
+            return
+        self.lease = self.store.grant(self.settings.lease_ttl)
+        underlay = self.datapath.underlay()
+        record = HostRecord(host=self.settings.host, vtep=underlay.address, port=self.settings.vxlan_port,
+                            version=__version__, started=time.time())
+        self.store.put(self.keys.host(self.settings.host), record.dump(), lease=self.lease)
+        # A new lease after an outage: etcd may have lost our records meanwhile.
+        self.synced = False

@@ -1,0 +1,84 @@
+"""`pyoverlay serve`: gunicorn on the plugin's Unix socket, plus the embedded etcd when none is configured.
+
+gunicorn's master binds the socket before anything slow happens, so Docker can connect within a second of
+start; one worker process with threads serves every call (all state lives in etcd, the state file and
+the kernel, never only in a worker's memory).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from typing import Any
+
+from gunicorn.app.base import BaseApplication
+
+from kvstore.embedded import EmbeddedEtcd
+from plugin.config import Settings
+
+log = logging.getLogger(__name__)
+
+
+class PluginServer(BaseApplication):  # type: ignore[misc]
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.runtime: Any = None
+        super().__init__()
+
+    def load_config(self) -> None:
+        s = self.settings
+        self.cfg.set("bind", [f"unix:{s.socket}"])
+        self.cfg.set("workers", 1)
+        self.cfg.set("worker_class", "gthread")
+        self.cfg.set("threads", s.threads)
+        self.cfg.set("timeout", 120)
+        self.cfg.set("graceful_timeout", 5)
+        self.cfg.set("keepalive", 30)
+        self.cfg.set("loglevel", s.log_level.lower())
+        self.cfg.set("errorlog", "-")
+        self.cfg.set("accesslog", None)
+        self.cfg.set("proc_name", "pyoverlay")
+        self.cfg.set("post_worker_init", self._post_worker_init)
+        self.cfg.set("worker_exit", self._worker_exit)
+
+    def _post_worker_init(self, worker: Any) -> None:
+        if self.runtime is not None:
+            self.runtime.start()
+
+    def _worker_exit(self, server: Any, worker: Any) -> None:
+        if self.runtime is not None:
+            self.runtime.stop()
+
+    def load(self) -> Any:
+        # Runs in the worker, after fork: gRPC channels and netlink sockets must be made here.
+        from plugin.app import create_app
+        from plugin.runtime import Runtime
+
+        self.runtime = Runtime(self.settings)
+        return create_app(self.runtime)
+
+
+def _clear_stale_socket(path: os.PathLike[str] | str) -> None:
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def serve(settings: Settings) -> None:
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    settings.socket.parent.mkdir(parents=True, exist_ok=True)
+    _clear_stale_socket(settings.socket)
+    embedded: EmbeddedEtcd | None = None
+    if not settings.etcd_endpoints:
+        embedded = EmbeddedEtcd(settings.state_dir)
+        url = embedded.start()
+        settings = settings.__class__(**{**settings.__dict__, "etcd_endpoints": [url]})
+        os.environ["ETCD_ENDPOINTS"] = url
+    try:
+        PluginServer(settings).run()
+    finally:
+        if embedded is not None:
+            embedded.stop()

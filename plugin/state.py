@@ -1,0 +1,122 @@
+"""This host's own view, kept in a file under the state directory.
+
+etcd holds the cluster's records; this file lets the plugin restore its data path and keep answering for
+existing networks and endpoints after a restart, even when etcd is unreachable at that moment. Writes are
+atomic (temp file + rename) so a SIGKILL never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from kvstore.records import EndpointRecord, NetworkRecord
+
+
+class LocalNetwork(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    docker_network_id: str
+    record: NetworkRecord
+    mtu: int
+
+
+class LocalEndpoint(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    record: EndpointRecord
+    joined: bool = False
+
+
+class StateFile(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    networks: dict[str, LocalNetwork] = Field(default_factory=dict)     # by Docker NetworkID
+    endpoints: dict[str, LocalEndpoint] = Field(default_factory=dict)   # by EndpointID
+    pending: list[dict[str, str]] = Field(default_factory=list)         # etcd changes to retry
+
+
+class LocalState:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.lock = threading.RLock()
+        self.data = self._read()
+
+    def _read(self) -> StateFile:
+        try:
+            return StateFile.model_validate_json(self.path.read_bytes())
+        except FileNotFoundError:
+            return StateFile()
+        except ValueError:
+            # A corrupt file must not stop the plugin: keep it for inspection, start from etcd.
+            self.path.rename(self.path.with_suffix(".corrupt"))
+            return StateFile()
+
+    def save(self) -> None:
+        with self.lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(".tmp")
+            with open(tmp, "w") as f:
+                f.write(self.data.model_dump_json(exclude_none=True))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+
+    # Small helpers: every mutation goes through here and is saved at once.
+
+    def network(self, docker_network_id: str) -> LocalNetwork | None:
+        with self.lock:
+            return self.data.networks.get(docker_network_id)
+
+    def by_key(self, key: str) -> LocalNetwork | None:
+        with self.lock:
+            return next((n for n in self.data.networks.values() if n.record.key == key), None)
+
+    def endpoint(self, endpoint_id: str) -> LocalEndpoint | None:
+        with self.lock:
+            return self.data.endpoints.get(endpoint_id)
+
+    def put_network(self, net: LocalNetwork) -> None:
+        with self.lock:
+            self.data.networks[net.docker_network_id] = net
+            self.save()
+
+    def drop_network(self, docker_network_id: str) -> list[LocalEndpoint]:
+        with self.lock:
+            self.data.networks.pop(docker_network_id, None)
+            gone = [e for e in self.data.endpoints.values() if e.record.docker_network_id == docker_network_id]
+            for e in gone:
+                self.data.endpoints.pop(e.record.endpoint_id, None)
+            self.save()
+            return gone
+
+    def put_endpoint(self, ep: LocalEndpoint) -> None:
+        with self.lock:
+            self.data.endpoints[ep.record.endpoint_id] = ep
+            self.save()
+
+    def drop_endpoint(self, endpoint_id: str) -> None:
+        with self.lock:
+            if self.data.endpoints.pop(endpoint_id, None) is not None:
+                self.save()
+
+    def defer(self, op: dict[str, str]) -> None:
+        with self.lock:
+            if op not in self.data.pending:
+                self.data.pending.append(op)
+                self.save()
+
+    def take_pending(self) -> list[dict[str, str]]:
+        with self.lock:
+            return [dict(p) for p in self.data.pending]
+
+    def done_pending(self, op: dict[str, str]) -> None:
+        with self.lock:
+            if op in self.data.pending:
+                self.data.pending.remove(op)
+                self.save()
+
+    def dump(self) -> str:
+        with self.lock:
+            return json.dumps(json.loads(self.data.model_dump_json()), indent=2)
