@@ -110,7 +110,7 @@ class Txn:
         return self
 
     def unchanged(self, key: str, mod_revision: int) -> Txn:
-        self.compare.append(tx.ModRevision(key) == mod_revision)
+        self.compare.append(tx.Mod(key) == mod_revision)
         return self
 
     def put(self, key: str, value: bytes | str, lease: int | None = None) -> Txn:

@@ -85,7 +85,7 @@ def _view(rt: Runtime, call: str, model: type[p.Request], handler: Handler) -> C
             metrics.CALL_ERRORS.labels(call).inc()
         except Exception as err:  # noqa: BLE001 - the one place that turns surprises into an Err
             logging.getLogger(__name__).exception("%s failed", call)
-            msg = f"{call}: internal error: {type(err).__name__}: {err}"
+            msg = f"internal error in pyoverlay ({type(err).__name__}: {err}); see the plugin log"
             body, status, outcome = {"Err": msg}, 500, f"err={json.dumps(msg)}"
             metrics.CALL_ERRORS.labels(call).inc()
         seconds = time.perf_counter() - start

@@ -39,6 +39,7 @@ class PluginServer(BaseApplication):  # type: ignore[misc]
         self.cfg.set("errorlog", "-")
         self.cfg.set("accesslog", None)
         self.cfg.set("proc_name", "pyoverlay")
+        self.cfg.set("control_socket_disable", True)  # one per user by default: instances would collide
         self.cfg.set("post_worker_init", self._post_worker_init)
         self.cfg.set("worker_exit", self._worker_exit)
 

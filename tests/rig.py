@@ -1,0 +1,444 @@
+"""Simulated Docker hosts on one machine, for the end-to-end tests and by hand.
+
+Each host is a network namespace with its own underlay address (a veth to a shared underlay bridge that
+lives in a namespace of its own), a private mount namespace held by a small holder process (its own
+/run/docker/plugins, /etc/docker and cgroup mounts), its own dockerd and its own pyoverlay. One etcd runs
+in the root namespace, reachable from every host over the underlay. Everything is torn down on exit,
+even after a failure; `cleanup_stale()` removes what a killed run left behind.
+
+By hand:  python -m tests.rig --hosts 3          (prints how to reach each host; Ctrl-C tears down)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PYOVERLAY = os.environ.get("PYOVERLAY_BIN") or str(ROOT / ".venv" / "bin" / "pyoverlay")
+PREFIX = "pyt"                       # every namespace and link the rig makes starts with this
+UNDERLAY_NET = "10.99.0"             # hosts get .1 .. .N, the underlay bridge .254, the root leg .250
+UNDERLAY_MTU = 1400                  # as on this machine's eth0: catches MTU mistakes
+IMAGE = "bb:local"
+
+
+def sh(*cmd: str, check: bool = True, timeout: float = 60, capture: bool = True,
+       input: str | None = None) -> subprocess.CompletedProcess[str]:
+    res = subprocess.run(list(cmd), capture_output=capture, text=True, timeout=timeout, input=input)
+    if check and res.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({res.returncode}): {res.stderr.strip() or res.stdout.strip()}")
+    return res
+
+
+def wait_for(what: str, fn, timeout: float = 30, interval: float = 0.1):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = fn()
+            if value:
+                return value
+        except Exception as err:  # noqa: BLE001 - retried until the deadline
+            last = err
+        time.sleep(interval)
+    raise TimeoutError(f"timed out waiting for {what}" + (f": {last}" if last else ""))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cleanup_stale() -> None:
+    """Remove namespaces, links and processes a previous (killed) run of the rig left behind."""
+    for line in sh("ip", "netns", "list", check=False).stdout.splitlines():
+        name = line.split()[0] if line.strip() else ""
+        if name.startswith(PREFIX + "-"):
+            pids = sh("ip", "netns", "pids", name, check=False).stdout.split()
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid), signal.SIGKILL)
+            sh("ip", "netns", "del", name, check=False)
+    for line in sh("ip", "-o", "link", "show", check=False).stdout.splitlines():
+        name = line.split(":")[1].strip().split("@")[0]
+        if name.startswith(PREFIX + "-"):
+            sh("ip", "link", "del", name, check=False)
+
+
+def busybox_tarball(workdir: Path) -> Path:
+    """A rootfs of busybox-static with one symlink per applet, as a tarball for `docker import`."""
+    tar = workdir / "busybox-rootfs.tar"
+    if tar.exists():
+        return tar
+    busybox = shutil.which("busybox") or "/bin/busybox"
+    root = workdir / "bbroot"
+    (root / "bin").mkdir(parents=True, exist_ok=True)
+    for d in ("etc", "tmp", "proc", "sys", "dev", "var/www", "root"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    shutil.copy2(busybox, root / "bin" / "busybox")
+    applets = sh(str(root / "bin" / "busybox"), "--list").stdout.split()
+    for applet in applets:
+        link = root / "bin" / applet
+        if applet != "busybox" and not link.exists():
+            link.symlink_to("busybox")
+    (root / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    (root / "etc" / "group").write_text("root:x:0:\n")
+    (root / "var" / "www" / "index.html").write_text("hello from pyoverlay\n")
+    sh("tar", "-C", str(root), "-cf", str(tar), ".")
+    return tar
+
+
+class Etcd:
+    """A real etcd (Debian's etcd-server) with its data in a temp dir, on loopback and the underlay."""
+
+    def __init__(self, workdir: Path, listen: list[str]) -> None:
+        self.dir = workdir / "etcd"
+        self.port, self.peer = free_port(), free_port()
+        self.listen = listen
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def local_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def url(self, ip: str) -> str:
+        return f"http://{ip}:{self.port}"
+
+    def start(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        clients = ",".join(f"http://{ip}:{self.port}" for ip in self.listen)
+        purl = f"http://127.0.0.1:{self.peer}"
+        log = open(self.dir / "etcd.log", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            ["etcd", "--name", "t", "--data-dir", str(self.dir / "data"), "--listen-client-urls", clients,
+             "--advertise-client-urls", self.local_url, "--listen-peer-urls", purl,
+             "--initial-advertise-peer-urls", purl, "--initial-cluster", f"t={purl}",
+             "--initial-cluster-state", "new", "--log-level", "warn", "--logger", "zap"],
+            stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+        )
+        log.close()
+        wait_for("etcd", lambda: sh("etcdctl", f"--endpoints={self.local_url}", "endpoint", "health",
+                                    check=False, timeout=5).returncode == 0, timeout=20)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def ctl(self, *args: str) -> str:
+        return sh("etcdctl", f"--endpoints={self.local_url}", *args, timeout=10).stdout
+
+    def keys(self, prefix: str = "/") -> list[str]:
+        return [k for k in self.ctl("get", prefix, "--prefix", "--keys-only").splitlines() if k.strip()]
+
+    def get_json(self, key: str) -> dict | None:  # type: ignore[type-arg]
+        out = self.ctl("get", key, "--print-value-only")
+        return json.loads(out) if out.strip() else None
+
+
+class DockerHost:
+    def __init__(self, rig: Rig, index: int, forward_policy: str = "DROP") -> None:
+        self.rig = rig
+        self.index = index
+        self.name = f"h{index}"
+        self.netns = f"{PREFIX}-{rig.tag}-{self.name}"
+        self.ip = f"{UNDERLAY_NET}.{index}"
+        self.dir = rig.workdir / self.name
+        self.sock = self.dir / "docker.sock"
+        self.plugin_sock = self.dir / "plugins" / "pyoverlay.sock"
+        self.state_dir = self.dir / "pyoverlay"
+        self.forward_policy = forward_policy
+        self.holder: subprocess.Popen[bytes] | None = None
+        self.dockerd: subprocess.Popen[bytes] | None = None
+        self.plugin: subprocess.Popen[bytes] | None = None
+        self.plugin_env: dict[str, str] = {}
+
+    # -- lifecycle --------------------------------------------------------------------------------------
+
+    def up(self) -> None:
+        for d in ("plugins", "etc-docker", "data", "exec", "pyoverlay"):
+            (self.dir / d).mkdir(parents=True, exist_ok=True)
+        ns, ul = self.netns, self.rig.underlay_ns
+        outer = f"{PREFIX}-{self.rig.tag}{self.index}"
+        sh("ip", "netns", "add", ns)
+        sh("ip", "link", "add", outer, "mtu", str(UNDERLAY_MTU), "type", "veth", "peer", "name", "eth0",
+           "mtu", str(UNDERLAY_MTU), "netns", ns)
+        sh("ip", "link", "set", outer, "netns", ul)
+        sh("ip", "-n", ul, "link", "set", outer, "master", "br0", "up")
+        sh("ip", "-n", ns, "addr", "add", f"{self.ip}/24", "dev", "eth0")
+        sh("ip", "-n", ns, "link", "set", "eth0", "up")
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+        sh("ip", "-n", ns, "route", "add", "default", "via", f"{UNDERLAY_NET}.254")
+        self._start_holder()
+        self.start_dockerd()
+
+    def _start_holder(self) -> None:
+        """A process owning this host's mount namespace: dockerd and pyoverlay enter it (nsenter)."""
+        lines = ["set -e", "mount -t tmpfs cgroup-root /sys/fs/cgroup"]
+        for line in Path("/proc/self/mounts").read_text().splitlines():
+            dev, path, fstype, opts = line.split()[:4]
+            if not path.startswith("/sys/fs/cgroup/"):
+                continue
+            lines.append(f"mkdir -p {path}")
+            if fstype == "cgroup2":
+                lines.append(f"mount -t cgroup2 cgroup2 {path}")
+            elif fstype == "cgroup":
+                sub = [o for o in opts.split(",") if o not in ("rw", "ro", "relatime", "nosuid", "nodev",
+                                                                 "noexec")]
+                lines.append(f"mount -t cgroup -o {','.join(sub)} cgroup {path}")
+        lines += [
+            "mkdir -p /run/docker/plugins /etc/docker",
+            f"mount --bind {self.dir}/plugins /run/docker/plugins",
+            f"mount --bind {self.dir}/etc-docker /etc/docker",
+            "exec sleep infinity",
+        ]
+        script = "\n".join(lines)
+        self.holder = subprocess.Popen(
+            ["ip", "netns", "exec", self.netns, "unshare", "-m", "--propagation", "private", "sh", "-c", script],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(self.dir / "holder.log", "ab"),
+            start_new_session=True,
+        )
+        # Wait until the holder's mount namespace is set up (the bind mount is visible in it).
+        wait_for("host namespace", lambda: self._holder_ready(), timeout=10)
+
+    def _holder_pid(self) -> int:
+        assert self.holder is not None
+        # ip netns exec -> unshare -> sh (exec'd into sleep): find the sleep in our netns.
+        for pid in sh("ip", "netns", "pids", self.netns).stdout.split():
+            try:
+                if Path(f"/proc/{pid}/comm").read_text().strip() == "sleep":
+                    return int(pid)
+            except OSError:
+                continue
+        raise RuntimeError("holder not running")
+
+    def _holder_ready(self) -> bool:
+        pid = self._holder_pid()
+        return "/run/docker/plugins" in Path(f"/proc/{pid}/mountinfo").read_text()
+
+    def enter(self) -> list[str]:
+        """Command prefix running a program inside this host (its network and mount namespaces)."""
+        return ["nsenter", "-t", str(self._holder_pid()), "-m", "-n", "--"]
+
+    def start_dockerd(self, extra: list[str] | None = None) -> None:
+        cmd = self.enter() + [
+            "dockerd", "--data-root", str(self.dir / "data"), "--exec-root", str(self.dir / "exec"),
+            "-H", f"unix://{self.sock}", "--pidfile", str(self.dir / "dockerd.pid"),
+            "--cgroup-parent", f"{PREFIX}-{self.rig.tag}-{self.name}",
+            "--bip", f"172.30.{self.index}.1/24",
+            "--default-address-pool", "base=172.21.0.0/16,size=24",
+            "--iptables=true", *(extra or []),
+        ]
+        self.dockerd = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=open(self.dir / "dockerd.log", "ab"),
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for(f"dockerd on {self.name}", lambda: self.docker("info", check=False, timeout=5).returncode == 0,
+                 timeout=60, interval=0.2)
+        self.iptables("-P", "FORWARD", self.forward_policy)
+        if self.docker("image", "inspect", IMAGE, check=False).returncode != 0:
+            tar = busybox_tarball(self.rig.workdir)
+            sh("docker", "-H", f"unix://{self.sock}", "import", "-c", 'CMD ["/bin/sh"]', str(tar), IMAGE)
+
+    def stop_dockerd(self, sig: int = signal.SIGTERM) -> None:
+        if self.dockerd is not None and self.dockerd.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.dockerd.pid, sig)
+            try:
+                self.dockerd.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.dockerd.pid, signal.SIGKILL)
+                self.dockerd.wait()
+        self.dockerd = None
+
+    def start_plugin(self, **env: str) -> None:
+        self.plugin_env = {**self.plugin_env, **env}
+        full = {
+            "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+            "PYOVERLAY_SOCKET": str(self.plugin_sock),
+            "PYOVERLAY_STATE_DIR": str(self.state_dir),
+            "PYOVERLAY_HOST": self.name,
+            "PYOVERLAY_VTEP": self.ip,
+            "ETCD_ENDPOINTS": self.rig.etcd.url(self.rig.root_ip),
+            "PYOVERLAY_ETCD_PREFIX": self.rig.etcd_prefix,
+            "LOG_LEVEL": "info",
+            **self.plugin_env,
+        }
+        self.plugin = subprocess.Popen(
+            self.enter() + ["env", "-i", *(f"{k}={v}" for k, v in full.items()), PYOVERLAY, "serve"],
+            stdin=subprocess.DEVNULL, stdout=open(self.dir / "plugin.log", "ab"), stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        wait_for(f"pyoverlay socket on {self.name}", lambda: self.plugin_sock.exists(), timeout=10, interval=0.05)
+
+    def kill_plugin(self, sig: int = signal.SIGKILL) -> None:
+        if self.plugin is not None and self.plugin.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.plugin.pid, sig)
+            try:
+                self.plugin.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.plugin.pid, signal.SIGKILL)
+                self.plugin.wait()
+        self.plugin = None
+
+    def plugin_log(self) -> str:
+        try:
+            return (self.dir / "plugin.log").read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def down(self) -> None:
+        self.kill_plugin(signal.SIGTERM)
+        if self.dockerd is not None:
+            # Containers first, so dockerd releases their networks while the plugin is gone anyway.
+            self.stop_dockerd(signal.SIGTERM)
+        for pid in sh("ip", "netns", "pids", self.netns, check=False).stdout.split():
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid), signal.SIGKILL)
+        if self.holder is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.holder.pid, signal.SIGKILL)
+            self.holder.wait()
+        sh("ip", "netns", "del", self.netns, check=False)
+        self._remove_cgroups()
+
+    def _remove_cgroups(self) -> None:
+        parent = f"{PREFIX}-{self.rig.tag}-{self.name}"
+        for base in Path("/sys/fs/cgroup").iterdir():
+            d = base / parent
+            if d.is_dir():
+                for child in sorted(d.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+                    if child.is_dir():
+                        with contextlib.suppress(OSError):
+                            child.rmdir()
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+
+    # -- helpers for tests ------------------------------------------------------------------------------
+
+    def docker(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return sh("docker", "-H", f"unix://{self.sock}", *args, check=check, timeout=timeout)
+
+    def ns(self, *cmd: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        """Run a command in this host's network namespace (root mount namespace)."""
+        return sh("ip", "netns", "exec", self.netns, *cmd, check=check, timeout=timeout)
+
+    def iptables(self, *args: str) -> None:
+        self.ns("iptables", *args)
+
+    def run(self, name: str, network: str, *args: str, ip: str | None = None, cmd: tuple[str, ...] = ()) -> str:
+        extra = ["--ip", ip] if ip else []
+        out = self.docker("run", "-d", "--name", name, "--network", network, *extra, *args, IMAGE,
+                          *(cmd or ("sleep", "86400")))
+        return out.stdout.strip()
+
+    def exec(self, container: str, *cmd: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return self.docker("exec", container, *cmd, check=check, timeout=timeout)
+
+    def ip_of(self, container: str, network: str) -> str:
+        fmt = "{{(index .NetworkSettings.Networks \"%s\").IPAddress}}" % network
+        return self.docker("inspect", "-f", fmt, container).stdout.strip()
+
+
+class Rig:
+    def __init__(self, workdir: Path | None = None, tag: str | None = None) -> None:
+        self.tag = tag or os.urandom(2).hex()
+        self.workdir = workdir or Path(tempfile.mkdtemp(prefix="pyoverlay-rig-"))
+        self.underlay_ns = f"{PREFIX}-{self.tag}-ul"
+        self.root_ip = f"{UNDERLAY_NET}.250"
+        self.etcd = Etcd(self.workdir, ["127.0.0.1", self.root_ip])
+        self.etcd_prefix = f"/pyoverlay-test-{self.tag}"
+        self.hosts: list[DockerHost] = []
+        self._root_leg = f"{PREFIX}-{self.tag}r"
+
+    def up_underlay(self) -> None:
+        ul = self.underlay_ns
+        sh("ip", "netns", "add", ul)
+        sh("ip", "-n", ul, "link", "add", "br0", "mtu", str(UNDERLAY_MTU), "type", "bridge")
+        sh("ip", "-n", ul, "addr", "add", f"{UNDERLAY_NET}.254/24", "dev", "br0")
+        sh("ip", "-n", ul, "link", "set", "br0", "up")
+        sh("ip", "-n", ul, "link", "set", "lo", "up")
+        # The root namespace's leg: etcd listens there for the hosts.
+        sh("ip", "link", "add", self._root_leg, "mtu", str(UNDERLAY_MTU), "type", "veth", "peer", "name", "rootleg",
+           "mtu", str(UNDERLAY_MTU), "netns", ul)
+        sh("ip", "-n", ul, "link", "set", "rootleg", "master", "br0", "up")
+        sh("ip", "addr", "add", f"{self.root_ip}/24", "dev", self._root_leg)
+        sh("ip", "link", "set", self._root_leg, "up")
+
+    def add_host(self, forward_policy: str = "DROP", plugin: bool = True, **env: str) -> DockerHost:
+        host = DockerHost(self, len(self.hosts) + 1, forward_policy)
+        self.hosts.append(host)
+        host.up()
+        if plugin:
+            host.start_plugin(**env)
+        return host
+
+    def up(self, hosts: int = 1, plugin: bool = True) -> Rig:
+        cleanup_stale()
+        self.up_underlay()
+        self.etcd.start()
+        for i in range(hosts):
+            # Alternate FORWARD policies so both are always covered.
+            self.add_host("DROP" if i % 2 == 0 else "ACCEPT", plugin=plugin)
+        return self
+
+    def down(self) -> None:
+        for host in reversed(self.hosts):
+            try:
+                host.down()
+            except Exception as err:  # noqa: BLE001 - tear down the rest regardless
+                print(f"rig: tearing down {host.name}: {err}", file=sys.stderr)
+        self.etcd.stop()
+        sh("ip", "link", "del", self._root_leg, check=False)
+        sh("ip", "netns", "del", self.underlay_ns, check=False)
+        if not os.environ.get("PYOVERLAY_KEEP_RIG"):
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def rig(hosts: int = 1) -> Iterator[Rig]:
+    r = Rig()
+    try:
+        yield r.up(hosts)
+    finally:
+        r.down()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hosts", type=int, default=2)
+    ap.add_argument("--hold", type=float, default=0, help="seconds to keep the rig (0 = until Ctrl-C)")
+    args = ap.parse_args()
+    with rig(args.hosts) as r:
+        print(f"etcd: {r.etcd.local_url} (prefix {r.etcd_prefix})")
+        for h in r.hosts:
+            print(f"{h.name}: docker -H unix://{h.sock} ...   netns {h.netns}   underlay {h.ip}   "
+                  f"plugin log {h.dir / 'plugin.log'}")
+        try:
+            if args.hold:
+                time.sleep(args.hold)
+            else:
+                signal.pause()
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
