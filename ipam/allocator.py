@@ -195,12 +195,9 @@ class Ipam:
     @_store_errors
     def request_address(self, pid: str, address: str, options: dict[str, str]) -> dict[str, Any]:
         rec, net, _ = self._pool(pid)
-        if options.get("RequestAddressType") == GATEWAY_TYPE:
-            kind = "gateway"
-        elif ENDPOINT_NAME in options:
-            kind = "endpoint"
-        else:
-            kind = "reserved"
+        # Docker 20.10 sends no options for endpoints and aux addresses alike: both start as "endpoint";
+        # CreateNetwork then marks the aux ones "reserved" (see mark_reserved).
+        kind = "gateway" if options.get("RequestAddressType") == GATEWAY_TYPE else "endpoint"
         owner = options.get(ENDPOINT_NAME)
         if address:
             addr = parse_address(address, "Address")
@@ -208,18 +205,37 @@ class Ipam:
         elif kind == "gateway":
             addr = ipaddress.ip_address(rec.gateway) if rec.gateway else ipaddress.ip_address(usable(net)[0])
         else:
-            addr = self._allocate(rec, net, owner)
-            return self._address_answer(addr, net)
+            return self._address_answer(self._allocate(rec, net, owner), net)
 
         if kind == "endpoint":
             new = AddressRecord(address=str(addr), kind="endpoint", host=self.host, owner=owner)
             if not self.store.create(self.keys.addr(pid, str(addr)), new.dump()):
-                raise Conflict(f"Address: {addr} is already in use{self._holder(pid, addr)}")
+                # An aux address another host's network already reserved is shared, not taken.
+                self._claim(pid, addr, "reserved", owner, create=False)
         else:
             self._claim(pid, addr, kind, owner)
-            if kind == "gateway" and rec.gateway is None:
+            if rec.gateway is None:
                 self._remember_gateway(pid, addr)
         return self._address_answer(addr, net)
+
+    @_store_errors
+    def mark_reserved(self, pid: str, addresses: list[str]) -> None:
+        """Aux addresses (--aux-address) of a network: shared by every host that defines the network."""
+        for address in addresses:
+            key = self.keys.addr(pid, str(parse_address(address, "AuxAddresses")))
+            for _ in range(_RETRIES):
+                kv = self.store.get(key)
+                if kv is None:
+                    break
+                held = AddressRecord.load(kv.value)
+                if held.kind == "reserved" and self.host in held.claims:
+                    break
+                if held.kind == "endpoint" and held.host != self.host:
+                    break  # a container elsewhere holds it; Docker will not use it here anyway
+                held.kind = "reserved"
+                held.claims = sorted(set(held.claims) | {self.host})
+                if self.store.swap(key, held.dump(), kv.mod_revision):
+                    break
 
     @staticmethod
     def _address_answer(addr: ipaddress.IPv4Address | ipaddress.IPv6Address, net: IPNetwork) -> dict[str, Any]:
@@ -231,15 +247,18 @@ class Ipam:
             return ""
         held = AddressRecord.load(kv.value)
         who = {"gateway": "the network gateway", "reserved": "a reserved (aux) address"}.get(
-            held.kind, f"container {held.owner}" if held.owner else "an endpoint")
+            held.kind, f"container {held.owner}" if held.owner else (
+                f"endpoint {held.endpoint[:12]}" if held.endpoint else "an endpoint"))
         return f" by {who} on host {held.host}"
 
-    def _claim(self, pid: str, addr: Any, kind: str, owner: str | None) -> None:
+    def _claim(self, pid: str, addr: Any, kind: str, owner: str | None, create: bool = True) -> None:
         """Gateway and aux addresses are shared by every host defining the network: claim, not take."""
         key = self.keys.addr(pid, str(addr))
         for _ in range(_RETRIES):
             kv = self.store.get(key)
             if kv is None:
+                if not create:
+                    raise Unavailable(f"Address: {addr} changed while it was being claimed; try again")
                 new = AddressRecord(address=str(addr), kind=kind, host=self.host, owner=owner,  # type: ignore[arg-type]
                                     claims=[self.host])
                 if self.store.create(key, new.dump()):

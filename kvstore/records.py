@@ -75,5 +75,6 @@ class AddressRecord(Record):
     address: str
     kind: Literal["endpoint", "gateway", "reserved"]
     host: str
-    owner: str | None = None      # container name or endpoint id
+    owner: str | None = None      # container name, when Docker says it
+    endpoint: str | None = None   # the endpoint holding it, once CreateEndpoint ran
     claims: list[str] = Field(default_factory=list)  # hosts sharing a gateway/reserved address

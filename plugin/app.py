@@ -76,7 +76,10 @@ def _view(rt: Runtime, call: str, model: type[p.Request], handler: Handler) -> C
         start = time.perf_counter()
         req: Any = None
         try:
-            req = p.parse(model, request.get_data(cache=False), call)
+            raw = request.get_data(cache=False)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("call=%s body=%s", call, raw[:2000].decode(errors="replace"))
+            req = p.parse(model, raw, call)
             if call not in _IMMEDIATE:
                 rt.wait_ready()
             body, status, outcome = handler(rt, req), 200, "ok"

@@ -13,13 +13,16 @@ later start can tell its own stale objects from anybody else's.
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import logging
 import os
 import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -72,6 +75,25 @@ def ns_ifname(endpoint_id: str) -> str:
     return f"ve{endpoint_id[:11]}"
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def kernel(fn: F) -> F:
+    """Run the method on the data path's one netlink thread.
+
+    pyroute2 binds each IPRoute (and its sockets) to the thread that made it; one thread doing all kernel
+    programming also keeps changes to one network's devices strictly ordered.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(self: DataPath, *args: Any, **kwargs: Any) -> Any:
+        if threading.get_ident() == self._tid:
+            return fn(self, *args, **kwargs)
+        return self._exec.submit(fn, self, *args, **kwargs).result()
+
+    return wrapper  # type: ignore[return-value]
+
+
 def _attr(msg: Any, name: str) -> Any:
     return msg.get_attr(name)
 
@@ -88,11 +110,14 @@ class DataPath:
         self.netns_dir = netns_dir
         self.instance = instance
         self.vtep_setting = vtep
-        self._host = IPRoute()
+        self._exec = ThreadPoolExecutor(1, thread_name_prefix="netlink")
+        self._tid = self._exec.submit(threading.get_ident).result()
+        self._host: IPRoute = self._exec.submit(IPRoute).result()
         self._ns: dict[int, IPRoute] = {}
         self._lock = threading.RLock()
         self._underlay: Underlay | None = None
 
+    @kernel
     def close(self) -> None:
         with self._lock:
             for ipr in self._ns.values():
@@ -102,6 +127,7 @@ class DataPath:
 
     # -- the underlay -----------------------------------------------------------------------------------
 
+    @kernel
     def underlay(self, refresh: bool = False) -> Underlay:
         """The VTEP: PYOVERLAY_VTEP (address or interface), else the default route's source address."""
         if self._underlay is not None and not refresh:
@@ -143,6 +169,7 @@ class DataPath:
     def _mtu(self, index: int) -> int:
         return int(_attr(self._host.link("get", index=index)[0], "IFLA_MTU"))
 
+    @kernel
     def host_routes(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
         """Destinations this host already routes (auto-chosen subnets must avoid them)."""
         out: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
@@ -188,6 +215,7 @@ class DataPath:
     def _tag(self, *parts: str) -> str:
         return ":".join([TAG, self.instance, *parts])
 
+    @kernel
     def ensure_network(self, plan: NetworkPlan) -> None:
         """Make the namespace, bridge and VXLAN device of a network exist as planned (idempotent)."""
         with self._lock:
@@ -282,6 +310,7 @@ class DataPath:
                 continue
         return False
 
+    @kernel
     def remove_network(self, vni: int) -> None:
         """Delete the network's devices and namespace; missing pieces are fine."""
         with self._lock:
@@ -317,6 +346,7 @@ class DataPath:
                         continue
         return sorted(out)
 
+    @kernel
     def has_network(self, vni: int) -> bool:
         try:
             ipr = self._ipr(vni)
@@ -326,6 +356,7 @@ class DataPath:
 
     # -- endpoints --------------------------------------------------------------------------------------
 
+    @kernel
     def add_endpoint(self, vni: int, endpoint_id: str, mac: str, mtu: int) -> str:
         """A veth pair: one end on the network's bridge, the other in the host namespace. Returns its name."""
         ipr = self._ipr(vni)
@@ -352,6 +383,7 @@ class DataPath:
             raise
         return outer
 
+    @kernel
     def remove_endpoint(self, vni: int, endpoint_id: str) -> None:
         inner, outer = ns_ifname(endpoint_id), host_ifname(endpoint_id)
         try:
@@ -364,6 +396,7 @@ class DataPath:
         for idx in self._host.link_lookup(ifname=outer):
             _ignore_gone(lambda i=idx: self._host.link("del", index=i))
 
+    @kernel
     def endpoint_links(self, vni: int) -> list[str]:
         """Endpoint ids (12-char prefixes) of the veths on a network's bridge, from their tags."""
         out = []
@@ -378,6 +411,7 @@ class DataPath:
             return []
         return out
 
+    @kernel
     def stale_host_links(self, known_endpoints: set[str]) -> list[str]:
         """Host-side veth ends of ours that no known endpoint owns (a Join Docker never completed)."""
         prefixes = {host_ifname(e) for e in known_endpoints}
@@ -391,12 +425,14 @@ class DataPath:
                 out.append(name)
         return out
 
+    @kernel
     def delete_host_link(self, name: str) -> None:
         for idx in self._host.link_lookup(ifname=name):
             _ignore_gone(lambda i=idx: self._host.link("del", index=i))
 
     # -- peers (remote endpoints) -----------------------------------------------------------------------
 
+    @kernel
     def set_peer(self, vni: int, ip: str, mac: str, vtep: str) -> None:
         """Permanent neighbour + FDB entry: frames for mac go to vtep, ARP for ip is answered locally."""
         ipr = self._ipr(vni)
@@ -404,6 +440,7 @@ class DataPath:
         ipr.fdb("replace", ifindex=vx, lladdr=mac, dst=vtep, flags=NTF_SELF, state=NUD_PERMANENT)
         ipr.neigh("replace", dst=ip, lladdr=mac, ifindex=vx, state=NUD_PERMANENT)
 
+    @kernel
     def del_peer(self, vni: int, ip: str, mac: str, vtep: str) -> None:
         ipr = self._ipr(vni)
         vx = ipr.link_lookup(ifname=VXLAN)

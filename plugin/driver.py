@@ -14,6 +14,7 @@ import zlib
 from collections import defaultdict
 from typing import Any
 
+from ipam.allocator import Ipam
 from ipam.subnets import NETWORK_OPT, check_network_id, mac_from_ip, network_key, parse_cidr, pool_id
 from kvstore import KVStore, Keys, StoreError, StoreUnavailable, Txn
 from kvstore.records import AddressRecord, EndpointRecord, MemberRecord, NetworkRecord
@@ -40,8 +41,9 @@ def _short(docker_id: str) -> str:
 
 class NetworkDriver:
     def __init__(self, settings: Settings, store: KVStore, keys: Keys, datapath: DataPath,
-                 state: LocalState) -> None:
+                 state: LocalState, ipam: Ipam) -> None:
         self.settings = settings
+        self.ipam = ipam
         self.store = store
         self.keys = keys
         self.datapath = datapath
@@ -121,6 +123,9 @@ class NetworkDriver:
                 return {}  # a repeated CreateNetwork: already done
             try:
                 self._check_ipam_matches(subnets, explicit)
+                for net, data in zip(subnets, [*v4, *v6], strict=True):
+                    if data.AuxAddresses:
+                        self.ipam.mark_reserved(pool_id(net, explicit), list(data.AuxAddresses.values()))
                 record, created = self._join_cluster_network(nid, wanted)
             except StoreUnavailable as err:
                 raise Unavailable(f"cluster store unavailable, network not created: {err}") from err
@@ -322,7 +327,7 @@ class NetworkDriver:
                 exclude={"name"}):
             return self._endpoint_answer(iface, mac)
         try:
-            record.name = self._container_name(local.record, addrs[0])
+            record.name = self._bind_address(local.record, addrs[0], req.EndpointID)
             self.store.put(self.keys.endpoint(record.network_key, record.endpoint_id), record.dump())
         except StoreError as err:
             raise Unavailable(f"cluster store unavailable, endpoint not created: {err}") from err
@@ -334,11 +339,20 @@ class NetworkDriver:
         # Docker lets a driver fill only what it left empty: answer the MAC only when it gave none.
         return {"Interface": None if iface.MacAddress else {"MacAddress": mac}}
 
-    def _container_name(self, record: NetworkRecord, addr: Any) -> str | None:
-        """The container's name, which Docker told the IPAM when it asked for the address."""
-        explicit = record.options.get(NETWORK_OPT)
-        kv = self.store.get(self.keys.addr(pool_id(addr.network, explicit), str(addr.ip)))
-        return AddressRecord.load(kv.value).owner if kv is not None else None
+    def _bind_address(self, record: NetworkRecord, addr: Any, endpoint_id: str) -> str | None:
+        """Note the endpoint on its address record (for "in use by" errors and garbage collection).
+
+        Returns the container name if Docker told the IPAM (Docker >= 23 does; 20.10 does not).
+        """
+        key = self.keys.addr(pool_id(addr.network, record.options.get(NETWORK_OPT)), str(addr.ip))
+        kv = self.store.get(key)
+        if kv is None:
+            return None
+        held = AddressRecord.load(kv.value)
+        if held.kind == "endpoint" and held.host == self.host and held.endpoint is None:
+            held.endpoint = endpoint_id
+            self.store.swap(key, held.dump(), kv.mod_revision)
+        return held.owner
 
     def endpoint_info(self, req: p.EndpointRef) -> dict[str, Any]:
         ep = self.state.endpoint(req.EndpointID)

@@ -35,7 +35,7 @@ class Runtime:
         defaults = DefaultPools(settings.default_pool[0], settings.default_pool[1],
                                 settings.default_pool6[0], settings.default_pool6[1])
         self.ipam = Ipam(self.store, self.keys, settings.host, defaults, self.datapath.host_routes)
-        self.driver = NetworkDriver(settings, self.store, self.keys, self.datapath, self.state)
+        self.driver = NetworkDriver(settings, self.store, self.keys, self.datapath, self.state, self.ipam)
         self.ready = threading.Event()
         self.stage = "starting"
         self.lease: int | None = None
