@@ -23,7 +23,7 @@ run: venv
 
 # The whole suite: unit tests, etcd integration tests, end-to-end tests against real dockerd hosts.
 test: venv
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	$(VENV)/bin/pytest $(PYTEST_ARGS); rc=$$?; [ $$rc -ne 5 ] || { echo "no tests ran" >&2; exit 1; }; exit $$rc
 
 test-unit: venv
 	$(VENV)/bin/pytest -m "not docker and not etcd" $(PYTEST_ARGS)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import random
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from ipam.subnets import (
     pool_id,
     usable,
 )
-from kvstore import KVStore, Keys, StoreError, StoreUnavailable, Txn
+from kvstore import Keys, KVStore, StoreError, StoreUnavailable, Txn
 from kvstore.records import AddressRecord, PoolRecord
 from plugin.errors import Conflict, InvalidRequest, NotFound, Unavailable
 
@@ -293,12 +294,16 @@ class Ipam:
         with self._lock:
             cursor = self._cursor.get(rec.pool_id, first - 1)
         used: set[int] | None = None
-        for _ in range(_RETRIES):
+        for _ in range(_RETRIES * 4):
             if used is None:
                 # Fast path: the next address after the last one this host handed out is usually free.
                 cand = next_free(first, last, set(), cursor)
             else:
-                cand = next_free(first, last, used, cursor)
+                # Contended: spread the contenders over the next few free addresses instead of racing
+                # them all for the same one.
+                cand = next_free(first, last, used, cursor + random.randrange(8))
+                if cand is None:
+                    cand = next_free(first, last, used, cursor)
             if cand is None:
                 raise Unavailable(f"IPAM: no free address left in {rng or net}")
             addr = ipaddress.ip_address(cand)
@@ -311,7 +316,6 @@ class Ipam:
             used = {int(ipaddress.ip_address(Keys.last(kv.key))) for kv in kvs}
             if rec.gateway:
                 used.add(int(ipaddress.ip_address(rec.gateway)))
-            cursor = cand
         raise Unavailable("IPAM: too many concurrent allocations; try again")
 
     @_store_errors

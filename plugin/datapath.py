@@ -396,6 +396,19 @@ class DataPath:
         for idx in self._host.link_lookup(ifname=outer):
             _ignore_gone(lambda i=idx: self._host.link("del", index=i))
 
+    def remove_endpoint_later(self, vni: int, endpoint_id: str) -> None:
+        """Queue the veth's removal on the netlink thread and return at once.
+
+        Deleting a veth waits for the kernel's RCU grace periods (10-30 ms); Docker need not wait for that.
+        Later kernel work on the same thread runs after it, so ordering is kept.
+        """
+
+        def done(fut: Any) -> None:
+            if fut.exception() is not None:
+                log.error("removing endpoint %s (vni %d): %s", endpoint_id[:12], vni, fut.exception())
+
+        self._exec.submit(self.remove_endpoint, vni, endpoint_id).add_done_callback(done)
+
     @kernel
     def endpoint_links(self, vni: int) -> list[str]:
         """Endpoint ids (12-char prefixes) of the veths on a network's bridge, from their tags."""
@@ -419,9 +432,8 @@ class DataPath:
         for link in self._host.get_links():
             name = _attr(link, "IFLA_IFNAME") or ""
             kind, _ = _info(link)
-            if name.startswith("pyo") and kind == "veth" and name not in prefixes:
-                out.append(name)
-            elif name.startswith("pyovx") and kind == "vxlan":
+            ours_unowned = name.startswith("pyo") and kind == "veth" and name not in prefixes
+            if ours_unowned or (name.startswith("pyovx") and kind == "vxlan"):
                 out.append(name)
         return out
 

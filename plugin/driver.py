@@ -16,7 +16,7 @@ from typing import Any
 
 from ipam.allocator import Ipam
 from ipam.subnets import NETWORK_OPT, check_network_id, mac_from_ip, network_key, parse_cidr, pool_id
-from kvstore import KVStore, Keys, StoreError, StoreUnavailable, Txn
+from kvstore import Keys, KVStore, StoreError, StoreUnavailable, Txn
 from kvstore.records import AddressRecord, EndpointRecord, MemberRecord, NetworkRecord
 from plugin import protocol as p
 from plugin.config import Settings
@@ -368,7 +368,7 @@ class NetworkDriver:
             return {}
         local = self.state.network(ep.record.docker_network_id)
         if local is not None:
-            self.datapath.remove_endpoint(local.record.vni, req.EndpointID)
+            self.datapath.remove_endpoint_later(local.record.vni, req.EndpointID)
         self._forget_endpoint_record(ep.record)
         self.state.drop_endpoint(req.EndpointID)
         return {}
@@ -403,7 +403,7 @@ class NetworkDriver:
             return {}
         local = self.state.network(ep.record.docker_network_id)
         if local is not None:
-            self.datapath.remove_endpoint(local.record.vni, req.EndpointID)
+            self.datapath.remove_endpoint_later(local.record.vni, req.EndpointID)
         ep.joined = False
         self.state.put_endpoint(ep)
         return {}
@@ -440,10 +440,9 @@ class NetworkDriver:
             try:
                 if op["op"] == "delete":
                     self.store.delete(op["key"])
-                elif op["op"] == "leave-network":
-                    if self.state.by_key(op["key"]) is None:
-                        self._leave_cluster_network(NetworkRecord(key=op["key"], vni=0, subnets=[], port=0,
-                                                                  created_by=""))
+                elif op["op"] == "leave-network" and self.state.by_key(op["key"]) is None:
+                    self._leave_cluster_network(NetworkRecord(key=op["key"], vni=0, subnets=[], port=0,
+                                                              created_by=""))
                 self.state.done_pending(op)
             except StoreError:
                 break

@@ -13,7 +13,7 @@ import threading
 import time
 
 from ipam.allocator import DefaultPools, Ipam
-from kvstore import KVStore, Keys, StoreError
+from kvstore import Keys, KVStore, StoreError
 from kvstore.records import HostRecord
 from plugin import __version__, metrics
 from plugin.config import Settings

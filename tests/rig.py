@@ -348,11 +348,12 @@ class DockerHost:
                           *(cmd or ("sleep", "86400")))
         return out.stdout.strip()
 
-    def exec(self, container: str, *cmd: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    def exec(self, container: str, *cmd: str, check: bool = True,
+             timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return self.docker("exec", container, *cmd, check=check, timeout=timeout)
 
     def ip_of(self, container: str, network: str) -> str:
-        fmt = "{{(index .NetworkSettings.Networks \"%s\").IPAddress}}" % network
+        fmt = '{{(index .NetworkSettings.Networks "' + network + '").IPAddress}}'
         return self.docker("inspect", "-f", fmt, container).stdout.strip()
 
 

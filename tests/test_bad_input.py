@@ -51,8 +51,8 @@ def expect_err(rig: Rig, method: str, body=None, raw: bytes | None = None, *need
 
 
 def test_broken_json(rig1: Rig, net) -> None:  # type: ignore[no-untyped-def]
-    expect_err(rig1, "NetworkDriver.CreateEndpoint", raw=b'{"NetworkID": ', *["not valid JSON"])
-    expect_err(rig1, "IpamDriver.RequestPool", raw=b"[1, 2]", *["must be a JSON object"])
+    expect_err(rig1, "NetworkDriver.CreateEndpoint", None, b'{"NetworkID": ', "not valid JSON")
+    expect_err(rig1, "IpamDriver.RequestPool", None, b"[1, 2]", "must be a JSON object")
 
 
 def test_missing_and_mistyped_fields(rig1: Rig, net) -> None:  # type: ignore[no-untyped-def]

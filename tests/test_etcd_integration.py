@@ -1,0 +1,190 @@
+"""kvstore and the IPAM against a real etcd (no Docker)."""
+
+from __future__ import annotations
+
+import ipaddress
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from ipam.allocator import DefaultPools, Ipam
+from kvstore import EtcdConfig, Keys, KVStore, StoreUnavailable, Txn
+from plugin.errors import Conflict, NotFound
+from tests.rig import Etcd
+
+pytestmark = pytest.mark.etcd
+
+
+@pytest.fixture
+def store(etcd_server: Etcd) -> KVStore:
+    return KVStore(EtcdConfig([etcd_server.local_url], timeout=2))
+
+
+@pytest.fixture
+def keys() -> Keys:
+    return Keys(f"/test-{uuid.uuid4().hex[:8]}")
+
+
+def ipam(store: KVStore, keys: Keys, host: str) -> Ipam:
+    defaults = DefaultPools(ipaddress.ip_network("10.128.0.0/16"), 24, ipaddress.ip_network("fd75::/48"), 64)
+    return Ipam(store, keys, host, defaults, lambda: [])
+
+
+def test_create_if_absent_and_compare_and_swap(store: KVStore, keys: Keys) -> None:
+    k = keys.network("n")
+    assert store.create(k, b"1")
+    assert not store.create(k, b"2")
+    kv = store.get(k)
+    assert kv is not None and kv.value == b"1"
+    assert store.swap(k, b"3", kv.mod_revision)
+    assert not store.swap(k, b"4", kv.mod_revision), "a stale revision must not win"
+    assert not store.commit(Txn().absent(k).put(keys.vni(1), b"x"))
+    assert store.get(keys.vni(1)) is None
+
+
+def test_failover_to_a_second_endpoint(etcd_server: Etcd, keys: Keys) -> None:
+    dead = "http://127.0.0.1:1"  # nothing listens there
+    s = KVStore(EtcdConfig([dead, etcd_server.local_url], timeout=1))
+    s.put(keys.host("a"), b"up")
+    assert s.get(keys.host("a")).value == b"up"  # type: ignore[union-attr]
+
+
+def test_unreachable_fails_fast_and_clearly(keys: Keys) -> None:
+    s = KVStore(EtcdConfig(["http://127.0.0.1:1"], timeout=1))
+    start = time.monotonic()
+    with pytest.raises(StoreUnavailable, match="unreachable"):
+        s.get(keys.host("x"))
+    print(f"failed after {time.monotonic() - start:.2f}s")
+
+
+def test_watch_resumes_and_recovers_from_compaction(store: KVStore, keys: Keys, etcd_server: Etcd) -> None:
+    prefix = keys.networks()
+    store.put(keys.network("a"), b"1")
+    seen: dict[str, bytes] = {}
+    snapshots = []
+    lock = threading.Lock()
+
+    def on_snapshot(kvs, rev):  # type: ignore[no-untyped-def]
+        with lock:
+            snapshots.append(rev)
+            seen.clear()
+            seen.update({kv.key: kv.value for kv in kvs})
+
+    def on_events(events):  # type: ignore[no-untyped-def]
+        with lock:
+            for ev in events:
+                if ev.kind == "put":
+                    seen[ev.key] = ev.value
+                else:
+                    seen.pop(ev.key, None)
+
+    w = store.watch_prefix(prefix, on_snapshot, on_events)
+    try:
+        assert w.synced.wait(5)
+        store.put(keys.network("b"), b"2")
+        store.delete(keys.network("a"))
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and seen != {keys.network("b"): b"2"}:
+            time.sleep(0.05)
+        assert seen == {keys.network("b"): b"2"}
+        # Force the watch to reconnect from a compacted revision: it must resynchronise fully.
+        w._cancel() if w._cancel else None  # type: ignore[misc]
+        w.revision = 1
+        store.put(keys.network("c"), b"3")
+        rev = store.put(keys.network("d"), b"4")
+        etcd_server.ctl("compact", str(rev))
+        deadline = time.monotonic() + 10
+        want = {keys.network("b"): b"2", keys.network("c"): b"3", keys.network("d"): b"4"}
+        while time.monotonic() < deadline and seen != want:
+            time.sleep(0.05)
+        assert seen == want
+        assert len(snapshots) >= 2, "a compacted revision must trigger a new snapshot"
+    finally:
+        w.stop()
+
+
+def test_pool_refcount_across_hosts_and_release(store: KVStore, keys: Keys) -> None:
+    a, b = ipam(store, keys, "a"), ipam(store, keys, "b")
+    r1 = a.request_pool("10.50.0.0/24", "", {}, False)
+    r2 = b.request_pool("10.50.0.0/24", "", {}, False)
+    assert r1["PoolID"] == r2["PoolID"] == "cidr.10.50.0.0_24"
+    gw_a = a.request_address(r1["PoolID"], "", {"RequestAddressType": "com.docker.network.gateway"})
+    gw_b = b.request_address(r1["PoolID"], "", {"RequestAddressType": "com.docker.network.gateway"})
+    assert gw_a == gw_b == {"Address": "10.50.0.1/24", "Data": {}}
+    addr = a.request_address(r1["PoolID"], "", {})["Address"]
+    assert a.release_pool(r1["PoolID"]) == {}
+    assert store.get(keys.pool(r1["PoolID"])) is not None, "host b still uses it"
+    assert b.release_pool(r1["PoolID"]) == {}
+    assert store.get(keys.pool(r1["PoolID"])) is None
+    assert store.range(keys.addrs(r1["PoolID"]))[0] == [], f"{addr} must go with the pool"
+    with pytest.raises(NotFound):
+        a.request_address(r1["PoolID"], "", {})
+
+
+def test_overlap_refused_unless_explicit_ids(store: KVStore, keys: Keys) -> None:
+    a = ipam(store, keys, "a")
+    a.request_pool("10.60.0.0/24", "", {}, False)
+    with pytest.raises(Conflict, match="overlaps"):
+        a.request_pool("10.60.0.0/16", "", {}, False)
+    r = a.request_pool("10.60.0.0/24", "", {"pyoverlay.network": "red"}, False)
+    assert r["PoolID"] == "net.red.v4"
+    auto = a.request_pool("", "", {}, False)
+    assert not ipaddress.ip_network(auto["Pool"]).overlaps(ipaddress.ip_network("10.60.0.0/24"))
+
+
+def test_concurrent_allocation_from_two_hosts_is_unique(store: KVStore, keys: Keys) -> None:
+    a, b = ipam(store, keys, "a"), ipam(store, keys, "b")
+    pid = a.request_pool("10.70.0.0/25", "", {}, False)["PoolID"]
+    b.request_pool("10.70.0.0/25", "", {}, False)
+
+    def grab(who: Ipam) -> str:
+        return str(who.request_address(pid, "", {})["Address"])
+
+    with ThreadPoolExecutor(8) as ex:
+        got = list(ex.map(grab, [a, b] * 60))
+    assert len(got) == len(set(got)) == 120
+    # The pool has 126 usable addresses: 6 left, then a clear error.
+    for _ in range(6):
+        grab(a)
+    with pytest.raises(Exception, match="no free address"):
+        grab(b)
+
+
+def test_static_address_conflict_and_release_by_owner_only(store: KVStore, keys: Keys) -> None:
+    a, b = ipam(store, keys, "a"), ipam(store, keys, "b")
+    pid = a.request_pool("10.80.0.0/24", "", {}, False)["PoolID"]
+    b.request_pool("10.80.0.0/24", "", {}, False)
+    a.request_address(pid, "10.80.0.9", {})
+    with pytest.raises(Conflict, match="already in use"):
+        b.request_address(pid, "10.80.0.9", {})
+    b.release_address(pid, "10.80.0.9")  # not b's: left alone
+    assert store.get(keys.addr(pid, "10.80.0.9")) is not None
+    a.release_address(pid, "10.80.0.9")
+    a.release_address(pid, "10.80.0.9")  # idempotent
+    assert store.get(keys.addr(pid, "10.80.0.9")) is None
+    b.request_address(pid, "10.80.0.9", {})  # a container moved to host b keeps its address
+
+
+def test_aux_addresses_are_shared(store: KVStore, keys: Keys) -> None:
+    a, b = ipam(store, keys, "a"), ipam(store, keys, "b")
+    pid = a.request_pool("10.90.0.0/24", "", {}, False)["PoolID"]
+    b.request_pool("10.90.0.0/24", "", {}, False)
+    a.request_address(pid, "10.90.0.200", {})
+    a.mark_reserved(pid, ["10.90.0.200/24"])
+    b.request_address(pid, "10.90.0.200", {})  # host b defines the same network: a claim, not a clash
+    a.release_address(pid, "10.90.0.200")
+    assert store.get(keys.addr(pid, "10.90.0.200")) is not None
+    b.release_address(pid, "10.90.0.200")
+    assert store.get(keys.addr(pid, "10.90.0.200")) is None
+
+
+def test_ipv6_pool(store: KVStore, keys: Keys) -> None:
+    a = ipam(store, keys, "a")
+    r = a.request_pool("fd10::/64", "", {}, True)
+    addr = a.request_address(r["PoolID"], "", {})["Address"]
+    assert addr == "fd10::1/64"
+    auto = a.request_pool("", "", {}, True)
+    assert ipaddress.ip_network(auto["Pool"]).prefixlen == 64

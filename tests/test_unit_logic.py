@@ -1,0 +1,103 @@
+"""Pure logic: address arithmetic, request schemas, settings."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from ipam import subnets as s
+from plugin import config
+from plugin import protocol as p
+from plugin.datapath import Underlay
+from plugin.errors import InvalidRequest
+
+
+def test_parse_cidr_accepts_and_rejects() -> None:
+    assert str(s.parse_cidr("10.1.0.0/24", "Pool")) == "10.1.0.0/24"
+    assert s.parse_cidr("fd00::/64", "Pool", v6=True).version == 6
+    for bad, needle in (("10.1.0.1/24", "host bits"), ("10.1.0.0/33", "valid CIDR"), ("10.1.0.0", "prefix"),
+                        ("10.1.0.0/31", "too small"), ("x", "valid CIDR")):
+        with pytest.raises(InvalidRequest, match=needle):
+            s.parse_cidr(bad, "Pool")
+    with pytest.raises(InvalidRequest, match="V6"):
+        s.parse_cidr("10.1.0.0/24", "Pool", v6=True)
+
+
+def test_pool_ids_and_network_keys_are_stable() -> None:
+    net = ipaddress.ip_network("10.20.0.0/24")
+    assert s.pool_id(net, None) == "cidr.10.20.0.0_24"
+    assert s.pool_id(net, "blue") == "net.blue.v4"
+    assert s.network_key(net, None) == "10.20.0.0_24"
+    assert s.network_key(net, "blue") == "blue"
+    with pytest.raises(InvalidRequest):
+        s.check_network_id("has/slash", "opt")
+
+
+def test_pick_subnet_skips_taken_and_routes() -> None:
+    base = ipaddress.ip_network("10.128.0.0/9")
+    taken = [ipaddress.ip_network("10.128.0.0/24"), ipaddress.ip_network("10.128.1.0/25"),
+             ipaddress.ip_network("192.168.0.0/16")]
+    assert str(s.pick_subnet(base, 24, taken)) == "10.128.2.0/24"
+    assert s.pick_subnet(ipaddress.ip_network("10.0.0.0/24"), 24, [ipaddress.ip_network("10.0.0.0/8")]) is None
+
+
+def test_usable_and_next_fit() -> None:
+    pool = ipaddress.ip_network("10.0.0.0/29")
+    first, last = s.usable(pool)
+    assert (ipaddress.ip_address(first), ipaddress.ip_address(last)) == (
+        ipaddress.ip_address("10.0.0.1"), ipaddress.ip_address("10.0.0.6"))
+    assert s.usable(ipaddress.ip_network("fd00::/126"))[1] == int(ipaddress.ip_address("fd00::3"))
+    # Next-fit: continues after the last handed out, wraps, never reuses what is in use.
+    assert s.next_free(1, 6, set(), 3) == 4
+    assert s.next_free(1, 6, {4, 5, 6}, 3) == 1
+    assert s.next_free(1, 6, {1, 2, 3, 4, 5, 6}, 3) is None
+    assert s.next_free(1, 6, set(), 6) == 1
+
+
+def test_check_in_pool() -> None:
+    pool = ipaddress.ip_network("10.0.0.0/24")
+    s.check_in_pool(ipaddress.ip_address("10.0.0.9"), pool, "Address")
+    for bad in ("10.0.0.0", "10.0.0.255", "10.0.1.1"):
+        with pytest.raises(InvalidRequest):
+            s.check_in_pool(ipaddress.ip_address(bad), pool, "Address")
+
+
+def test_mac_follows_ip() -> None:
+    assert s.mac_from_ip(ipaddress.ip_address("10.20.0.7")) == "02:42:0a:14:00:07"
+    assert s.mac_from_ip(ipaddress.ip_address("fd00::a:b")) == "02:42:00:0a:00:0b"
+
+
+def test_overlay_mtu() -> None:
+    assert Underlay("192.0.2.1", "eth0", 1400).overlay_mtu() == 1350
+    assert Underlay("fd00::1", "eth0", 1500).overlay_mtu() == 1430
+
+
+def test_protocol_parse() -> None:
+    req = p.parse(p.Join, b'{"NetworkID":"abc","EndpointID":"def","SandboxKey":"/x","Extra":1}\n', "Join")
+    assert isinstance(req, p.Join) and req.SandboxKey == "/x"
+    assert isinstance(p.parse(p.Empty, b"", "Activate"), p.Empty)
+    with pytest.raises(InvalidRequest, match="SandboxKey"):
+        p.parse(p.Join, b'{"NetworkID":"abc","EndpointID":"def"}', "Join")
+    with pytest.raises(InvalidRequest, match="not valid JSON"):
+        p.parse(p.Join, b"{", "Join")
+    with pytest.raises(InvalidRequest, match="V6"):
+        p.parse(p.RequestPool, b'{"V6": 1}', "RequestPool")
+    with pytest.raises(InvalidRequest, match="NetworkID"):
+        p.parse(p.NetworkRef, b'{"NetworkID": "a b"}', "DeleteNetwork")
+
+
+def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ETCD_ENDPOINTS", "http://a:2379, http://b:2379")
+    monkeypatch.setenv("PYOVERLAY_SCOPE", "global")
+    monkeypatch.setenv("PYOVERLAY_VXLAN_PORT", "4790")
+    st = config.load()
+    assert st.etcd_endpoints == ["http://a:2379", "http://b:2379"]
+    assert st.scope == "global" and st.vxlan_port == 4790
+    monkeypatch.setenv("PYOVERLAY_SCOPE", "swarm")
+    with pytest.raises(config.ConfigError, match="PYOVERLAY_SCOPE"):
+        config.load()
+    monkeypatch.setenv("PYOVERLAY_SCOPE", "local")
+    monkeypatch.setenv("PYOVERLAY_VXLAN_PORT", "99999")
+    with pytest.raises(config.ConfigError, match="PYOVERLAY_VXLAN_PORT"):
+        config.load()
