@@ -453,6 +453,24 @@ class DataPath:
         ipr.neigh("replace", dst=ip, lladdr=mac, ifindex=vx, state=NUD_PERMANENT)
 
     @kernel
+    def peer_entries(self, vni: int) -> list[tuple[str, str, str]]:
+        """(ip, mac, vtep) of the permanent neighbour + FDB entries on a network's VXLAN device."""
+        ipr = self._ipr(vni)
+        vx = ipr.link_lookup(ifname=VXLAN)
+        if not vx:
+            return []
+        vteps = {}
+        for f in ipr.fdb("dump", ifindex=vx[0]):
+            if f["ifindex"] == vx[0] and _attr(f, "NDA_DST") and f["state"] & NUD_PERMANENT:
+                vteps[_attr(f, "NDA_LLADDR")] = _attr(f, "NDA_DST")
+        out = []
+        for n in ipr.get_neighbours(ifindex=vx[0]):
+            mac = _attr(n, "NDA_LLADDR")
+            if n["state"] & NUD_PERMANENT and mac in vteps:
+                out.append((_attr(n, "NDA_DST"), mac, vteps[mac]))
+        return out
+
+    @kernel
     def del_peer(self, vni: int, ip: str, mac: str, vtep: str) -> None:
         ipr = self._ipr(vni)
         vx = ipr.link_lookup(ifname=VXLAN)

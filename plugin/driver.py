@@ -12,6 +12,7 @@ import logging
 import threading
 import zlib
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 from ipam.allocator import Ipam
@@ -49,6 +50,7 @@ class NetworkDriver:
         self.datapath = datapath
         self.state = state
         self.host = settings.host
+        self.on_network_change: Callable[[], None] = lambda: None  # peers are programmed for local networks
         self._locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
         self._locks_guard = threading.Lock()
 
@@ -141,6 +143,7 @@ class NetworkDriver:
                     raise
                 raise Unavailable(f"could not set up the data path for VNI {record.vni}: {err}") from err
             self.state.put_network(local)
+        self.on_network_change()
         log.info("network %s: key=%s vni=%d mtu=%d subnets=%s", _short(nid), record.key, record.vni, mtu,
                  ",".join(record.subnets))
         return {}
@@ -270,6 +273,7 @@ class NetworkDriver:
             except StoreError as err:
                 log.warning("network %s: etcd unreachable (%s); membership removal queued", _short(nid), err)
                 self.state.defer({"op": "leave-network", "key": local.record.key})
+        self.on_network_change()
         log.info("network %s deleted (key=%s vni=%d)", _short(nid), local.record.key, local.record.vni)
         return {}
 

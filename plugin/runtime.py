@@ -20,6 +20,7 @@ from plugin.config import Settings
 from plugin.datapath import DataPath
 from plugin.driver import NetworkDriver
 from plugin.errors import Unavailable
+from plugin.peers import PeerSync
 from plugin.state import LocalState
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,8 @@ class Runtime:
                                 settings.default_pool6[0], settings.default_pool6[1])
         self.ipam = Ipam(self.store, self.keys, settings.host, defaults, self.datapath.host_routes)
         self.driver = NetworkDriver(settings, self.store, self.keys, self.datapath, self.state, self.ipam)
+        self.peers = PeerSync(self.store, self.keys, self.datapath, self.state, settings.host)
+        self.driver.on_network_change = self.peers.network_changed
         self.ready = threading.Event()
         self.stage = "starting"
         self.lease: int | None = None
@@ -48,6 +51,7 @@ class Runtime:
 
     def stop(self) -> None:
         self._stop.set()
+        self.peers.stop()
         self._thread.join(timeout=5)
 
     def wait_ready(self, timeout: float = 10.0) -> None:
@@ -66,6 +70,7 @@ class Runtime:
             log.exception("restoring the data path failed; serving anyway")
         self.stage = "ready"
         self.ready.set()
+        self.peers.start()
         log.info("ready: host=%s scope=%s state=%s", self.settings.host, self.settings.scope,
                  self.settings.state_dir)
         interval = max(1.0, self.settings.lease_ttl / 3)

@@ -1,0 +1,192 @@
+"""Remote endpoints from etcd, programmed into each local network's VXLAN device.
+
+Two prefix watches feed one desired state: every endpoint record (IP, MAC, VTEP, host) and every live host
+(a record bound to that host's lease). A remote endpoint is programmed (permanent neighbour + FDB entry,
+nothing left to flooding or learning) when its network exists on this host and its host is alive.
+Programming is a diff between desired and programmed, so it is idempotent, batched after a snapshot
+(reconnect, compaction), and removes entries whose endpoint or host went away.
+
+An etcd outage changes nothing here: the watches stop delivering and the kernel keeps what it has. Only a
+host record deleted by a healthy etcd (its lease expired) removes that host's entries.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+from kvstore import KV, KVStore, Keys, WatchEvent
+from kvstore.client import PrefixWatch
+from kvstore.records import EndpointRecord, HostRecord
+from plugin.datapath import DataPath
+from plugin.state import LocalState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Peer:
+    ip: str
+    mac: str
+    vtep: str
+
+
+class PeerSync:
+    def __init__(self, store: KVStore, keys: Keys, datapath: DataPath, state: LocalState, host: str) -> None:
+        self.store = store
+        self.keys = keys
+        self.datapath = datapath
+        self.state = state
+        self.host = host
+        self._lock = threading.RLock()
+        self.endpoints: dict[str, EndpointRecord] = {}    # etcd key -> record
+        self.hosts: dict[str, HostRecord] = {}            # host name -> record
+        self.programmed: dict[int, dict[str, Peer]] = {}  # vni -> endpoint key -> peer
+        self._watches: list[PrefixWatch] = []
+
+    def start(self) -> None:
+        self._watches = [
+            self.store.watch_prefix(self.keys.hosts(), self._host_snapshot, self._host_events),
+            self.store.watch_prefix(self.keys.all_endpoints(), self._endpoint_snapshot, self._endpoint_events),
+        ]
+
+    def stop(self) -> None:
+        for w in self._watches:
+            w.stop()
+
+    @property
+    def synced(self) -> bool:
+        return all(w.synced.is_set() for w in self._watches)
+
+    # -- watch callbacks --------------------------------------------------------------------------------
+
+    def _host_snapshot(self, kvs: list[KV], revision: int) -> None:
+        with self._lock:
+            self.hosts = {}
+            for kv in kvs:
+                rec = _load(HostRecord, kv.value)
+                if rec is not None:
+                    self.hosts[rec.host] = rec
+            self.reconcile()
+
+    def _host_events(self, events: list[WatchEvent]) -> None:
+        with self._lock:
+            for ev in events:
+                name = Keys.last(ev.key)
+                if ev.kind == "delete":
+                    log.info("host %s left the cluster (lease expired or host stopped)", name)
+                    self.hosts.pop(name, None)
+                else:
+                    rec = _load(HostRecord, ev.value)
+                    if rec is not None:
+                        self.hosts[rec.host] = rec
+            self.reconcile()
+
+    def _endpoint_snapshot(self, kvs: list[KV], revision: int) -> None:
+        with self._lock:
+            self.endpoints = {}
+            for kv in kvs:
+                rec = _load(EndpointRecord, kv.value)
+                if rec is not None:
+                    self.endpoints[kv.key] = rec
+            self.reconcile()
+
+    def _endpoint_events(self, events: list[WatchEvent]) -> None:
+        with self._lock:
+            for ev in events:
+                if ev.kind == "delete":
+                    self.endpoints.pop(ev.key, None)
+                else:
+                    rec = _load(EndpointRecord, ev.value)
+                    if rec is not None:
+                        self.endpoints[ev.key] = rec
+            self.reconcile()
+
+    # -- desired vs programmed --------------------------------------------------------------------------
+
+    def desired(self) -> dict[int, dict[str, Peer]]:
+        local = {n.record.key: n.record.vni for n in list(self.state.data.networks.values())}
+        want: dict[int, dict[str, Peer]] = {vni: {} for vni in local.values()}
+        for key, ep in self.endpoints.items():
+            vni = local.get(ep.network_key)
+            if vni is None or ep.host == self.host or ep.host not in self.hosts:
+                continue
+            for addr in (ep.address, ep.address6):
+                if addr:
+                    want[vni][f"{key}#{addr}"] = Peer(addr.split("/")[0], ep.mac, ep.vtep)
+        return want
+
+    def reconcile(self) -> None:
+        """Program the difference between what should be and what is (safe to call any time)."""
+        with self._lock:
+            want = self.desired()
+            for vni in set(self.programmed) - set(want):
+                self.programmed.pop(vni, None)  # network gone here: its namespace took the entries along
+            added = removed = 0
+            for vni, peers in want.items():
+                if vni not in self.programmed:
+                    removed += self._adopt(vni, peers)
+                have = self.programmed.setdefault(vni, {})
+                for key in [k for k in have if k not in peers or have[k] != peers[k]]:
+                    old = have.pop(key)
+                    if not self._still_used(peers, old):
+                        self._safe(self.datapath.del_peer, vni, old)
+                    removed += 1
+                for key, peer in peers.items():
+                    if have.get(key) != peer and self._safe(self.datapath.set_peer, vni, peer):
+                        have[key] = peer
+                        added += 1
+            if added or removed:
+                log.info("peers: %d programmed, %d removed", added, removed)
+
+    def _adopt(self, vni: int, peers: dict[str, Peer]) -> int:
+        """First look at a network (start-up, new network): take over what the kernel already has.
+
+        Entries that are still wanted stay untouched (no blip for running traffic); the rest are stale
+        leftovers of endpoints that went while the plugin was down, and go.
+        """
+        try:
+            existing = {Peer(ip, mac, vtep) for ip, mac, vtep in self.datapath.peer_entries(vni)}
+        except Exception as err:  # noqa: BLE001
+            log.error("vni %d: reading programmed peers: %s", vni, err)
+            return 0
+        have = self.programmed.setdefault(vni, {})
+        for key, peer in peers.items():
+            if peer in existing:
+                have[key] = peer
+        stale = existing - set(peers.values())
+        for peer in stale:
+            self._safe(self.datapath.del_peer, vni, peer)
+        return len(stale)
+
+    @staticmethod
+    def _still_used(peers: dict[str, Peer], old: Peer) -> bool:
+        # A moved endpoint keeps its IP and MAC: the new entry replaced the old one already.
+        return any(p.ip == old.ip and p.mac == old.mac for p in peers.values())
+
+    def _safe(self, fn, vni: int, peer: Peer) -> bool:  # type: ignore[no-untyped-def]
+        try:
+            fn(vni, peer.ip, peer.mac, peer.vtep)
+            return True
+        except Exception as err:  # noqa: BLE001 - one bad entry must not stop the others
+            log.error("vni %d peer %s via %s: %s", vni, peer.ip, peer.vtep, err)
+            return False
+
+    def network_changed(self) -> None:
+        """A local network appeared or went: program its peers from what the watches already hold."""
+        self.reconcile()
+
+    def counts(self) -> dict[int, tuple[int, int]]:
+        """Per VNI: peers expected, peers programmed."""
+        with self._lock:
+            want = self.desired()
+            return {vni: (len(want.get(vni, {})), len(self.programmed.get(vni, {}))) for vni in want}
+
+
+def _load(cls, raw: bytes):  # type: ignore[no-untyped-def]
+    try:
+        return cls.load(raw)
+    except ValueError as err:
+        log.warning("ignoring an unreadable %s record: %s", cls.__name__, err)
+        return None
