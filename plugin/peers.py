@@ -16,7 +16,7 @@ import logging
 import threading
 from dataclasses import dataclass
 
-from kvstore import KV, KVStore, Keys, WatchEvent
+from kvstore import KV, Keys, KVStore, WatchEvent
 from kvstore.client import PrefixWatch
 from kvstore.records import EndpointRecord, HostRecord
 from plugin.datapath import DataPath
