@@ -63,11 +63,7 @@ class PeerSync:
 
     def _host_snapshot(self, kvs: list[KV], revision: int) -> None:
         with self._lock:
-            self.hosts = {}
-            for kv in kvs:
-                rec = _load(HostRecord, kv.value)
-                if rec is not None:
-                    self.hosts[rec.host] = rec
+            self.hosts = {rec.host: rec for rec in _load_all(HostRecord, kvs).values()}
             self.reconcile()
 
     def _host_events(self, events: list[WatchEvent]) -> None:
@@ -85,11 +81,7 @@ class PeerSync:
 
     def _endpoint_snapshot(self, kvs: list[KV], revision: int) -> None:
         with self._lock:
-            self.endpoints = {}
-            for kv in kvs:
-                rec = _load(EndpointRecord, kv.value)
-                if rec is not None:
-                    self.endpoints[kv.key] = rec
+            self.endpoints = _load_all(EndpointRecord, kvs)
             self.reconcile()
 
     def _endpoint_events(self, events: list[WatchEvent]) -> None:
@@ -182,6 +174,16 @@ class PeerSync:
         with self._lock:
             want = self.desired()
             return {vni: (len(want.get(vni, {})), len(self.programmed.get(vni, {}))) for vni in want}
+
+
+def _load_all(cls, kvs: list[KV]) -> dict:  # type: ignore[no-untyped-def, type-arg]
+    """Key -> record for every readable record of a snapshot."""
+    out = {}
+    for kv in kvs:
+        rec = _load(cls, kv.value)
+        if rec is not None:
+            out[kv.key] = rec
+    return out
 
 
 def _load(cls, raw: bytes):  # type: ignore[no-untyped-def]

@@ -25,6 +25,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from kvstore.embedded import stop_process
+
 ROOT = Path(__file__).resolve().parent.parent
 PYOVERLAY = os.environ.get("PYOVERLAY_BIN") or str(ROOT / ".venv" / "bin" / "pyoverlay")
 PREFIX = "pyt"                       # every namespace and link the rig makes starts with this
@@ -133,13 +135,7 @@ class Etcd:
                                     check=False, timeout=5).returncode == 0, timeout=20)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self.proc = None
 
     def ctl(self, *args: str) -> str:
