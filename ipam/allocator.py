@@ -107,9 +107,9 @@ class Ipam:
                     if self.store.swap(kv.key, rec.dump(), kv.mod_revision):
                         return self._pool_answer(rec)
                     continue
-            rec = self._new_pool(pid, net, rng, explicit, family)
-            if rec is not None:
-                return self._pool_answer(rec)
+            created = self._new_pool(pid, net, rng, explicit, family)
+            if created is not None:
+                return self._pool_answer(created)
         raise Unavailable("IPAM: too many concurrent pool changes; try again")
 
     def _check_same_pool(self, rec: PoolRecord, net: IPNetwork | None, rng: IPNetwork | None) -> None:

@@ -125,9 +125,9 @@ class NetworkDriver:
                 return {}  # a repeated CreateNetwork: already done
             try:
                 self._check_ipam_matches(subnets, explicit)
-                for net, data in zip(subnets, [*v4, *v6], strict=True):
-                    if data.AuxAddresses:
-                        self.ipam.mark_reserved(pool_id(net, explicit), list(data.AuxAddresses.values()))
+                for net, ipam_data in zip(subnets, [*v4, *v6], strict=True):
+                    if ipam_data.AuxAddresses:
+                        self.ipam.mark_reserved(pool_id(net, explicit), list(ipam_data.AuxAddresses.values()))
                 record, created = self._join_cluster_network(nid, wanted)
             except StoreUnavailable as err:
                 raise Unavailable(f"cluster store unavailable, network not created: {err}") from err
