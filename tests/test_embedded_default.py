@@ -44,11 +44,12 @@ def test_embedded_etcd_serves_and_survives_restart() -> None:
         proc.wait()
         wait_for("embedded etcd to exit", lambda: not etcd_pids(state), timeout=15)
         proc = serve(state, sock)
-        # The data survived: the address is still taken, the next one is handed out.
+        # The data survived: the pool is known and the address handed out before is still taken.
         status, again = wait_for("restart", lambda: (r := call(sock, "IpamDriver.RequestAddress",
-                                                               {"PoolID": pool["PoolID"], "Address": ""}))[0] == 200
-                                 and r, timeout=20)
-        assert again["Address"] == "10.55.0.2/24"
+                                                               {"PoolID": pool["PoolID"], "Address": "10.55.0.1"}))
+                                 is not None
+                                 and "unavailable" not in r[1].get("Err", "") and r, timeout=20)
+        assert status == 500 and "10.55.0.1 is already in use" in again["Err"], again
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=20)
