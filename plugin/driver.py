@@ -314,11 +314,13 @@ class NetworkDriver:
             addrs.append(ifc)
         mac = iface.MacAddress or mac_from_ip(addrs[0].ip)
         if iface.MacAddress:
+            octets = iface.MacAddress.split(":")
             try:
-                mac = ":".join(f"{int(x, 16):02x}" for x in iface.MacAddress.split(":"))
-                assert len(mac) == 17
-            except (ValueError, AssertionError):
-                raise InvalidRequest(f"Interface.MacAddress: {iface.MacAddress!r} is not a MAC address") from None
+                mac = ":".join(f"{int(x, 16):02x}" for x in octets)
+            except ValueError:
+                mac = ""
+            if len(octets) != 6 or len(mac) != 17:
+                raise InvalidRequest(f"Interface.MacAddress: {iface.MacAddress!r} is not a MAC address")
         v4 = next((a for a in addrs if a.version == 4), None)
         v6 = next((a for a in addrs if a.version == 6), None)
         record = EndpointRecord(

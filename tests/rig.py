@@ -102,6 +102,20 @@ def busybox_tarball(workdir: Path) -> Path:
     return tar
 
 
+def _stop_group(proc: subprocess.Popen[bytes] | None, sig: int, timeout: float) -> None:
+    """Signal a process group started with start_new_session; SIGKILL it if it outlives timeout."""
+    if proc is None or proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 class Etcd:
     """A real etcd (Debian's etcd-server) with its data in a temp dir, on loopback and the underlay."""
 
@@ -252,14 +266,7 @@ class DockerHost:
             sh("docker", "-H", f"unix://{self.sock}", "import", "-c", 'CMD ["/bin/sh"]', str(tar), IMAGE)
 
     def stop_dockerd(self, sig: int = signal.SIGTERM) -> None:
-        if self.dockerd is not None and self.dockerd.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.dockerd.pid, sig)
-            try:
-                self.dockerd.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.dockerd.pid, signal.SIGKILL)
-                self.dockerd.wait()
+        _stop_group(self.dockerd, sig, 30)
         self.dockerd = None
 
     def start_plugin(self, **env: str) -> None:
@@ -275,6 +282,8 @@ class DockerHost:
             "LOG_LEVEL": "info",
             **self.plugin_env,
         }
+        # A killed plugin leaves its socket file: do not mistake it for the new one listening.
+        self.plugin_sock.unlink(missing_ok=True)
         self.plugin = subprocess.Popen(
             self.enter() + ["env", "-i", *(f"{k}={v}" for k, v in full.items()), PYOVERLAY, "serve"],
             stdin=subprocess.DEVNULL, stdout=open(self.dir / "plugin.log", "ab"), stderr=subprocess.STDOUT,
@@ -283,14 +292,7 @@ class DockerHost:
         wait_for(f"pyoverlay socket on {self.name}", lambda: self.plugin_sock.exists(), timeout=10, interval=0.05)
 
     def kill_plugin(self, sig: int = signal.SIGKILL) -> None:
-        if self.plugin is not None and self.plugin.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.plugin.pid, sig)
-            try:
-                self.plugin.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.plugin.pid, signal.SIGKILL)
-                self.plugin.wait()
+        _stop_group(self.plugin, sig, 15)
         self.plugin = None
 
     def plugin_log(self) -> str:
