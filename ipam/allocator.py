@@ -161,28 +161,103 @@ class Ipam:
 
     @_store_errors
     def release_pool(self, pid: str) -> dict[str, Any]:
+        self._drop_refs(pid, self.host, everything=False)
+        return {}
+
+    def _drop_refs(self, pid: str, host: str, everything: bool) -> bool:
+        """One RequestPool reference of host (or all of them) goes; the last reference anywhere takes the
+        pool and every address in it along, in the same transaction. Returns whether anything changed."""
         for _ in range(_RETRIES):
             kv = self.store.get(self.keys.pool(pid))
             if kv is None:
-                return {}
+                return False
             rec = PoolRecord.load(kv.value)
-            if rec.refs.get(self.host, 0) <= 0:
-                return {}
-            rec.refs[self.host] -= 1
-            if rec.refs[self.host] == 0:
-                del rec.refs[self.host]
+            if rec.refs.get(host, 0) <= 0:
+                return False
+            rec.refs[host] = 0 if everything else rec.refs[host] - 1
+            if rec.refs[host] == 0:
+                del rec.refs[host]
             txn = Txn().unchanged(kv.key, kv.mod_revision)
             if rec.refs:
                 txn.put(kv.key, rec.dump())
             else:
-                # Last user anywhere: the pool and every address in it go in the same transaction.
                 index = self.store.get(self.keys.pool_index())
                 counter = int(index.value or b"0") + 1 if index else 1
                 txn.delete(kv.key).delete_prefix(self.keys.addrs(pid)).put(self.keys.pool_index(), str(counter))
             if self.store.commit(txn):
-                self._cursor.pop(pid, None)
-                return {}
+                if not rec.refs:
+                    self._cursor.pop(pid, None)
+                return True
         raise Unavailable("IPAM: too many concurrent pool changes; try again")
+
+    # -- hosts that left, and hosts that come back -----------------------------------------------------
+
+    def forget_host(self, host: str) -> int:
+        """Release everything a departed host held: its addresses, its share of gateway and aux
+        addresses, its pool references. Each change compares what it read, so several hosts may run
+        this at once. Returns how many records changed. Raises StoreError (the caller retries later)."""
+        changed = 0
+        pools, _ = self.store.range(self.keys.pools())
+        for pkv in pools:
+            pid = PoolRecord.load(pkv.value).pool_id
+            addrs, _ = self.store.range(self.keys.addrs(pid))
+            for kv in addrs:
+                held = AddressRecord.load(kv.value)
+                txn = Txn().unchanged(kv.key, kv.mod_revision)
+                if held.kind == "endpoint" and held.host == host:
+                    txn.delete(kv.key)
+                elif held.kind != "endpoint" and host in held.claims:
+                    held.claims.remove(host)
+                    if held.claims:
+                        txn.put(kv.key, held.dump())
+                    else:
+                        txn.delete(kv.key)
+                else:
+                    continue
+                if self.store.commit(txn):  # lost a race: whoever won changed it already
+                    changed += 1
+                    log.info("released %s in %s, held by departed host %s", held.address, pid, host)
+            changed += self._drop_refs(pid, host, everything=True)
+        return changed
+
+    def reclaim(self, pid: str, cidr: str, gateway: str | None, addresses: dict[str, str]) -> list[str]:
+        """After this host was away long enough to be forgotten: take back its pool reference, gateway
+        claim and its endpoints' addresses (address -> endpoint id). Returns the addresses that someone
+        else holds by now (a conflict the operator must resolve; they are left alone)."""
+        kv = self.store.get(self.keys.pool(pid))
+        if kv is None:
+            net = ipaddress.ip_network(cidr)
+            explicit = pid.split(".")[1] if pid.startswith("net.") else None
+            if self._new_pool(pid, net, None, explicit, net.version) is None and \
+                    self.store.get(self.keys.pool(pid)) is None:
+                raise Unavailable(f"IPAM: could not re-create pool {pid}")
+            log.warning("pool %s was gone from etcd (this host was away); re-created", pid)
+        else:
+            rec = PoolRecord.load(kv.value)
+            if self.host not in rec.refs:
+                rec.refs[self.host] = 1
+                self.store.swap(kv.key, rec.dump(), kv.mod_revision)  # a lost race is retried next time
+        if gateway:
+            gw = ipaddress.ip_interface(gateway).ip
+            try:
+                self._claim(pid, gw, "gateway", None)
+            except Conflict:
+                log.error("gateway %s of %s is now held by something else", gw, pid)
+        lost = []
+        for address, endpoint in addresses.items():
+            key = self.keys.addr(pid, address)
+            new = AddressRecord(address=address, kind="endpoint", host=self.host, endpoint=endpoint)
+            if self.store.create(key, new.dump()):
+                log.warning("address %s of endpoint %s re-claimed after this host was away", address, endpoint[:12])
+                continue
+            cur = self.store.get(key)
+            held = AddressRecord.load(cur.value) if cur is not None else None
+            if held is not None and not (held.host == self.host and held.kind == "endpoint"):
+                lost.append(address)
+                log.error("address %s of local endpoint %s was released while this host was away and is "
+                          "now held%s: two containers share it; remove one of them",
+                          address, endpoint[:12], self._holder(pid, address))
+        return lost
 
     def _pool(self, pid: str, field: str = "PoolID") -> tuple[PoolRecord, IPNetwork, int]:
         kv = self.store.get(self.keys.pool(pid))

@@ -5,6 +5,7 @@ Layout under the prefix (default /pyoverlay/v1):
     networks/<nkey>                    NetworkRecord (cluster identity of one overlay network)
     members/<nkey>/<host>              MemberRecord: host takes part, with its Docker NetworkID
     endpoints/<nkey>/<endpoint id>     EndpointRecord: IP, MAC, VTEP (what peers program)
+    departed/<host>                    DepartureRecord: when a host without a lease was first seen gone
     vnis/<vni>                         the network key holding that VNI
     pools/<pool id>                    PoolRecord (one address pool, refcounted per host)
     pool-index                         bumped by every pool create/delete: serialises overlap checks
@@ -34,6 +35,9 @@ class Keys:
     def network(self, nkey: str) -> str:
         return self._k("networks", nkey)
 
+    def all_members(self) -> str:
+        return self._k("members", "")
+
     def members(self, nkey: str) -> str:
         return self._k("members", nkey, "")
 
@@ -48,6 +52,12 @@ class Keys:
 
     def endpoint(self, nkey: str, endpoint_id: str) -> str:
         return self._k("endpoints", nkey, endpoint_id)
+
+    def departed(self) -> str:
+        return self._k("departed", "")
+
+    def departure(self, host: str) -> str:
+        return self._k("departed", host)
 
     def vni(self, vni: int) -> str:
         return self._k("vnis", vni)

@@ -44,6 +44,12 @@ class NetworkRecord(Record):
     created_by: str
 
 
+class DepartureRecord(Record):
+    host: str
+    since: float                  # wall clock of the host that first saw it gone
+    seen_by: str
+
+
 class MemberRecord(Record):
     host: str
     docker_network_id: str

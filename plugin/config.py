@@ -76,6 +76,7 @@ class Settings:
     default_pool: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, int]
     default_pool6: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, int]
     lease_ttl: int
+    dead_host_grace: int             # seconds a host may be gone before its addresses are released
     log_level: str
     threads: int
     extra: dict[str, str] = field(default_factory=dict)
@@ -125,6 +126,7 @@ def load() -> Settings:
         default_pool=pool4,
         default_pool6=pool6,
         lease_ttl=_int("PYOVERLAY_LEASE_TTL", 15, 5, 3600),
+        dead_host_grace=_int("PYOVERLAY_DEAD_HOST_GRACE", 300, 0, 30 * 86400),
         log_level=(_env("LOG_LEVEL", "info") or "info").upper(),
         threads=_int("PYOVERLAY_THREADS", 16, 2, 256),
     )

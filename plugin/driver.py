@@ -243,20 +243,42 @@ class NetworkDriver:
             self.state.defer({"op": "leave-network", "key": record.key})
 
     def _leave_cluster_network(self, record: NetworkRecord) -> None:
-        """Drop this host's membership; the last member removes the network record and its VNI."""
-        self.store.delete(self.keys.member(record.key, self.host))
+        self.drop_member(record.key, self.host)
+
+    def drop_member(self, nkey: str, host: str) -> None:
+        """Drop a host's membership; the last member removes the network record and its VNI."""
+        self.store.delete(self.keys.member(nkey, host))
         for _ in range(32):
-            kv = self.store.get(self.keys.network(record.key))
+            kv = self.store.get(self.keys.network(nkey))
             if kv is None:
                 return
-            members, _ = self.store.range(self.keys.members(record.key), keys_only=True)
+            members, _ = self.store.range(self.keys.members(nkey), keys_only=True)
             if members:
                 return
             current = NetworkRecord.load(kv.value)
             txn = (Txn().unchanged(kv.key, kv.mod_revision).delete(kv.key)
-                   .delete(self.keys.vni(current.vni)).delete_prefix(self.keys.endpoints(record.key)))
+                   .delete(self.keys.vni(current.vni)).delete_prefix(self.keys.endpoints(nkey)))
             if self.store.commit(txn):
                 return
+
+    def forget_host(self, host: str) -> int:
+        """A departed host's endpoint records and memberships go (its addresses: Ipam.forget_host)."""
+        changed = 0
+        kvs, _ = self.store.range(self.keys.all_endpoints())
+        for kv in kvs:
+            try:
+                rec = EndpointRecord.load(kv.value)
+            except ValueError:
+                continue
+            if rec.host == host and self.store.commit(Txn().unchanged(kv.key, kv.mod_revision).delete(kv.key)):
+                changed += 1
+        members, _ = self.store.range(self.keys.all_members(), keys_only=True)
+        for kv in members:
+            nkey, member = kv.key.split("/")[-2:]
+            if member == host:
+                self.drop_member(nkey, host)
+                changed += 1
+        return changed
 
     def delete_network(self, req: p.NetworkRef) -> dict[str, Any]:
         nid = req.NetworkID
@@ -455,11 +477,27 @@ class NetworkDriver:
         return len(self.state.take_pending())
 
     def republish(self) -> None:
-        """Make etcd hold this host's memberships and endpoints again (after an outage or restart)."""
+        """Make etcd hold this host's memberships, endpoints and addresses again (after an outage, a
+        restart, or an absence long enough for other hosts to have released what this host held)."""
         for local in list(self.state.data.networks.values()):
-            record, _ = self._join_cluster_network(local.docker_network_id, local.record)
+            self._join_cluster_network(local.docker_network_id, local.record)
+            self._reclaim_addresses(local)
         for ep in list(self.state.data.endpoints.values()):
             key = self.keys.endpoint(ep.record.network_key, ep.record.endpoint_id)
             kv = self.store.get(key)
             if kv is None or EndpointRecord.load(kv.value) != ep.record:
                 self.store.put(key, ep.record.dump())
+
+    def _reclaim_addresses(self, local: LocalNetwork) -> None:
+        explicit = local.record.options.get(NETWORK_OPT)
+        eps = [e.record for e in self.state.data.endpoints.values()
+               if e.record.docker_network_id == local.docker_network_id]
+        for cidr in local.record.subnets:
+            net = ipaddress.ip_network(cidr)
+            gateway = local.record.gateway if net.version == 4 else local.record.gateway6
+            held = {}
+            for rec in eps:
+                for addr in (rec.address, rec.address6):
+                    if addr and ipaddress.ip_interface(addr).ip in net:
+                        held[str(ipaddress.ip_interface(addr).ip)] = rec.endpoint_id
+            self.ipam.reclaim(pool_id(net, explicit), cidr, gateway, held)

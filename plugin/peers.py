@@ -169,6 +169,10 @@ class PeerSync:
         """A local network appeared or went: program its peers from what the watches already hold."""
         self.reconcile()
 
+    def endpoint_hosts(self) -> set[str]:
+        with self._lock:
+            return {ep.host for ep in self.endpoints.values()}
+
     def counts(self) -> dict[int, tuple[int, int]]:
         """Per VNI: peers expected, peers programmed."""
         with self._lock:

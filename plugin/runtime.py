@@ -18,6 +18,7 @@ from kvstore.records import HostRecord
 from plugin import __version__, metrics
 from plugin.config import Settings
 from plugin.datapath import DataPath
+from plugin.departures import Departures
 from plugin.driver import NetworkDriver
 from plugin.errors import Unavailable
 from plugin.peers import PeerSync
@@ -39,6 +40,8 @@ class Runtime:
         self.driver = NetworkDriver(settings, self.store, self.keys, self.datapath, self.state, self.ipam)
         self.peers = PeerSync(self.store, self.keys, self.datapath, self.state, settings.host)
         self.driver.on_network_change = self.peers.network_changed
+        self.departures = Departures(self.store, self.keys, settings.host, settings.dead_host_grace,
+                                     [self.driver.forget_host, self.ipam.forget_host])
         self.ready = threading.Event()
         self.stage = "starting"
         self.lease: int | None = None
@@ -90,6 +93,8 @@ class Runtime:
             self.synced = True
             log.info("this host's networks and endpoints are published in etcd")
         metrics.PENDING.set(self.driver.flush_pending())
+        if self.peers.synced:  # judge other hosts only from a healthy, current view of etcd
+            self.departures.sweep(self.peers.endpoint_hosts())
 
     def _keep_registered(self) -> None:
         """This host's record, bound to a lease that other hosts watch for liveness."""

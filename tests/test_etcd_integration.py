@@ -188,3 +188,57 @@ def test_ipv6_pool(store: KVStore, keys: Keys) -> None:
     assert addr == "fd10::1/64"
     auto = a.request_pool("", "", {}, True)
     assert ipaddress.ip_network(auto["Pool"]).prefixlen == 64
+
+
+def test_departed_host_released_after_grace_and_reclaims_on_return(store: KVStore, keys: Keys) -> None:
+    """Host b dies holding an address, a gateway claim and a pool reference; host a releases them only
+    after the grace period, and only while b has no host record; b coming back later takes its address
+    back unless someone else took it meanwhile."""
+    from kvstore.records import AddressRecord, DepartureRecord, PoolRecord
+    from plugin.departures import Departures
+
+    a, b = ipam(store, keys, "a"), ipam(store, keys, "b")
+    pid = a.request_pool("10.77.0.0/24", "", {}, False)["PoolID"]
+    b.request_pool("10.77.0.0/24", "", {}, False)
+    gw = {"RequestAddressType": "com.docker.network.gateway"}
+    a.request_address(pid, "", gw)
+    b.request_address(pid, "", gw)
+    b.request_address(pid, "10.77.0.20", {})
+    b.request_address(pid, "10.77.0.21", {})
+    store.put(keys.member("10.77.0.0_24", "b"), b'{"host":"b","docker_network_id":"x"}')
+    store.put(keys.host("a"), b"{}")
+    now = [1000.0]
+
+    def drop_member(host: str) -> int:  # NetworkDriver.forget_host's part, covered by the docker tests
+        return int(store.delete(keys.member("10.77.0.0_24", host)))
+
+    dep = Departures(store, keys, "a", grace=60, forget=[a.forget_host, drop_member], clock=lambda: now[0])
+
+    assert dep.sweep(set()) == []  # first sight: only noted
+    mark = store.get(keys.departure("b"))
+    assert mark is not None and DepartureRecord.load(mark.value).since == 1000.0
+    now[0] += 59
+    assert dep.sweep(set()) == [] and store.get(keys.addr(pid, "10.77.0.20")) is not None
+    now[0] += 2
+    assert dep.sweep(set()) == ["b"]
+    assert store.get(keys.addr(pid, "10.77.0.20")) is None
+    gw_rec = AddressRecord.load(store.get(keys.addr(pid, "10.77.0.1")).value)  # type: ignore[union-attr]
+    assert gw_rec.claims == ["a"], "a's claim on the shared gateway stays"
+    assert PoolRecord.load(store.get(keys.pool(pid)).value).refs == {"a": 1}  # type: ignore[union-attr]
+    assert store.get(keys.departure("b")) is None
+
+    # Meanwhile a container on a took .21; b returns and reclaims what is still free.
+    a.request_address(pid, "10.77.0.21", {})
+    lost = b.reclaim(pid, "10.77.0.0/24", "10.77.0.1/24", {"10.77.0.20": "e" * 64, "10.77.0.21": "f" * 64})
+    assert lost == ["10.77.0.21"]
+    back = AddressRecord.load(store.get(keys.addr(pid, "10.77.0.20")).value)  # type: ignore[union-attr]
+    assert back.host == "b" and back.endpoint == "e" * 64
+    assert PoolRecord.load(store.get(keys.pool(pid)).value).refs == {"a": 1, "b": 1}  # type: ignore[union-attr]
+
+    # A host that returns within the grace period loses nothing, and its mark goes.
+    store.put(keys.member("10.77.0.0_24", "c"), b'{"host":"c","docker_network_id":"y"}')
+    dep.sweep(set())
+    assert store.get(keys.departure("c")) is not None
+    store.put(keys.host("c"), b"{}")
+    now[0] += 1000
+    assert dep.sweep(set()) == [] and store.get(keys.departure("c")) is None

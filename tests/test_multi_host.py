@@ -22,7 +22,7 @@ def rig3() -> Iterator[Rig]:
     try:
         rig.up(3, plugin=False)
         for h in rig.hosts:
-            h.start_plugin(PYOVERLAY_LEASE_TTL="5")
+            h.start_plugin(PYOVERLAY_LEASE_TTL="5", PYOVERLAY_DEAD_HOST_GRACE="6")
         yield rig
     finally:
         rig.down()
@@ -183,3 +183,13 @@ def test_dead_host_entries_removed(rig3: Rig, cleanup) -> None:  # type: ignore[
     h3.down()  # the whole host: daemons, namespace, everything
     wait_for("h3's entries gone from h1", lambda: h3.ip not in fdb_vteps(h1, rig3), timeout=5 + 15)
     print(f"h3's entries removed from h1 {time.monotonic() - killed:.1f}s after the host died (lease TTL 5s)")
+    # After the grace period its endpoints, addresses and memberships are released: the address is free.
+    prefix = rig3.etcd_prefix
+    wait_for("h3's records released",
+             lambda: not [k for k in rig3.etcd.keys(prefix) if k.endswith(f"/{ip3}") or k.endswith("/h3")],
+             timeout=6 + 5 + 15, interval=0.5)
+    print(f"h3's addresses released {time.monotonic() - killed:.1f}s after the host died (grace 6s)")
+    for ep in rig3.etcd.keys(f"{prefix}/endpoints/"):
+        assert rig3.etcd.get_json(ep)["host"] != "h3"
+    start(h2, cleanup, "dead-3-again", "m-dead", ip3)
+    ping(h1, "dead-1", ip3)

@@ -193,3 +193,25 @@ def test_socket_listens_quickly_after_start(rig1: Rig) -> None:
     status, body = wait_for("Activate", lambda: call(h.plugin_sock, "Plugin.Activate"), timeout=10)
     print(f"socket answered {time.monotonic() - start:.2f}s after start")
     assert status == 200 and body == {"Implements": ["NetworkDriver", "IpamDriver"]}
+
+
+def test_vxlan_port_taken_gives_a_clear_error_and_leaves_nothing(rig1: Rig, cleanup) -> None:  # type: ignore[no-untyped-def]
+    """Swarm's overlay holds UDP 4789 with a VXLAN device of its own: pyoverlay told to use that port
+    must say so, not fail silently, and leave no network behind."""
+    h = rig1.hosts[0]
+    h.ns("ip", "link", "add", "swarmvx", "type", "vxlan", "id", "4097", "dstport", "4789", "local", h.ip)
+    h.ns("ip", "link", "set", "swarmvx", "up")  # the UDP socket exists once the device is up
+    try:
+        h.kill_plugin(signal.SIGTERM)
+        h.start_plugin(PYOVERLAY_VXLAN_PORT="4789")
+        cleanup.network(h, "n-port")
+        res = h.docker("network", "create", *PY, "--subnet", "10.30.0.0/24", "n-port", check=False)
+        assert res.returncode != 0
+        assert "VXLAN port 4789 is already in use" in res.stderr and "PYOVERLAY_VXLAN_PORT" in res.stderr
+        assert _etcd_keys_about(rig1, "10.30.0.0") == []
+        assert not list((h.state_dir / "netns").glob("pyo-*"))
+        assert "pyovx" not in h.ns("ip", "-o", "link").stdout
+    finally:
+        h.ns("ip", "link", "del", "swarmvx", check=False)
+        h.kill_plugin(signal.SIGTERM)
+        h.start_plugin(PYOVERLAY_VXLAN_PORT="4800")

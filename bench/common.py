@@ -1,0 +1,45 @@
+"""Shared by the benchmarks: percentiles, result files, running things inside the rig's namespaces."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+RESULTS = ROOT / "bench" / "results"
+DOCS = ROOT / "docs" / "bench"
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    idx = min(len(ordered) - 1, max(0, int(round(q * (len(ordered) - 1)))))
+    return ordered[idx]
+
+
+def summary(values: list[float], digits: int = 1) -> dict[str, float]:
+    return {"n": len(values), "p50": round(statistics.median(values), digits),
+            "p99": round(percentile(values, 0.99), digits), "max": round(max(values), digits),
+            "min": round(min(values), digits)}
+
+
+def table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def save(name: str, result: dict[str, Any], markdown: str) -> None:
+    """bench/results/<name>.json (raw) and docs/bench/<name>.md (the table docs/benchmarks.md links)."""
+    result = {"benchmark": name, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **result}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    DOCS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (DOCS / f"{name}.md").write_text(f"<!-- written by bench/{name}.py at {result['time']} -->\n{markdown}\n")
+    print(markdown)
+    print(f"\nwrote {RESULTS / (name + '.json')} and {DOCS / (name + '.md')}")
