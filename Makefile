@@ -34,6 +34,9 @@ lint: venv
 
 bench: venv
 	$(PY) bench/api_latency.py
+	$(PY) bench/dataplane.py
+	$(PY) bench/convergence.py
+	$(PY) bench/scale.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -33,16 +33,18 @@ def iperf(client: list[str], server: list[str], target: str, seconds: int, strea
     srv = subprocess.Popen([*server, "iperf3", "-s", "-1", "-B", target], stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL)
     try:
-        out = None
+        out, last = None, ""
         for _ in range(50):
             res = sh(*client, "iperf3", "-c", target, "-t", str(seconds), "-P", str(streams), "-J",
                      check=False, timeout=seconds + 30)
-            if res.returncode == 0:
-                out = json.loads(res.stdout)
+            data = json.loads(res.stdout) if res.stdout.strip().startswith("{") else {}
+            if res.returncode == 0 and "sum_received" in data.get("end", {}):
+                out = data
                 break
-            time.sleep(0.1)  # the server is not listening yet
+            last = data.get("error") or res.stderr.strip()
+            time.sleep(0.2)  # the server is not listening yet
         if out is None:
-            raise RuntimeError(f"iperf3 to {target} failed")
+            raise RuntimeError(f"iperf3 to {target} failed: {last}")
         return out["end"]["sum_received"]["bits_per_second"] / 1e9
     finally:
         srv.kill()

@@ -26,8 +26,10 @@ class HostRecord(Record):
     port: int
     version: str
     started: float
-    public_key: str | None = None  # per-host X25519 key (encrypted networks)
-    key_epoch: int | None = None
+    public_keys: dict[int, str] = Field(default_factory=dict)  # X25519 public key per held epoch
+    key_epoch: int | None = None                               # the newest of them
+    key_mac: str | None = None    # HMAC of host, vtep and public_keys with PYOVERLAY_CLUSTER_SECRET
+    seen: dict[str, int] = Field(default_factory=dict)         # peer -> its newest epoch we can receive
 
 
 class NetworkRecord(Record):

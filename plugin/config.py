@@ -56,6 +56,13 @@ def _pool(name: str, default: str) -> tuple[ipaddress.IPv4Network | ipaddress.IP
         raise ConfigError(f"{name}={raw!r}: expected BASE/SIZE such as {default}") from None
 
 
+def _key_bits() -> int:
+    bits = _int("PYOVERLAY_KEY_BITS", 128, 128, 256)
+    if bits not in (128, 256):
+        raise ConfigError(f"PYOVERLAY_KEY_BITS={bits}: use 128 or 256")
+    return bits
+
+
 @dataclass(frozen=True)
 class Settings:
     socket: Path
@@ -78,6 +85,9 @@ class Settings:
     lease_ttl: int
     dead_host_grace: int             # seconds a host may be gone before its addresses are released
     log_level: str
+    cluster_secret: str | None       # authenticates published public keys (encrypted networks)
+    key_rotation: int                # seconds between new key pairs
+    key_bits: int                    # AES-GCM key size for encrypted networks: 128 or 256
     threads: int
     extra: dict[str, str] = field(default_factory=dict)
 
@@ -128,5 +138,8 @@ def load() -> Settings:
         lease_ttl=_int("PYOVERLAY_LEASE_TTL", 15, 5, 3600),
         dead_host_grace=_int("PYOVERLAY_DEAD_HOST_GRACE", 300, 0, 30 * 86400),
         log_level=(_env("LOG_LEVEL", "info") or "info").upper(),
+        cluster_secret=_env("PYOVERLAY_CLUSTER_SECRET"),
+        key_rotation=_int("PYOVERLAY_KEY_ROTATION", 12 * 3600, 10, 365 * 86400),
+        key_bits=_key_bits(),
         threads=_int("PYOVERLAY_THREADS", 16, 2, 256),
     )

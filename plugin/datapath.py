@@ -226,6 +226,7 @@ class DataPath:
                 netns.create(path)
                 fresh = True
             try:
+                netns.run_in(path, _quiet_namespace)
                 self._ensure_devices(plan)
             except Exception:
                 if fresh:
@@ -278,7 +279,9 @@ class DataPath:
             )
         try:
             self._host.link("add", ifname=temp, kind="vxlan", vxlan_id=plan.vni, vxlan_port=plan.port,
-                            vxlan_learning=0, vxlan_proxy=1, mtu=plan.mtu, **local)
+                            vxlan_learning=0, vxlan_proxy=1, mtu=plan.mtu,
+                            # RFC 7348: zero outer UDP checksum over IPv4 (inner frames carry their own)
+                            vxlan_udp_csum=0, **local)
         except NetlinkError as err:
             if err.code == errno.EEXIST:
                 raise Conflict(
@@ -445,12 +448,32 @@ class DataPath:
     # -- peers (remote endpoints) -----------------------------------------------------------------------
 
     @kernel
-    def set_peer(self, vni: int, ip: str, mac: str, vtep: str) -> None:
-        """Permanent neighbour + FDB entry: frames for mac go to vtep, ARP for ip is answered locally."""
+    def program_peers(self, vni: int, add: list[tuple[str, str, str]],
+                      remove: list[tuple[str, str, str]]) -> list[tuple[tuple[str, str, str], Exception]]:
+        """Remove, then add, many (ip, mac, vtep) peers in one pass; returns the ones that failed.
+
+        One lookup of the VXLAN device and one trip to the netlink thread for a whole batch: a host
+        joining a network with thousands of remote endpoints programs them in seconds.
+        """
         ipr = self._ipr(vni)
-        vx = ipr.link_lookup(ifname=VXLAN)[0]
-        ipr.fdb("replace", ifindex=vx, lladdr=mac, dst=vtep, flags=NTF_SELF, state=NUD_PERMANENT)
-        ipr.neigh("replace", dst=ip, lladdr=mac, ifindex=vx, state=NUD_PERMANENT)
+        vx = ipr.link_lookup(ifname=VXLAN)
+        failed: list[tuple[tuple[str, str, str], Exception]] = []
+        if not vx:
+            err = Unavailable(f"network namespace {ns_name(vni)} has no {VXLAN}")
+            return [(p, err) for p in add]
+        for ip, mac, vtep in remove:
+            try:
+                _ignore_gone(lambda i=ip, m=mac: ipr.neigh("del", dst=i, lladdr=m, ifindex=vx[0]))
+                _ignore_gone(lambda m=mac, v=vtep: ipr.fdb("del", ifindex=vx[0], lladdr=m, dst=v, flags=NTF_SELF))
+            except Exception as err:  # noqa: BLE001 - one bad entry must not stop the others
+                failed.append(((ip, mac, vtep), err))
+        for ip, mac, vtep in add:
+            try:
+                ipr.fdb("replace", ifindex=vx[0], lladdr=mac, dst=vtep, flags=NTF_SELF, state=NUD_PERMANENT)
+                ipr.neigh("replace", dst=ip, lladdr=mac, ifindex=vx[0], state=NUD_PERMANENT)
+            except Exception as err:  # noqa: BLE001
+                failed.append(((ip, mac, vtep), err))
+        return failed
 
     @kernel
     def peer_entries(self, vni: int) -> list[tuple[str, str, str]]:
@@ -470,14 +493,22 @@ class DataPath:
                 out.append((_attr(n, "NDA_DST"), mac, vteps[mac]))
         return out
 
-    @kernel
-    def del_peer(self, vni: int, ip: str, mac: str, vtep: str) -> None:
-        ipr = self._ipr(vni)
-        vx = ipr.link_lookup(ifname=VXLAN)
-        if not vx:
-            return
-        _ignore_gone(lambda: ipr.neigh("del", dst=ip, lladdr=mac, ifindex=vx[0]))
-        _ignore_gone(lambda: ipr.fdb("del", ifindex=vx[0], lladdr=mac, dst=vtep, flags=NTF_SELF))
+# Inside a network's namespace: frames crossing br0 must not go through iptables (br_netfilter would
+# send them there, costing time and giving a host's firewall a say over overlay traffic).
+NAMESPACE_SYSCTLS = {
+    "net/bridge/bridge-nf-call-iptables": "0",
+    "net/bridge/bridge-nf-call-ip6tables": "0",
+    "net/bridge/bridge-nf-call-arptables": "0",
+}
+
+
+def _quiet_namespace() -> None:
+    for name, value in NAMESPACE_SYSCTLS.items():
+        try:
+            with open(f"/proc/sys/{name}", "w") as f:
+                f.write(value)
+        except FileNotFoundError:
+            continue  # no br_netfilter in this kernel: nothing to switch off
 
 
 def _ignore_gone(fn: Any) -> None:

@@ -22,7 +22,9 @@ from kvstore.records import AddressRecord, EndpointRecord, MemberRecord, Network
 from plugin import protocol as p
 from plugin.config import Settings
 from plugin.datapath import DataPath, NetworkPlan, validate_mtu
+from plugin.encryption import Encryption
 from plugin.errors import Conflict, InvalidRequest, NotFound, PluginError, Unavailable
+from plugin.ipsec import ESP_OVERHEAD
 from plugin.state import LocalEndpoint, LocalNetwork, LocalState
 
 log = logging.getLogger(__name__)
@@ -42,8 +44,9 @@ def _short(docker_id: str) -> str:
 
 class NetworkDriver:
     def __init__(self, settings: Settings, store: KVStore, keys: Keys, datapath: DataPath,
-                 state: LocalState, ipam: Ipam) -> None:
+                 state: LocalState, ipam: Ipam, encryption: Encryption) -> None:
         self.settings = settings
+        self.encryption = encryption
         self.ipam = ipam
         self.store = store
         self.keys = keys
@@ -105,11 +108,12 @@ class NetworkDriver:
                 subnets.append(parse_cidr(data[0].Pool, f"{label}.Pool", is6))
         gateway = v4[0].Gateway if v4 and v4[0].Gateway else None
         gateway6 = v6[0].Gateway if v6 and v6[0].Gateway else None
-        if encrypted:
+        if encrypted and self.encryption.missing():
             # Fail closed: no clear-text network may stand in for an encrypted one.
             raise Unavailable(
-                "--opt encrypted: IPsec for pyoverlay networks is not available in this version; "
-                "no network was created (create it without --opt encrypted only if clear text is acceptable)"
+                f"--opt encrypted: this host's kernel lacks {'; '.join(self.encryption.missing())}. "
+                f"No network was created and no clear-text path was set up; use a kernel with IPsec ESP and "
+                f"AES-GCM, or create the network without --opt encrypted only if clear text is acceptable"
             )
         nkey = network_key(subnets[0], explicit)
         wanted = NetworkRecord(
@@ -136,9 +140,13 @@ class NetworkDriver:
             mtu = self._mtu(record)
             local = LocalNetwork(docker_network_id=nid, record=record, mtu=mtu)
             try:
+                if record.encrypted:  # the guard exists before the network's VXLAN device can send
+                    self.encryption.guard({**self._encrypted_vnis(), record.vni: record.key})
                 self.datapath.ensure_network(NetworkPlan(record.vni, record.port, mtu, record.key))
             except Exception as err:
                 self._undo_create(nid, record, created)
+                self.datapath.remove_network(record.vni)
+                self._guard_quietly()
                 if isinstance(err, PluginError):
                     raise
                 raise Unavailable(f"could not set up the data path for VNI {record.vni}: {err}") from err
@@ -149,7 +157,17 @@ class NetworkDriver:
         return {}
 
     def _mtu(self, record: NetworkRecord) -> int:
-        return record.mtu or self.settings.mtu or self.datapath.underlay().overlay_mtu()
+        default = self.datapath.underlay().overlay_mtu() - (ESP_OVERHEAD if record.encrypted else 0)
+        return record.mtu or self.settings.mtu or default
+
+    def _encrypted_vnis(self) -> dict[int, str]:
+        return {n.record.vni: n.record.key for n in list(self.state.data.networks.values()) if n.record.encrypted}
+
+    def _guard_quietly(self) -> None:
+        try:
+            self.encryption.guard(self._encrypted_vnis())
+        except PluginError as err:
+            log.error("encryption guard: %s", err)
 
     def _check_ipam_matches(self, subnets: list[Any], explicit: str | None) -> None:
         """Catch -o pyoverlay.network without the matching --ipam-opt (and the reverse) early."""
@@ -441,7 +459,18 @@ class NetworkDriver:
     def restore(self) -> None:
         """Bring the kernel in line with this host's recorded networks; remove our stale objects."""
         known_vnis = set()
+        try:
+            self.encryption.guard(self._encrypted_vnis())
+        except PluginError as err:
+            # Fail closed: an encrypted network whose guard cannot be installed gets no data path.
+            log.error("restore: %s; encrypted networks stay down", err)
+            for local in list(self.state.data.networks.values()):
+                if local.record.encrypted:
+                    self.datapath.remove_network(local.record.vni)
+                    known_vnis.add(local.record.vni)
         for local in list(self.state.data.networks.values()):
+            if local.record.vni in known_vnis:
+                continue
             known_vnis.add(local.record.vni)
             try:
                 self.datapath.ensure_network(NetworkPlan(local.record.vni, local.record.port, local.mtu,

@@ -14,26 +14,28 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from kvstore import KV, Keys, KVStore, WatchEvent
 from kvstore.client import PrefixWatch
 from kvstore.records import EndpointRecord, HostRecord
 from plugin.datapath import DataPath
+from plugin.encryption import Encryption
 from plugin.state import LocalState
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Peer:
+class Peer(NamedTuple):
     ip: str
     mac: str
     vtep: str
 
 
 class PeerSync:
-    def __init__(self, store: KVStore, keys: Keys, datapath: DataPath, state: LocalState, host: str) -> None:
+    def __init__(self, store: KVStore, keys: Keys, datapath: DataPath, state: LocalState, host: str,
+                 encryption: Encryption) -> None:
+        self.encryption = encryption
         self.store = store
         self.keys = keys
         self.datapath = datapath
@@ -120,17 +122,26 @@ class PeerSync:
                 if vni not in self.programmed:
                     removed += self._adopt(vni, peers)
                 have = self.programmed.setdefault(vni, {})
+                drop = []
                 for key in [k for k in have if k not in peers or have[k] != peers[k]]:
                     old = have.pop(key)
-                    if not self._still_used(peers, old):
-                        self._safe(self.datapath.del_peer, vni, old)
                     removed += 1
-                for key, peer in peers.items():
-                    if have.get(key) != peer and self._safe(self.datapath.set_peer, vni, peer):
+                    if not self._still_used(peers, old):
+                        drop.append(old)
+                todo = {k: p for k, p in peers.items() if have.get(k) != p}
+                failed = self._program(vni, list(todo.values()), drop)
+                for key, peer in todo.items():
+                    if peer not in failed:
                         have[key] = peer
                         added += 1
             if added or removed:
                 log.info("peers: %d programmed, %d removed", added, removed)
+            encrypted = {n.record.vni: n.record.key for n in list(self.state.data.networks.values())
+                         if n.record.encrypted}
+            try:
+                self.encryption.sync(dict(self.hosts), encrypted)
+            except Exception as err:  # noqa: BLE001 - retried at the next change; the guard stays closed
+                log.error("programming IPsec: %s", err)
 
     def _adopt(self, vni: int, peers: dict[str, Peer]) -> int:
         """First look at a network (start-up, new network): take over what the kernel already has.
@@ -148,8 +159,7 @@ class PeerSync:
             if peer in existing:
                 have[key] = peer
         stale = existing - set(peers.values())
-        for peer in stale:
-            self._safe(self.datapath.del_peer, vni, peer)
+        self._program(vni, [], list(stale))
         return len(stale)
 
     @staticmethod
@@ -157,13 +167,18 @@ class PeerSync:
         # A moved endpoint keeps its IP and MAC: the new entry replaced the old one already.
         return any(p.ip == old.ip and p.mac == old.mac for p in peers.values())
 
-    def _safe(self, fn, vni: int, peer: Peer) -> bool:  # type: ignore[no-untyped-def]
+    def _program(self, vni: int, add: list[Peer], remove: list[Peer]) -> set[Peer]:
+        """Batch to the kernel; returns the peers that could not be added (retried at the next change)."""
+        if not add and not remove:
+            return set()
         try:
-            fn(vni, peer.ip, peer.mac, peer.vtep)
-            return True
-        except Exception as err:  # noqa: BLE001 - one bad entry must not stop the others
-            log.error("vni %d peer %s via %s: %s", vni, peer.ip, peer.vtep, err)
-            return False
+            failed = self.datapath.program_peers(vni, list(add), list(remove))
+        except Exception as err:  # noqa: BLE001 - the namespace went away under us, for example
+            log.error("vni %d: programming %d peers: %s", vni, len(add) + len(remove), err)
+            return set(add)
+        for (ip, _, vtep), problem in failed:
+            log.error("vni %d peer %s via %s: %s", vni, ip, vtep, problem)
+        return {Peer(*p) for p, _ in failed}
 
     def network_changed(self) -> None:
         """A local network appeared or went: program its peers from what the watches already hold."""

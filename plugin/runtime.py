@@ -20,7 +20,10 @@ from plugin.config import Settings
 from plugin.datapath import DataPath
 from plugin.departures import Departures
 from plugin.driver import NetworkDriver
+from plugin.encryption import Encryption
 from plugin.errors import Unavailable
+from plugin.ipsec import IPsec
+from plugin.keys import KeyRing
 from plugin.peers import PeerSync
 from plugin.state import LocalState
 
@@ -37,14 +40,20 @@ class Runtime:
         defaults = DefaultPools(settings.default_pool[0], settings.default_pool[1],
                                 settings.default_pool6[0], settings.default_pool6[1])
         self.ipam = Ipam(self.store, self.keys, settings.host, defaults, self.datapath.host_routes)
-        self.driver = NetworkDriver(settings, self.store, self.keys, self.datapath, self.state, self.ipam)
-        self.peers = PeerSync(self.store, self.keys, self.datapath, self.state, settings.host)
+        self.encryption = Encryption(KeyRing(settings.state_dir / "keys"), IPsec(), settings.host,
+                                     lambda: self.datapath.underlay().address, settings.vxlan_port,
+                                     settings.cluster_secret, settings.key_rotation, settings.key_bits)
+        self.driver = NetworkDriver(settings, self.store, self.keys, self.datapath, self.state, self.ipam,
+                                    self.encryption)
+        self.peers = PeerSync(self.store, self.keys, self.datapath, self.state, settings.host, self.encryption)
         self.driver.on_network_change = self.peers.network_changed
         self.departures = Departures(self.store, self.keys, settings.host, settings.dead_host_grace,
                                      [self.driver.forget_host, self.ipam.forget_host])
         self.ready = threading.Event()
         self.stage = "starting"
         self.lease: int | None = None
+        self._published: bytes | None = None
+        self.started = time.time()
         self.synced = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="runtime", daemon=True)
@@ -87,6 +96,10 @@ class Runtime:
             self._stop.wait(interval)
 
     def _tick(self) -> None:
+        if self.encryption.rotation_due():
+            # Inbound states of the new epoch are in place (reconcile) before the key is published.
+            self.encryption.rotate()
+            self.peers.reconcile()
         self._keep_registered()
         if not self.synced:
             self.driver.republish()
@@ -98,12 +111,17 @@ class Runtime:
 
     def _keep_registered(self) -> None:
         """This host's record, bound to a lease that other hosts watch for liveness."""
-        if self.lease is not None and self.store.refresh(self.lease) > 0:
-            return
-        self.lease = self.store.grant(self.settings.lease_ttl)
+        fresh = self.lease is None or self.store.refresh(self.lease) <= 0
+        if fresh:
+            self.lease = self.store.grant(self.settings.lease_ttl)
         underlay = self.datapath.underlay()
-        record = HostRecord(host=self.settings.host, vtep=underlay.address, port=self.settings.vxlan_port,
-                            version=__version__, started=time.time())
-        self.store.put(self.keys.host(self.settings.host), record.dump(), lease=self.lease)
-        # A new lease after an outage: etcd may have lost our records meanwhile.
-        self.synced = False
+        record = self.encryption.stamp(HostRecord(host=self.settings.host, vtep=underlay.address,
+                                                  port=self.settings.vxlan_port, version=__version__,
+                                                  started=self.started))
+        raw = record.dump()
+        if fresh or raw != self._published:
+            self.store.put(self.keys.host(self.settings.host), raw, lease=self.lease)
+            self._published = raw
+        if fresh:
+            # A new lease after an outage: etcd may have lost our records meanwhile.
+            self.synced = False

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -63,8 +64,26 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+_LOCK: list[object] = []
+
+
+def exclusive() -> None:
+    """One process at a time may run rigs on this machine: cleanup_stale would tear down another
+    process's hosts. Taken once per process and held until it exits; a second process waits."""
+    if _LOCK:
+        return
+    f = open("/run/pyoverlay-rig.lock", "w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print("rig: another process is running a rig; waiting for it", file=sys.stderr, flush=True)
+        fcntl.flock(f, fcntl.LOCK_EX)
+    _LOCK.append(f)
+
+
 def cleanup_stale() -> None:
     """Remove namespaces, links and processes a previous (killed) run of the rig left behind."""
+    exclusive()
     for line in sh("ip", "netns", "list", check=False).stdout.splitlines():
         name = line.split()[0] if line.strip() else ""
         if name.startswith(PREFIX + "-"):
@@ -302,10 +321,15 @@ class DockerHost:
             return ""
 
     def down(self) -> None:
-        self.kill_plugin(signal.SIGTERM)
         if self.dockerd is not None:
-            # Containers first, so dockerd releases their networks while the plugin is gone anyway.
+            if self.plugin is not None:
+                # Containers go while the plugin still answers: a dockerd stopping containers on a
+                # network whose plugin is gone retries each call for half a minute.
+                ids = self.docker("ps", "-aq", check=False).stdout.split()
+                if ids:
+                    self.docker("rm", "-f", *ids, check=False)
             self.stop_dockerd(signal.SIGTERM)
+        self.kill_plugin(signal.SIGTERM)
         for pid in sh("ip", "netns", "pids", self.netns, check=False).stdout.split():
             with contextlib.suppress(ProcessLookupError, ValueError):
                 os.kill(int(pid), signal.SIGKILL)

@@ -215,3 +215,22 @@ def test_vxlan_port_taken_gives_a_clear_error_and_leaves_nothing(rig1: Rig, clea
         h.ns("ip", "link", "del", "swarmvx", check=False)
         h.kill_plugin(signal.SIGTERM)
         h.start_plugin(PYOVERLAY_VXLAN_PORT="4800")
+
+
+def test_encrypted_on_a_kernel_without_esp_fails_clearly_and_leaves_nothing(rig1: Rig, cleanup) -> None:  # type: ignore[no-untyped-def]
+    """This machine's own kernel has no ESP and no AES-GCM: --opt encrypted must say so and set up
+    nothing (no etcd record, no namespace, no VXLAN device, no half-made firewall)."""
+    h = rig1.hosts[0]
+    from plugin.ipsec import missing_features
+
+    if not missing_features():
+        pytest.skip("this kernel has ESP; the IPsec tests (make test-ipsec) cover it")
+    cleanup.network(h, "n-enc")
+    res = h.docker("network", "create", *PY, "--opt", "encrypted", "--subnet", "10.31.0.0/24", "n-enc", check=False)
+    assert res.returncode != 0
+    assert "lacks ESP" in res.stderr and "AES-GCM" in res.stderr and "No network was created" in res.stderr
+    assert _etcd_keys_about(rig1, "10.31.0.0") == []
+    assert not list((h.state_dir / "netns").glob("pyo-*"))
+    assert "pyovx" not in h.ns("ip", "-o", "link").stdout
+    assert h.ns("nft", "list", "tables").stdout.count("pyoverlay") == 0
+    assert "pyoverlay" not in h.ns("ip", "xfrm", "state").stdout

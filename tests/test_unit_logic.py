@@ -101,3 +101,35 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PYOVERLAY_VXLAN_PORT", "99999")
     with pytest.raises(config.ConfigError, match="PYOVERLAY_VXLAN_PORT"):
         config.load()
+
+
+def test_esp_keys_agree_per_direction_and_never_leave_the_host(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import stat
+
+    from plugin.keys import KeyRing, derive, mac_of, verify
+
+    a, b = KeyRing(tmp_path / "a"), KeyRing(tmp_path / "b")
+    pa, pb = a.public()[a.epoch], b.public()[b.epoch]
+    a_to_b = derive(a.shared(a.epoch, pb), "10.0.0.1", "10.0.0.2", a.epoch, b.epoch, 128)
+    b_sees = derive(b.shared(b.epoch, pa), "10.0.0.1", "10.0.0.2", a.epoch, b.epoch, 128)
+    b_to_a = derive(b.shared(b.epoch, pa), "10.0.0.2", "10.0.0.1", b.epoch, a.epoch, 128)
+    assert a_to_b == b_sees, "both ends derive the same key and SPI for one direction"
+    assert a_to_b.key != b_to_a.key and a_to_b.spi != b_to_a.spi, "each direction has its own"
+    assert len(a_to_b.key) == 16 + 4 and a_to_b.spi >= 0x1000
+    assert len(derive(a.shared(1, pb), "x", "y", 1, 1, 256).key) == 32 + 4
+    key_file = tmp_path / "a" / f"x25519-{a.epoch}.key"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    # Rotation keeps two epochs, persists, and a restart reads the same keys back.
+    first = a.epoch
+    a.rotate()
+    a.rotate()
+    assert sorted(a.pairs) == [first + 1, first + 2]
+    assert KeyRing(tmp_path / "a").public() == a.public()
+    # Authentication of published keys with the cluster secret.
+    keys = a.public()
+    good = mac_of("s3cret", "h1", "10.0.0.1", keys)
+    assert verify("s3cret", "h1", "10.0.0.1", keys, good) is None
+    assert verify(None, "h1", "10.0.0.1", keys, None) is None
+    forged = {**keys, max(keys): b.public()[b.epoch]}
+    assert "fail authentication" in (verify("s3cret", "h1", "10.0.0.1", forged, good) or "")
+    assert "no authentication" in (verify("s3cret", "h1", "10.0.0.1", keys, None) or "")

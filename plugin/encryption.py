@@ -1,0 +1,166 @@
+"""Encrypted networks: which ESP states, policies and guard rules this host should have, kept in the kernel.
+
+Desired state, recomputed from the live host records whenever they or the local networks change:
+- guard: the VNIs of this host's encrypted networks (plugin/ipsec.py); none -> no guard, no SAs;
+- per live peer whose published keys are acceptable: one outbound policy, one outbound state, and an
+  inbound state for every pair (one of our held epochs, one of the peer's published epochs).
+Rotation is make-before-break: a new key pair's inbound states are installed before its public key is
+published; peers then install theirs and switch their sending to it at once (its inbound side exists);
+this host switches its own sending to the new epoch for a peer only once that peer's record says it has
+seen it ("seen"). The previous epoch stays installed until the next rotation, so nothing in flight is lost.
+A peer without acceptable keys gets no policy: the guard drops what would go to it (fail closed).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from kvstore.records import HostRecord
+from plugin.ipsec import IPsec, Policy, State, missing_features
+from plugin.keys import KeyRing, SAKey, derive, mac_of, verify
+
+log = logging.getLogger(__name__)
+
+
+class Encryption:
+    def __init__(self, keyring: KeyRing, ipsec: IPsec, host: str, vtep: Callable[[], str], port: int,
+                 secret: str | None, rotation: float, key_bits: int) -> None:
+        self.keyring = keyring
+        self.ipsec = ipsec
+        self.host = host
+        self.vtep = vtep
+        self.port = port
+        self.secret = secret
+        self.rotation = rotation
+        self.key_bits = key_bits
+        self.seen: dict[str, int] = {}          # peer -> newest of its epochs we hold inbound states for
+        self.refused: dict[str, str] = {}       # peer -> why its keys were refused
+        self.vnis: dict[int, str] = {}          # encrypted VNIs of this host -> network key
+        self._guarded: dict[int, str] | None = None
+        self._lock = threading.RLock()
+        self._rotated = keyring.created()
+        self._clean = False                     # no states or policies of ours in the kernel
+        self._synced: object = None             # what the kernel was last programmed from
+        self._missing: list[str] | None = None
+
+    # -- what this host publishes -----------------------------------------------------------------------
+
+    def stamp(self, record: HostRecord) -> HostRecord:
+        """This host's record with its public keys (authenticated with the cluster secret) and `seen`."""
+        keys = self.keyring.public()
+        record.public_keys = keys
+        record.key_epoch = self.keyring.epoch
+        record.seen = dict(self.seen)
+        record.key_mac = mac_of(self.secret, record.host, record.vtep, keys) if self.secret else None
+        return record
+
+    def missing(self) -> list[str]:
+        """Kernel features encrypted networks need and this kernel lacks (probed once)."""
+        if self._missing is None:
+            self._missing = missing_features()
+        return self._missing
+
+    # -- rotation ---------------------------------------------------------------------------------------
+
+    def rotation_due(self) -> bool:
+        return time.time() - self._rotated >= self.rotation
+
+    def rotate(self) -> int:
+        with self._lock:
+            self._synced = None
+            epoch = self.keyring.rotate()
+            self._rotated = time.time()
+            log.info("new key pair, epoch %d", epoch)
+            return epoch
+
+    # -- kernel state -----------------------------------------------------------------------------------
+
+    def guard(self, vnis: dict[int, str]) -> None:
+        """Install the guard for these encrypted VNIs before any of their devices exist (fail closed)."""
+        with self._lock:
+            if vnis != self._guarded:
+                self.ipsec.set_guard(vnis, self.port)
+                self._guarded = dict(vnis)
+            self.vnis = dict(vnis)
+
+    def sync(self, hosts: dict[str, HostRecord], vnis: dict[int, str]) -> bool:
+        """Bring states and policies in line with the live hosts; returns whether `seen` changed."""
+        with self._lock:
+            self.guard(vnis)
+            before = dict(self.seen)
+            if not vnis:
+                self._clear()
+                return before != self.seen
+            fingerprint = (sorted((n, r.vtep, sorted(r.public_keys.items()), r.key_mac, r.seen.get(self.host))
+                                  for n, r in hosts.items()), sorted(self.keyring.pairs), self.vtep())
+            if fingerprint == self._synced:
+                return False  # nothing that decides states or policies changed
+            me = self.vtep()
+            want_states: dict[State, SAKey] = {}
+            want_policies: set[Policy] = set()
+            seen: dict[str, int] = {}
+            for name, rec in hosts.items():
+                if name == self.host:
+                    continue
+                peer_keys = {int(e): k for e, k in (rec.public_keys or {}).items()}
+                problem = "it publishes no public key (an older pyoverlay?)" if not peer_keys else verify(
+                    self.secret, rec.host, rec.vtep, peer_keys, rec.key_mac)
+                if problem:
+                    if self.refused.get(name) != problem:
+                        log.error("host %s: %s; encrypted traffic to and from it is dropped", name, problem)
+                    self.refused[name] = problem
+                    continue
+                self.refused.pop(name, None)
+                for sa in self._peer_states(me, rec, peer_keys):
+                    want_states[State(sa.src, sa.dst, sa.spi)] = sa
+                want_policies.add(Policy(me, rec.vtep, self.port))
+                seen[name] = max(peer_keys)
+            self._apply(want_states, want_policies)
+            self.seen = seen
+            self._synced = fingerprint
+            return before != self.seen
+
+    def _peer_states(self, me: str, rec: HostRecord, peer_keys: dict[int, str]) -> list[SAKey]:
+        out = []
+        mine = sorted(self.keyring.pairs)
+        for a in mine:
+            for b, pub in peer_keys.items():
+                out.append(derive(self.keyring.shared(a, pub), rec.vtep, me, b, a, self.key_bits))
+        # Send with our newest epoch once the peer has its inbound side, else with the one before.
+        acked = (rec.seen or {}).get(self.host, 0)
+        send = mine[-1] if acked >= mine[-1] or len(mine) == 1 else mine[-2]
+        newest = max(peer_keys)
+        out.append(derive(self.keyring.shared(send, peer_keys[newest]), me, rec.vtep, send, newest, self.key_bits))
+        return out
+
+    def _apply(self, want_states: dict[State, SAKey], want_policies: set[Policy]) -> None:
+        self._clean = False
+        have_states = set(self.ipsec.states())
+        for st, sa in want_states.items():
+            if st not in have_states:
+                self.ipsec.add_state(sa)  # new states first: make before break
+        have_policies = set(self.ipsec.policies())
+        for pol in want_policies - have_policies:
+            self.ipsec.set_policy(pol)
+        for pol in have_policies - want_policies:
+            self.ipsec.del_policy(pol)
+        for st in have_states - set(want_states):
+            self.ipsec.del_state(st)
+
+    def _clear(self) -> None:
+        if self._clean:
+            return
+        for pol in self.ipsec.policies():
+            self.ipsec.del_policy(pol)
+        for st in self.ipsec.states():
+            self.ipsec.del_state(st)
+        self.seen = {}
+        self._clean = True
+        self._synced = None
+
+    def status(self) -> dict[str, object]:
+        return {"epoch": self.keyring.epoch, "key_age_seconds": round(time.time() - self._rotated),
+                "peers": sorted(self.seen), "refused": dict(self.refused), "vnis": sorted(self.vnis)}

@@ -1,0 +1,184 @@
+"""Kernel programming for encrypted networks: xfrm ESP states and policies, and the nftables guard.
+
+pyroute2 has no xfrm support, so xfrm goes through iproute2's `ip xfrm` (the narrowest well-tested
+alternative), and the guard through `nft -f` (one atomic ruleset per change).
+
+How VXLAN of an encrypted network, and only of it, ends up in ESP:
+- nftables marks outgoing VXLAN datagrams whose VNI belongs to an encrypted network (a `route` chain, so
+  the kernel re-routes the marked packet and the xfrm policy applies);
+- one xfrm policy per peer matches (our VTEP -> peer VTEP, UDP to the VXLAN port, that mark) and requires
+  ESP in transport mode; states carry AES-GCM keys derived per direction (plugin/keys.py);
+- fail closed: a marked datagram whose route has no xfrm bundle (no policy or no SA for that peer) is
+  dropped in OUTPUT, and an incoming clear-text datagram with an encrypted VNI (no IPsec secpath) is
+  dropped in INPUT. Both counted.
+Every object carries pyoverlay's tag: states and policies the reqid REQID, policies the mark MARK, the
+nftables table its name. Stale ones are found by those tags.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import subprocess
+import threading
+from dataclasses import dataclass
+
+from plugin.errors import Unavailable
+from plugin.keys import SAKey
+
+log = logging.getLogger(__name__)
+
+REQID = 0x70790E5A        # "py" + tag: every pyoverlay xfrm state and policy template
+MARK = 0x70790E00         # fwmark of datagrams that must travel inside ESP
+TABLE = "pyoverlay"
+ESP_OVERHEAD = 40         # ESP header 8 + IV 8 + pad <= 3 + trailer 2 + ICV 16, rounded up
+ALGO = "rfc4106(gcm(aes))"
+
+
+def run(args: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, input=stdin, capture_output=True, text=True, timeout=10, check=False)
+
+
+@dataclass(frozen=True)
+class State:
+    src: str
+    dst: str
+    spi: int
+
+
+@dataclass(frozen=True)
+class Policy:
+    src: str
+    dst: str
+    port: int
+
+
+def missing_features() -> list[str]:
+    """What this kernel lacks for encrypted networks (empty when everything is there)."""
+    missing = []
+    probe = ["ip", "xfrm", "state", "add", "src", "127.0.0.127", "dst", "127.0.0.127", "proto", "esp",
+             "spi", "0x70790001", "reqid", str(REQID), "mode", "transport"]
+    esp = run([*probe, "enc", "cbc(aes)", "0x" + "00" * 16, "auth", "hmac(sha256)", "0x" + "00" * 32])
+    gcm = run([*probe, "aead", ALGO, "0x" + "00" * 20, "128"])
+    run(["ip", "xfrm", "state", "delete", "src", "127.0.0.127", "dst", "127.0.0.127", "proto", "esp",
+         "spi", "0x70790001"])
+    if esp.returncode != 0 and "type not found" in esp.stderr.lower():
+        missing.append("ESP (kernel option CONFIG_INET_ESP, module esp4)")
+    elif esp.returncode != 0 and "not found" not in esp.stderr.lower():
+        missing.append(f"xfrm ({esp.stderr.strip() or 'ip xfrm failed'})")
+    if gcm.returncode != 0 and "algorithm not found" in gcm.stderr.lower():
+        missing.append("AES-GCM (rfc4106(gcm(aes)): kernel options CONFIG_CRYPTO_GCM and CONFIG_CRYPTO_AES)")
+    elif gcm.returncode != 0 and not missing:
+        missing.append(f"ESP with AES-GCM ({gcm.stderr.strip()})")
+    nft = run(["nft", "-c", "-f", "-"], _ruleset({1: "probe"}, 4800))
+    if nft.returncode != 0:
+        missing.append(f"nftables with ipsec/rt expressions ({nft.stderr.strip().splitlines()[0:1]})")
+    return missing
+
+
+def _ruleset(vnis: dict[int, str], port: int) -> str:
+    """The guard for the encrypted VNIs (vni -> network key, for the comments)."""
+    mark_rules, in_rules = [], []
+    for vni, nkey in sorted(vnis.items()):
+        match = f"udp dport {port} @th,96,24 {vni}"
+        note = f'comment "pyoverlay:enc:{nkey}"'
+        mark_rules.append(f"    {match} meta mark set {MARK:#x} {note}")
+        in_rules.append(f"    {match} meta ipsec missing counter drop {note}")
+    return "\n".join([
+        f"table ip {TABLE} {{",
+        "  chain esp_mark {",
+        "    type route hook output priority mangle; policy accept;",
+        *mark_rules,
+        "  }",
+        "  chain esp_out_guard {",
+        "    type filter hook output priority 10; policy accept;",
+        f"    meta mark {MARK:#x} rt ipsec missing counter drop comment \"pyoverlay: no SA, never clear text\"",
+        "  }",
+        "  chain esp_in_guard {",
+        "    type filter hook input priority -10; policy accept;",
+        *in_rules,
+        "  }",
+        "}",
+    ]) + "\n"
+
+
+class IPsec:
+    def __init__(self, key_bits: int = 128) -> None:
+        self.key_bits = key_bits
+        self._lock = threading.Lock()
+
+    # -- the nftables guard -----------------------------------------------------------------------------
+
+    def set_guard(self, vnis: dict[int, str], port: int) -> None:
+        """Install (or replace atomically) the guard for these VNIs; no VNIs removes the table."""
+        with self._lock:
+            if not vnis:
+                self.remove_guard()
+                return
+            script = f"table ip {TABLE}\ndelete table ip {TABLE}\n" + _ruleset(vnis, port)
+            res = run(["nft", "-f", "-"], script)
+            if res.returncode != 0:
+                raise Unavailable(f"could not install the encryption guard (nftables): {res.stderr.strip()}")
+
+    def remove_guard(self) -> None:
+        run(["nft", "delete", "table", "ip", TABLE])
+
+    def guard_counters(self) -> dict[str, int]:
+        """Packets dropped by the guard: {"out": n, "in": n}."""
+        res = run(["nft", "list", "table", "ip", TABLE])
+        out = {"out": 0, "in": 0}
+        chain = ""
+        for line in res.stdout.splitlines():
+            if "chain " in line:
+                chain = "out" if "esp_out_guard" in line else ("in" if "esp_in_guard" in line else "")
+            m = re.search(r"counter packets (\d+)", line)
+            if m and chain:
+                out[chain] += int(m.group(1))
+        return out
+
+    # -- xfrm -------------------------------------------------------------------------------------------
+
+    def states(self) -> list[State]:
+        """Our ESP states (tagged with REQID)."""
+        res = run(["ip", "xfrm", "state", "list"])
+        out, src, dst = [], "", ""
+        for line in res.stdout.splitlines():
+            m = re.match(r"src (\S+) dst (\S+)", line)
+            if m:
+                src, dst = m.groups()
+                continue
+            m = re.search(r"proto esp spi (0x[0-9a-f]+) reqid (\d+)", line)
+            if m and int(m.group(2)) == REQID:
+                out.append(State(src, dst, int(m.group(1), 16)))
+        return out
+
+    def add_state(self, sa: SAKey) -> None:
+        res = run(["ip", "xfrm", "state", "add", "src", sa.src, "dst", sa.dst, "proto", "esp", "spi", hex(sa.spi),
+                   "reqid", str(REQID), "mode", "transport", "replay-window", "128", "flag", "esn",
+                   "aead", ALGO, "0x" + sa.key.hex(), "128"])
+        if res.returncode != 0 and "exists" not in res.stderr.lower():
+            raise Unavailable(f"xfrm state {sa.src}->{sa.dst} spi {sa.spi:#x}: {res.stderr.strip()}")
+
+    def del_state(self, st: State) -> None:
+        run(["ip", "xfrm", "state", "delete", "src", st.src, "dst", st.dst, "proto", "esp", "spi", hex(st.spi)])
+
+    def policies(self) -> list[Policy]:
+        """Our outbound policies (tagged with MARK)."""
+        res = run(["ip", "xfrm", "policy", "list", "dir", "out"])
+        out = []
+        for block in re.split(r"\n(?=src )", res.stdout):
+            m = re.match(r"src (\S+?)(?:/32)? dst (\S+?)(?:/32)? proto udp dport (\d+)", block)
+            if m and f"mark {MARK:#x}" in block:
+                out.append(Policy(m.group(1), m.group(2), int(m.group(3))))
+        return out
+
+    def set_policy(self, pol: Policy) -> None:
+        res = run(["ip", "xfrm", "policy", "update", "src", f"{pol.src}/32", "dst", f"{pol.dst}/32", "proto", "udp",
+                   "dport", str(pol.port), "dir", "out", "mark", hex(MARK), "mask", "0xffffffff",
+                   "tmpl", "src", pol.src, "dst", pol.dst, "proto", "esp", "reqid", str(REQID), "mode", "transport"])
+        if res.returncode != 0:
+            raise Unavailable(f"xfrm policy {pol.src}->{pol.dst}: {res.stderr.strip()}")
+
+    def del_policy(self, pol: Policy) -> None:
+        run(["ip", "xfrm", "policy", "delete", "src", f"{pol.src}/32", "dst", f"{pol.dst}/32", "proto", "udp",
+             "dport", str(pol.port), "dir", "out", "mark", hex(MARK), "mask", "0xffffffff"])

@@ -1,0 +1,26 @@
+"""Boots the user-mode-linux guest once and runs tests/guest/ (encrypted networks) inside it.
+
+The host kernel has no ESP; the guest's has. The guest runs the same rig (dockerd hosts, etcd, pyoverlay)
+and pytest; its exit status and output come back here. Also: `make test-ipsec`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+from tests import uml
+
+pytestmark = pytest.mark.docker
+
+
+def test_encrypted_networks_in_an_esp_capable_guest() -> None:
+    problem = uml.available()
+    assert problem is None, problem
+    args = os.environ.get("PYOVERLAY_GUEST_PYTEST_ARGS", "-v -p no:cacheprovider --timeout=1200")
+    rc, output = uml.run([sys.executable, "-m", "pytest", *args.split(), "tests/guest"], timeout=2400,
+                         stream=False)
+    print(output)
+    assert rc == 0, f"the encrypted-network tests failed inside the guest (exit status {rc}); output above"

@@ -1,0 +1,151 @@
+"""Run a command inside a user-mode-linux guest whose kernel has ESP and AES-GCM (the host kernel has not).
+
+The guest boots Debian's user-mode-linux kernel with this machine's filesystem as its (read-only) root,
+mounts tmpfs where things are written, loads the modules pyoverlay needs from /usr/lib/uml/modules, makes
+iptables mean iptables-legacy (dockerd's NAT needs it; the UML kernel has no nft NAT), runs the command
+from the repository directory, and hands its output and exit status back through a writable hostfs
+directory. The exit status of this script is the command's.
+
+    python -m tests.uml [--mem 3G] [--timeout 1500] -- .venv/bin/python -m pytest tests/test_ipsec.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+KERNEL = "/usr/bin/linux.uml"
+MODULES = Path("/usr/lib/uml/modules")
+# What the guest loads up front (dependencies come along through modprobe).
+LOAD = ["veth", "bridge", "br_netfilter", "vxlan", "esp4", "xfrm_user", "xfrm4_tunnel", "af_key", "gcm",
+        "aes_generic", "ghash_generic", "ctr", "seqiv", "echainiv", "authenc", "nf_tables", "nft_chain_nat",
+        "nft_compat", "nft_ct", "nft_xfrm", "nf_conntrack", "nf_nat", "iptable_nat", "iptable_filter",
+        "iptable_mangle", "ip6table_filter", "ip6table_nat", "xt_conntrack", "xt_MASQUERADE", "xt_addrtype",
+        "xt_nat", "xt_mark", "xt_comment", "xt_tcpudp", "xt_multiport", "xt_policy", "xt_u32", "ipt_REJECT",
+        "overlay", "tun", "dummy", "nf_reject_ipv4", "nft_reject_inet", "nft_fib_inet", "nft_masq"]
+
+INIT = """#!/bin/sh
+PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev 2>/dev/null || mount -t tmpfs dev /dev
+mkdir -p /dev/pts /dev/shm
+mount -t devpts devpts /dev/pts
+mount -t tmpfs shm /dev/shm
+mount -t tmpfs run /run
+mount -t tmpfs tmp /tmp
+mount -t tmpfs varlib /var/lib
+mount -t tmpfs home /root
+mkdir -p {out}
+mount -t hostfs -o {out} none {out}
+mount -t cgroup2 cgroup2 /sys/fs/cgroup 2>/dev/null
+mkdir -p /run/uml-bin
+cat > /run/uml-bin/modprobe <<'EOF'
+#!/bin/sh
+exec /sbin/modprobe -d {modroot} "$@"
+EOF
+chmod +x /run/uml-bin/modprobe
+echo /run/uml-bin/modprobe > /proc/sys/kernel/modprobe
+for m in {modules}; do /run/uml-bin/modprobe $m 2>>{out}/modprobe.log; done
+for t in iptables ip6tables iptables-save iptables-restore ip6tables-save ip6tables-restore; do
+  ln -s /usr/sbin/${{t%%-*}}-legacy${{t#${{t%%-*}}}} /run/uml-bin/$t 2>/dev/null
+done
+ln -sf /usr/sbin/iptables-legacy /run/uml-bin/iptables
+ln -sf /usr/sbin/ip6tables-legacy /run/uml-bin/ip6tables
+ln -sf /usr/sbin/iptables-legacy-save /run/uml-bin/iptables-save
+ln -sf /usr/sbin/iptables-legacy-restore /run/uml-bin/iptables-restore
+export PATH=/run/uml-bin:$PATH HOME=/root PYTHONDONTWRITEBYTECODE=1 PYOVERLAY_IN_UML=1
+hostname uml
+ip link set lo up
+sysctl -qw net.ipv4.ip_forward=1
+cd {repo}
+{env} {command} > {out}/log 2>&1
+echo $? > {out}/rc
+sync
+echo o > /proc/sysrq-trigger
+sleep 5
+"""
+
+
+def available() -> str | None:
+    """None when a guest can boot here; otherwise what is missing."""
+    if not os.path.exists(KERNEL):
+        return f"{KERNEL} is missing (apt-get install user-mode-linux)"
+    if not MODULES.is_dir():
+        return f"{MODULES} is missing (apt-get install user-mode-linux)"
+    return None
+
+
+def run(command: list[str], mem: str = "3G", timeout: float = 1500, env: dict[str, str] | None = None,
+        stream: bool = True) -> tuple[int, str]:
+    """Boot, run command inside, power off. Returns (exit status, output)."""
+    problem = available()
+    if problem:
+        raise RuntimeError(problem)
+    # Not under /tmp: the guest mounts a tmpfs there, which would hide this directory.
+    work = Path(tempfile.mkdtemp(prefix="pyoverlay-uml-", dir="/var/tmp"))
+    out = work / "out"
+    out.mkdir()
+    modroot = work / "modroot"
+    (modroot / "lib").mkdir(parents=True)
+    (modroot / "lib" / "modules").symlink_to(MODULES)
+    init = work / "init.sh"
+    init.write_text(INIT.format(out=out, modroot=modroot, modules=" ".join(LOAD), repo=ROOT,
+                                command=shlex.join(command),
+                                env=" ".join(f"{k}={shlex.quote(v)}" for k, v in (env or {}).items())))
+    init.chmod(0o755)
+    args = [KERNEL, f"mem={mem}", "root=/dev/root", "rootfstype=hostfs", "rootflags=/", "ro", f"init={init}",
+            "con=null", "con0=null,fd:1", "quiet"]
+    began = time.monotonic()
+    tail = subprocess.Popen(["tail", "-F", "-n", "+1", str(out / "log")], stderr=subprocess.DEVNULL) if stream \
+        else None
+    try:
+        guest = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
+                               env={**os.environ, "TMPDIR": str(work)}, check=False)
+    except subprocess.TimeoutExpired:
+        subprocess.run(["pkill", "-KILL", "-f", str(init)], check=False)
+        return 124, f"guest did not finish within {timeout}s\n" + _read(out / "log")
+    finally:
+        if tail is not None:
+            time.sleep(0.5)
+            tail.terminate()
+    rc_text = _read(out / "rc").strip()
+    log = _read(out / "log")
+    took = time.monotonic() - began
+    if not rc_text:
+        return 125, f"guest ended without a result after {took:.0f}s\nconsole:\n{guest.stdout[-4000:]}\n{log}"
+    shutil.rmtree(work, ignore_errors=True)
+    return int(rc_text), log
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mem", default="3G")
+    ap.add_argument("--timeout", type=float, default=1500)
+    ap.add_argument("command", nargs=argparse.REMAINDER)
+    args = ap.parse_args()
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    rc, output = run(command or ["sh", "-c", "uname -a; cat /proc/crypto | grep -c name"], args.mem, args.timeout)
+    if rc in (124, 125):
+        print(output)
+    print(f"uml: exit status {rc}", file=sys.stderr)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
