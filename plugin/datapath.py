@@ -17,6 +17,8 @@ import functools
 import ipaddress
 import logging
 import os
+import socket
+import struct
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -473,6 +475,11 @@ class DataPath:
                 ipr.neigh("replace", dst=ip, lladdr=mac, ifindex=vx[0], state=NUD_PERMANENT)
             except Exception as err:  # noqa: BLE001
                 failed.append(((ip, mac, vtep), err))
+        if 0 < len(add) <= ANNOUNCE_MAX:
+            try:
+                netns.run_in(self.ns_path(vni), lambda: _announce(add))
+            except OSError as err:
+                log.debug("vni %d: gratuitous ARP: %s", vni, err)
         return failed
 
     @kernel
@@ -509,6 +516,30 @@ def _quiet_namespace() -> None:
                 f.write(value)
         except FileNotFoundError:
             continue  # no br_netfilter in this kernel: nothing to switch off
+
+
+ANNOUNCE_MAX = 64  # a bulk snapshot needs no announcements: nobody was waiting for those addresses
+
+
+def _announce(peers: list[tuple[str, str, str]]) -> None:
+    """Gratuitous ARP for new remote endpoints onto the network's bridge.
+
+    A local container that tried to reach the address before it was programmed holds an unresolved
+    neighbour entry, which the kernel retries only once a second; the announcement resolves it at once
+    (existing entries are updated even with arp_accept=0). Runs inside the network's namespace.
+    """
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as s:
+        s.bind((BRIDGE, 0))
+        for ip, mac, _ in peers:
+            try:
+                addr = ipaddress.ip_address(ip)
+            except ValueError:
+                continue
+            if addr.version != 4:
+                continue
+            hw = bytes.fromhex(mac.replace(":", ""))
+            arp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 1, hw, addr.packed, b"\0" * 6, addr.packed)
+            s.send(b"\xff" * 6 + hw + b"\x08\x06" + arp)
 
 
 def _ignore_gone(fn: Any) -> None:
