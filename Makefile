@@ -6,7 +6,7 @@ PIP     = $(VENV)/bin/pip
 VERSION = $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 PYTEST_ARGS ?=
 
-.PHONY: venv run test test-unit test-e2e lint clean bench
+.PHONY: venv run test test-unit test-ipsec test-e2e lint clean bench
 
 venv: $(VENV)/.installed
 
@@ -27,6 +27,10 @@ test: venv
 
 test-unit: venv
 	$(VENV)/bin/pytest -m "not docker and not etcd" $(PYTEST_ARGS)
+
+# The encrypted-network tests alone, in the user-mode-linux guest (make test runs them too).
+test-ipsec: venv
+	$(VENV)/bin/pytest tests/test_ipsec.py -s $(PYTEST_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check plugin ipam kvstore tests bench

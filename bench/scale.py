@@ -58,7 +58,8 @@ def seed(store: KVStore, keys: Keys, count: int) -> None:
                          started=time.time())
         store.put(keys.host(rec.host), rec.dump(), lease=lease)
     nkey = network_key(SUBNET, None)
-    net = NetworkRecord(key=nkey, vni=VNI, subnets=[str(SUBNET)], port=4800, created_by="fake0")
+    net = NetworkRecord(key=nkey, vni=VNI, subnets=[str(SUBNET)], gateway=f"{next(SUBNET.hosts())}/{SUBNET.prefixlen}",
+                        port=4800, created_by="fake0")
     txn = Txn().put(keys.network(nkey), net.dump()).put(keys.vni(VNI), nkey)
     for i in range(FAKE_HOSTS):
         txn.put(keys.member(nkey, f"fake{i}"), MemberRecord(host=f"fake{i}", docker_network_id=f"{i:064x}").dump())

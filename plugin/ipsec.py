@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 
 REQID = 0x70790E5A        # "py" + tag: every pyoverlay xfrm state and policy template
 MARK = 0x70790E00         # fwmark of datagrams that must travel inside ESP
-TABLE = "pyoverlay"
+TABLE = "pyoverlay"        # nftables table; the iptables chains below where nftables cannot do it
+CHAIN_MARK, CHAIN_OUT, CHAIN_IN = "PYOVERLAY-ESP-MARK", "PYOVERLAY-ESP-OUT", "PYOVERLAY-ESP-IN"
 ESP_OVERHEAD = 40         # ESP header 8 + IV 8 + pad <= 3 + trailer 2 + ICV 16, rounded up
 ALGO = "rfc4106(gcm(aes))"
 
@@ -56,12 +57,14 @@ class Policy:
 def missing_features() -> list[str]:
     """What this kernel lacks for encrypted networks (empty when everything is there)."""
     missing = []
-    probe = ["ip", "xfrm", "state", "add", "src", "127.0.0.127", "dst", "127.0.0.127", "proto", "esp",
-             "spi", "0x70790001", "reqid", str(REQID), "mode", "transport"]
-    esp = run([*probe, "enc", "cbc(aes)", "0x" + "00" * 16, "auth", "hmac(sha256)", "0x" + "00" * 32])
-    gcm = run([*probe, "aead", ALGO, "0x" + "00" * 20, "128"])
-    run(["ip", "xfrm", "state", "delete", "src", "127.0.0.127", "dst", "127.0.0.127", "proto", "esp",
-         "spi", "0x70790001"])
+    def probe(spi: str, *algo: str) -> subprocess.CompletedProcess[str]:
+        where = ["src", "127.0.0.127", "dst", "127.0.0.127", "proto", "esp", "spi", spi]
+        res = run(["ip", "xfrm", "state", "add", *where, "reqid", str(REQID), "mode", "transport", *algo])
+        run(["ip", "xfrm", "state", "delete", *where])
+        return res
+
+    esp = probe("0x70790001", "enc", "cbc(aes)", "0x" + "00" * 16, "auth", "hmac(sha256)", "0x" + "00" * 32)
+    gcm = probe("0x70790002", "aead", ALGO, "0x" + "00" * 20, "128")
     if esp.returncode != 0 and "type not found" in esp.stderr.lower():
         missing.append("ESP (kernel option CONFIG_INET_ESP, module esp4)")
     elif esp.returncode != 0 and "not found" not in esp.stderr.lower():
@@ -70,10 +73,29 @@ def missing_features() -> list[str]:
         missing.append("AES-GCM (rfc4106(gcm(aes)): kernel options CONFIG_CRYPTO_GCM and CONFIG_CRYPTO_AES)")
     elif gcm.returncode != 0 and not missing:
         missing.append(f"ESP with AES-GCM ({gcm.stderr.strip()})")
-    nft = run(["nft", "-c", "-f", "-"], _ruleset({1: "probe"}, 4800))
-    if nft.returncode != 0:
-        missing.append(f"nftables with ipsec/rt expressions ({nft.stderr.strip().splitlines()[0:1]})")
+    if guard_backend() is None:
+        missing.append("a firewall for the fail-closed guard (nftables with the ip family, or iptables with "
+                       "the u32, policy and mark matches)")
     return missing
+
+
+def guard_backend() -> str | None:
+    """nft when nftables takes our ruleset here, else iptables (u32 + policy matches, as Docker's overlay
+    does) when it has what the guard needs; None when neither does."""
+    if run(["nft", "-c", "-f", "-"], _ruleset({1: "probe"}, 4800)).returncode == 0:
+        return "nft"
+    probe = ["iptables", "-w", "-t", "filter", "-C", "INPUT", "-p", "udp", "--dport", "1", "-m", "u32", "--u32",
+             _u32(1), "-m", "policy", "--dir", "in", "--pol", "none", "-j", "DROP"]
+    res = run(probe)
+    # -C of an absent rule says "does a matching rule exist"; a missing match module says otherwise
+    if res.returncode == 0 or "matching rule" in res.stderr.lower():
+        return "iptables"
+    return None
+
+
+def _u32(vni: int) -> str:
+    """u32 match of a VXLAN VNI: skip the IP header, UDP header + 4 bytes of VXLAN flags, compare 3 bytes."""
+    return f"0>>22&0x3C@12&0xFFFFFF00={vni << 8:#x}"
 
 
 def _ruleset(vnis: dict[int, str], port: int) -> str:
@@ -106,6 +128,12 @@ class IPsec:
     def __init__(self, key_bits: int = 128) -> None:
         self.key_bits = key_bits
         self._lock = threading.Lock()
+        self._backend: str | None = None
+
+    def backend(self) -> str:
+        if self._backend is None:
+            self._backend = guard_backend() or "nft"
+        return self._backend
 
     # -- the nftables guard -----------------------------------------------------------------------------
 
@@ -115,16 +143,55 @@ class IPsec:
             if not vnis:
                 self.remove_guard()
                 return
+            if self.backend() == "iptables":
+                self._set_iptables(vnis, port)
+                return
             script = f"table ip {TABLE}\ndelete table ip {TABLE}\n" + _ruleset(vnis, port)
             res = run(["nft", "-f", "-"], script)
             if res.returncode != 0:
                 raise Unavailable(f"could not install the encryption guard (nftables): {res.stderr.strip()}")
 
+    def _set_iptables(self, vnis: dict[int, str], port: int) -> None:
+        """Same guard with iptables: our chains are replaced whole (iptables-restore --noflush), then
+        hooked into OUTPUT/INPUT once."""
+        mark, out, inp = [], [], []
+        for vni, nkey in sorted(vnis.items()):
+            match = f"-p udp --dport {port} -m u32 --u32 {_u32(vni)}"
+            note = f'-m comment --comment "pyoverlay:enc:{nkey}"'
+            mark.append(f"-A {CHAIN_MARK} {match} {note} -j MARK --set-mark {MARK:#x}")
+            inp.append(f"-A {CHAIN_IN} {match} -m policy --dir in --pol none {note} -j DROP")
+        out.append(f"-A {CHAIN_OUT} -m mark --mark {MARK:#x} -m policy --dir out --pol none -j DROP")
+        script = "\n".join(["*mangle", f":{CHAIN_MARK} - [0:0]", *mark, "COMMIT",
+                            "*filter", f":{CHAIN_OUT} - [0:0]", f":{CHAIN_IN} - [0:0]", *out, *inp, "COMMIT"]) + "\n"
+        res = run(["iptables-restore", "-w", "--noflush"], script)
+        if res.returncode != 0:
+            raise Unavailable(f"could not install the encryption guard (iptables): {res.stderr.strip()}")
+        for table, hook, chain in (("mangle", "OUTPUT", CHAIN_MARK), ("filter", "OUTPUT", CHAIN_OUT),
+                                   ("filter", "INPUT", CHAIN_IN)):
+            if run(["iptables", "-w", "-t", table, "-C", hook, "-j", chain]).returncode != 0:
+                res = run(["iptables", "-w", "-t", table, "-I", hook, "1", "-j", chain])
+                if res.returncode != 0:
+                    raise Unavailable(f"could not hook the encryption guard into {hook}: {res.stderr.strip()}")
+
     def remove_guard(self) -> None:
+        if self.backend() == "iptables":
+            for table, hook, chain in (("mangle", "OUTPUT", CHAIN_MARK), ("filter", "OUTPUT", CHAIN_OUT),
+                                       ("filter", "INPUT", CHAIN_IN)):
+                while run(["iptables", "-w", "-t", table, "-D", hook, "-j", chain]).returncode == 0:
+                    pass
+                run(["iptables", "-w", "-t", table, "-F", chain])
+                run(["iptables", "-w", "-t", table, "-X", chain])
+            return
         run(["nft", "delete", "table", "ip", TABLE])
 
     def guard_counters(self) -> dict[str, int]:
         """Packets dropped by the guard: {"out": n, "in": n}."""
+        if self.backend() == "iptables":
+            counts = {}
+            for key, chain in (("out", CHAIN_OUT), ("in", CHAIN_IN)):
+                res = run(["iptables", "-w", "-t", "filter", "-L", chain, "-n", "-v", "-x"])
+                counts[key] = sum(int(line.split()[0]) for line in res.stdout.splitlines()[2:] if line.strip())
+            return counts
         res = run(["nft", "list", "table", "ip", TABLE])
         out = {"out": 0, "in": 0}
         chain = ""

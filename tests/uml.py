@@ -36,17 +36,20 @@ INIT = """#!/bin/sh
 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
-mount -t devtmpfs dev /dev 2>/dev/null || mount -t tmpfs dev /dev
+[ -c /dev/urandom ] || mount -t devtmpfs dev /dev   # the kernel may have mounted it already
 mkdir -p /dev/pts /dev/shm
 mount -t devpts devpts /dev/pts
 mount -t tmpfs shm /dev/shm
 mount -t tmpfs run /run
 mount -t tmpfs tmp /tmp
 mount -t tmpfs varlib /var/lib
-mount -t tmpfs home /root
 mkdir -p {out}
 mount -t hostfs -o {out} none {out}
-mount -t cgroup2 cgroup2 /sys/fs/cgroup 2>/dev/null
+# cgroup v1 hierarchies, like the host (tests/rig.py re-mounts them per simulated host)
+mount -t tmpfs cgroup /sys/fs/cgroup
+for c in $(awk 'NR>1 && $4==1 {{print $1}}' /proc/cgroups); do
+  mkdir -p /sys/fs/cgroup/$c && mount -t cgroup -o $c cgroup /sys/fs/cgroup/$c
+done
 mkdir -p /run/uml-bin
 cat > /run/uml-bin/modprobe <<'EOF'
 #!/bin/sh
@@ -62,7 +65,7 @@ ln -sf /usr/sbin/iptables-legacy /run/uml-bin/iptables
 ln -sf /usr/sbin/ip6tables-legacy /run/uml-bin/ip6tables
 ln -sf /usr/sbin/iptables-legacy-save /run/uml-bin/iptables-save
 ln -sf /usr/sbin/iptables-legacy-restore /run/uml-bin/iptables-restore
-export PATH=/run/uml-bin:$PATH HOME=/root PYTHONDONTWRITEBYTECODE=1 PYOVERLAY_IN_UML=1
+export PATH=/run/uml-bin:$PATH HOME=/tmp PYTHONDONTWRITEBYTECODE=1 PYOVERLAY_IN_UML=1
 hostname uml
 ip link set lo up
 sysctl -qw net.ipv4.ip_forward=1
@@ -105,20 +108,16 @@ def run(command: list[str], mem: str = "3G", timeout: float = 1500, env: dict[st
     args = [KERNEL, f"mem={mem}", "root=/dev/root", "rootfstype=hostfs", "rootflags=/", "ro", f"init={init}",
             "con=null", "con0=null,fd:1", "quiet"]
     began = time.monotonic()
-    tail = subprocess.Popen(["tail", "-F", "-n", "+1", str(out / "log")], stderr=subprocess.DEVNULL) if stream \
-        else None
     try:
         guest = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
                                env={**os.environ, "TMPDIR": str(work)}, check=False)
     except subprocess.TimeoutExpired:
         subprocess.run(["pkill", "-KILL", "-f", str(init)], check=False)
         return 124, f"guest did not finish within {timeout}s\n" + _read(out / "log")
-    finally:
-        if tail is not None:
-            time.sleep(0.5)
-            tail.terminate()
     rc_text = _read(out / "rc").strip()
     log = _read(out / "log")
+    if stream:
+        print(log, flush=True)
     took = time.monotonic() - began
     if not rc_text:
         return 125, f"guest ended without a result after {took:.0f}s\nconsole:\n{guest.stdout[-4000:]}\n{log}"
