@@ -30,7 +30,7 @@ test-unit: venv
 
 # The encrypted-network tests alone, in the user-mode-linux guest (make test runs them too).
 test-ipsec: venv
-	$(VENV)/bin/pytest tests/test_ipsec.py -s $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -m ipsec tests/test_ipsec.py -s $(PYTEST_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check plugin ipam kvstore tests bench

@@ -58,7 +58,8 @@ def seed(store: KVStore, keys: Keys, count: int) -> None:
                          started=time.time())
         store.put(keys.host(rec.host), rec.dump(), lease=lease)
     nkey = network_key(SUBNET, None)
-    net = NetworkRecord(key=nkey, vni=VNI, subnets=[str(SUBNET)], gateway=f"{next(SUBNET.hosts())}/{SUBNET.prefixlen}",
+    gateway = f"{next(SUBNET.hosts())}/{SUBNET.prefixlen}"
+    net = NetworkRecord(key=nkey, vni=VNI, subnets=[str(SUBNET)], gateway=gateway,
                         port=4800, created_by="fake0")
     txn = Txn().put(keys.network(nkey), net.dump()).put(keys.vni(VNI), nkey)
     for i in range(FAKE_HOSTS):

@@ -13,7 +13,7 @@ import pytest
 
 from tests import uml
 
-pytestmark = pytest.mark.docker
+pytestmark = [pytest.mark.docker, pytest.mark.ipsec]
 
 
 def test_encrypted_networks_in_an_esp_capable_guest() -> None:
