@@ -257,6 +257,9 @@ class DataPath:
             vx = ipr.link_lookup(ifname=VXLAN)
         ipr.link("set", index=vx[0], master=bridx, mtu=plan.mtu, ifalias=self._tag("net", plan.tag),
                  state="up")
+        # No learning on the VXLAN port: remote MACs are known from etcd, and an entry learned from a proxied
+        # ARP reply would black-hole a MAC that later moves onto this host until its container speaks.
+        ipr.brport("set", index=vx[0], learning=0)
 
     @staticmethod
     def _vxlan_mismatch(link: Any, plan: NetworkPlan, underlay: Underlay) -> str:
