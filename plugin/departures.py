@@ -62,15 +62,3 @@ class Departures:
                 log.warning("host %s has no lease but still holds records; releasing them in %.0fs unless it "
                             "returns", host, self.grace)
         return released
-
-    def pending(self) -> dict[str, float]:
-        """Departed hosts -> seconds until their records are released (for status)."""
-        now = self.clock()
-        out = {}
-        for kv in self.store.range(self.keys.departed())[0]:
-            try:
-                rec = DepartureRecord.load(kv.value)
-            except ValueError:
-                continue
-            out[rec.host] = max(0.0, rec.since + self.grace - now)
-        return out

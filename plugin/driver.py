@@ -141,11 +141,10 @@ class NetworkDriver:
             local = LocalNetwork(docker_network_id=nid, record=record, mtu=mtu)
             try:
                 if record.encrypted:  # the guard exists before the network's VXLAN device can send
-                    self.encryption.guard({**self._encrypted_vnis(), record.vni: record.key})
+                    self.encryption.guard({**self.state.encrypted_vnis(), record.vni: record.key})
                 self.datapath.ensure_network(NetworkPlan(record.vni, record.port, mtu, record.key))
             except Exception as err:
                 self._undo_create(nid, record, created)
-                self.datapath.remove_network(record.vni)
                 self._guard_quietly()
                 if isinstance(err, PluginError):
                     raise
@@ -160,12 +159,9 @@ class NetworkDriver:
         default = self.datapath.underlay().overlay_mtu() - (ESP_OVERHEAD if record.encrypted else 0)
         return record.mtu or self.settings.mtu or default
 
-    def _encrypted_vnis(self) -> dict[int, str]:
-        return {n.record.vni: n.record.key for n in list(self.state.data.networks.values()) if n.record.encrypted}
-
     def _guard_quietly(self) -> None:
         try:
-            self.encryption.guard(self._encrypted_vnis())
+            self.encryption.guard(self.state.encrypted_vnis())
         except PluginError as err:
             log.error("encryption guard: %s", err)
 
@@ -460,7 +456,7 @@ class NetworkDriver:
         """Bring the kernel in line with this host's recorded networks; remove our stale objects."""
         known_vnis = set()
         try:
-            self.encryption.guard(self._encrypted_vnis())
+            self.encryption.guard(self.state.encrypted_vnis())
         except PluginError as err:
             # Fail closed: an encrypted network whose guard cannot be installed gets no data path.
             log.error("restore: %s; encrypted networks stay down", err)

@@ -160,7 +160,3 @@ class Encryption:
         self.seen = {}
         self._clean = True
         self._synced = None
-
-    def status(self) -> dict[str, object]:
-        return {"epoch": self.keyring.epoch, "key_age_seconds": round(time.time() - self._rotated),
-                "peers": sorted(self.seen), "refused": dict(self.refused), "vnis": sorted(self.vnis)}

@@ -125,8 +125,7 @@ def _ruleset(vnis: dict[int, str], port: int) -> str:
 
 
 class IPsec:
-    def __init__(self, key_bits: int = 128) -> None:
-        self.key_bits = key_bits
+    def __init__(self) -> None:
         self._lock = threading.Lock()
         self._backend: str | None = None
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 from kvstore import KV, Keys, KVStore, WatchEvent
@@ -46,6 +47,7 @@ class PeerSync:
         self.hosts: dict[str, HostRecord] = {}            # host name -> record
         self.programmed: dict[int, dict[str, Peer]] = {}  # vni -> endpoint key -> peer
         self._watches: list[PrefixWatch] = []
+        self._background = ThreadPoolExecutor(1, thread_name_prefix="peers")
 
     def start(self) -> None:
         self._watches = [
@@ -56,6 +58,7 @@ class PeerSync:
     def stop(self) -> None:
         for w in self._watches:
             w.stop()
+        self._background.shutdown(wait=False, cancel_futures=True)
 
     @property
     def synced(self) -> bool:
@@ -136,10 +139,8 @@ class PeerSync:
                         added += 1
             if added or removed:
                 log.info("peers: %d programmed, %d removed", added, removed)
-            encrypted = {n.record.vni: n.record.key for n in list(self.state.data.networks.values())
-                         if n.record.encrypted}
             try:
-                self.encryption.sync(dict(self.hosts), encrypted)
+                self.encryption.sync(dict(self.hosts), self.state.encrypted_vnis())
             except Exception as err:  # noqa: BLE001 - retried at the next change; the guard stays closed
                 log.error("programming IPsec: %s", err)
 
@@ -181,8 +182,18 @@ class PeerSync:
         return {Peer(*p) for p, _ in failed}
 
     def network_changed(self) -> None:
-        """A local network appeared or went: program its peers from what the watches already hold."""
-        self.reconcile()
+        """A local network appeared or went: program its peers from what the watches already hold.
+
+        Queued, not run here: Docker waits on CreateNetwork, and a network with thousands of remote
+        endpoints takes seconds to program. Reconciles are serialised by the lock and idempotent.
+        """
+        self._background.submit(self._reconcile_logged)
+
+    def _reconcile_logged(self) -> None:
+        try:
+            self.reconcile()
+        except Exception:  # noqa: BLE001 - the next change or watch event retries
+            log.exception("reconciling peers after a network change")
 
     def endpoint_hosts(self) -> set[str]:
         with self._lock:

@@ -73,6 +73,10 @@ class LocalState:
         with self.lock:
             return next((n for n in self.data.networks.values() if n.record.key == key), None)
 
+    def encrypted_vnis(self) -> dict[int, str]:
+        """VNI -> network key of this host's encrypted networks."""
+        return {n.record.vni: n.record.key for n in list(self.data.networks.values()) if n.record.encrypted}
+
     def endpoint(self, endpoint_id: str) -> LocalEndpoint | None:
         with self.lock:
             return self.data.endpoints.get(endpoint_id)

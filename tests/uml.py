@@ -58,9 +58,6 @@ EOF
 chmod +x /run/uml-bin/modprobe
 echo /run/uml-bin/modprobe > /proc/sys/kernel/modprobe
 for m in {modules}; do /run/uml-bin/modprobe $m 2>>{out}/modprobe.log; done
-for t in iptables ip6tables iptables-save iptables-restore ip6tables-save ip6tables-restore; do
-  ln -s /usr/sbin/${{t%%-*}}-legacy${{t#${{t%%-*}}}} /run/uml-bin/$t 2>/dev/null
-done
 ln -sf /usr/sbin/iptables-legacy /run/uml-bin/iptables
 ln -sf /usr/sbin/ip6tables-legacy /run/uml-bin/ip6tables
 ln -sf /usr/sbin/iptables-legacy-save /run/uml-bin/iptables-save
