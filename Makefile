@@ -6,7 +6,15 @@ PIP     = $(VENV)/bin/pip
 VERSION = $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 PYTEST_ARGS ?=
 
-.PHONY: venv run test test-unit test-ipsec test-e2e lint clean bench
+.PHONY: venv run test test-unit test-ipsec test-e2e lint clean bench wheels plugin plugin-rootfs plugin-enable push
+# The managed plugin: name and tag as Docker will know it (`-d pyoverlay:latest --ipam-driver pyoverlay:latest`).
+PLUGIN      ?= pyoverlay
+PLUGIN_TAG  ?= latest
+# The rootfs base: the public image when it can be pulled, else a local debootstrap-built one (no registry needed).
+BASE_IMAGE  ?= python:3.11-slim-bookworm
+LOCAL_BASE  ?= pyoverlay-base:bookworm
+BUILD       ?= build
+DOCKER      ?= docker
 
 venv: $(VENV)/.installed
 
@@ -43,4 +51,38 @@ bench: venv
 	$(PY) bench/scale.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(BUILD) *.egg-info .pytest_cache .mypy_cache .ruff_cache
+
+# -- the managed plugin --------------------------------------------------------------------------------------
+# Everything below talks to the daemon the Docker CLI would (DOCKER_HOST, default /var/run/docker.sock).
+wheels: $(BUILD)/wheels/.done
+
+$(BUILD)/wheels/.done: venv pyproject.toml $(shell find plugin ipam kvstore -name '*.py')
+	rm -rf $(BUILD)/wheels && mkdir -p $(BUILD)/wheels
+	$(PIP) wheel -q --wheel-dir $(BUILD)/wheels .
+	touch $@
+
+# build/plugin/{config.json,rootfs/}: the image built from the Dockerfile, exported.
+plugin-rootfs: wheels
+	@base=$(BASE_IMAGE); \
+	if ! $(DOCKER) image inspect $$base >/dev/null 2>&1 && ! timeout 60 $(DOCKER) pull -q $$base >/dev/null 2>&1; then \
+	  echo "plugin: $$base cannot be pulled here; building the local base $(LOCAL_BASE)"; \
+	  packaging/local-base.sh $(LOCAL_BASE) $(BUILD) || exit 1; base=$(LOCAL_BASE); \
+	fi; \
+	DOCKER_BUILDKIT=0 $(DOCKER) build -q --build-arg BASE=$$base -t $(PLUGIN)-rootfs:$(VERSION) . >/dev/null || exit 1; \
+	rm -rf $(BUILD)/plugin && mkdir -p $(BUILD)/plugin/rootfs && cp config.json $(BUILD)/plugin/ && \
+	cid=$$($(DOCKER) create $(PLUGIN)-rootfs:$(VERSION)) && \
+	$(DOCKER) export $$cid | tar -x -C $(BUILD)/plugin/rootfs && $(DOCKER) rm -f $$cid >/dev/null
+
+# Creates (or re-creates, when disabled) $(PLUGIN):$(PLUGIN_TAG) on the daemon; `make plugin-enable` starts it.
+plugin: plugin-rootfs
+	@$(DOCKER) plugin rm $(PLUGIN):$(PLUGIN_TAG) >/dev/null 2>&1 || true
+	$(DOCKER) plugin create $(PLUGIN):$(PLUGIN_TAG) $(BUILD)/plugin
+	@echo "created $(PLUGIN):$(PLUGIN_TAG); configure with 'docker plugin set $(PLUGIN):$(PLUGIN_TAG) KEY=VALUE', then 'make plugin-enable'"
+
+plugin-enable:
+	$(DOCKER) plugin enable $(PLUGIN):$(PLUGIN_TAG)
+
+# Pushes to the registry named in PLUGIN (e.g. make push PLUGIN=registry.example.com/pyoverlay).
+push:
+	$(DOCKER) plugin push $(PLUGIN):$(PLUGIN_TAG)

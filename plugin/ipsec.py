@@ -114,7 +114,9 @@ def _ruleset(vnis: dict[int, str], port: int) -> str:
         "  }",
         "  chain esp_out_guard {",
         "    type filter hook output priority 10; policy accept;",
-        f"    meta mark {MARK:#x} rt ipsec missing counter drop comment \"pyoverlay: no SA, never clear text\"",
+        # udp dport: the ESP packet that leaves the transform keeps the mark and has no bundle left
+        f"    udp dport {port} meta mark {MARK:#x} rt ipsec missing counter drop "
+        "comment \"pyoverlay: no SA, never clear text\"",
         "  }",
         "  chain esp_in_guard {",
         "    type filter hook input priority -10; policy accept;",
@@ -159,7 +161,9 @@ class IPsec:
             note = f'-m comment --comment "pyoverlay:enc:{nkey}"'
             mark.append(f"-A {CHAIN_MARK} {match} {note} -j MARK --set-mark {MARK:#x}")
             inp.append(f"-A {CHAIN_IN} {match} -m policy --dir in --pol none {note} -j DROP")
-        out.append(f"-A {CHAIN_OUT} -m mark --mark {MARK:#x} -m policy --dir out --pol none -j DROP")
+        # -p udp: the ESP packet that leaves the transform keeps the mark and has no bundle left
+        out.append(f"-A {CHAIN_OUT} -p udp --dport {port} -m mark --mark {MARK:#x} -m policy --dir out --pol none "
+                   "-j DROP")
         script = "\n".join(["*mangle", f":{CHAIN_MARK} - [0:0]", *mark, "COMMIT",
                             "*filter", f":{CHAIN_OUT} - [0:0]", f":{CHAIN_IN} - [0:0]", *out, *inp, "COMMIT"]) + "\n"
         res = run(["iptables-restore", "-w", "--noflush"], script)

@@ -62,6 +62,23 @@ def _enter(path: str | Path) -> None:
         os.close(fd)
 
 
+MS_REMOUNT = 32
+
+
+def writable_proc_sys() -> bool:
+    """Make /proc/sys writable in this process's mount namespace if a container runtime mounted it
+    read-only (a managed plugin: runc does). The per-namespace sysctls of the networks' namespaces are
+    written through it. Returns whether a remount was needed."""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            ro = any(line.split()[4] == "/proc/sys" and "ro" in line.split()[5].split(",") for line in f)
+    except OSError:
+        return False
+    if ro:
+        _check(_libc.mount(b"none", b"/proc/sys", None, MS_REMOUNT | MS_BIND, None), "remount /proc/sys rw")
+    return ro
+
+
 def is_pinned(path: Path) -> bool:
     """True when path is a bind mount of a network namespace (a live pin)."""
     target = str(path)

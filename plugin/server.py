@@ -15,6 +15,7 @@ from typing import Any
 from gunicorn.app.base import BaseApplication
 
 from kvstore.embedded import EmbeddedEtcd
+from plugin import netns
 from plugin.config import Settings
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,8 @@ def serve(settings: Settings) -> None:
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     settings.socket.parent.mkdir(parents=True, exist_ok=True)
     _clear_stale_socket(settings.socket)
+    if netns.writable_proc_sys():
+        log.info("/proc/sys was read-only (managed plugin): remounted writable in the plugin's mount namespace")
     embedded: EmbeddedEtcd | None = None
     if not settings.etcd_endpoints:
         embedded = EmbeddedEtcd(settings.state_dir)

@@ -193,6 +193,7 @@ class DockerHost:
         self.sock = self.dir / "docker.sock"
         self.plugin_sock = self.dir / "plugins" / "pyoverlay.sock"
         self.state_dir = self.dir / "pyoverlay"
+        self.managed_state = self.dir / "managed-state"     # the managed plugin's /var/lib/pyoverlay
         self.forward_policy = forward_policy
         self.holder: subprocess.Popen[bytes] | None = None
         self.dockerd: subprocess.Popen[bytes] | None = None
@@ -202,7 +203,7 @@ class DockerHost:
     # -- lifecycle --------------------------------------------------------------------------------------
 
     def up(self) -> None:
-        for d in ("plugins", "etc-docker", "data", "exec", "pyoverlay"):
+        for d in ("plugins", "etc-docker", "data", "exec", "pyoverlay", "managed-state", "etc-pyoverlay"):
             (self.dir / d).mkdir(parents=True, exist_ok=True)
         ns, ul = self.netns, self.rig.underlay_ns
         outer = f"{PREFIX}-{self.rig.tag}{self.index}"
@@ -233,14 +234,19 @@ class DockerHost:
                                                                  "noexec")]
                 lines.append(f"mount -t cgroup -o {','.join(sub)} cgroup {path}")
         lines += [
+            f"hostname {self.name}",
             "mkdir -p /run/docker/plugins /etc/docker",
+            # The managed plugin's state mount is rshared: its namespace pins must reach this host's mount
+            # namespace (as they reach a real host's, whose / is shared), so this directory is a shared mount.
+            f"mount --bind {self.managed_state} {self.managed_state}",
+            f"mount --make-shared {self.managed_state}",
             f"mount --bind {self.dir}/plugins /run/docker/plugins",
             f"mount --bind {self.dir}/etc-docker /etc/docker",
             "exec sleep infinity",
         ]
         script = "\n".join(lines)
         self.holder = subprocess.Popen(
-            ["ip", "netns", "exec", self.netns, "unshare", "-m", "--propagation", "private", "sh", "-c", script],
+            ["ip", "netns", "exec", self.netns, "unshare", "-m", "-u", "--propagation", "private", "sh", "-c", script],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(self.dir / "holder.log", "ab"),
             start_new_session=True,
         )
@@ -264,7 +270,7 @@ class DockerHost:
 
     def enter(self) -> list[str]:
         """Command prefix running a program inside this host (its network and mount namespaces)."""
-        return ["nsenter", "-t", str(self._holder_pid()), "-m", "-n", "--"]
+        return ["nsenter", "-t", str(self._holder_pid()), "-m", "-n", "-u", "--"]
 
     def start_dockerd(self, extra: list[str] | None = None) -> None:
         cmd = self.enter() + [
