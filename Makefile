@@ -57,13 +57,15 @@ clean:
 # Everything below talks to the daemon the Docker CLI would (DOCKER_HOST, default /var/run/docker.sock).
 wheels: $(BUILD)/wheels/.done
 
-$(BUILD)/wheels/.done: venv pyproject.toml $(shell find plugin ipam kvstore -name '*.py')
+$(BUILD)/wheels/.done: $(VENV)/.installed pyproject.toml $(shell find plugin ipam kvstore -name '*.py')
 	rm -rf $(BUILD)/wheels && mkdir -p $(BUILD)/wheels
 	$(PIP) wheel -q --wheel-dir $(BUILD)/wheels .
 	touch $@
 
-# build/plugin/{config.json,rootfs/}: the image built from the Dockerfile, exported.
-plugin-rootfs: wheels
+# build/plugin/{config.json,rootfs/}: the image built from the Dockerfile, exported (once; make clean redoes it).
+plugin-rootfs: $(BUILD)/plugin/.done
+
+$(BUILD)/plugin/.done: $(BUILD)/wheels/.done Dockerfile config.json packaging/local-base.sh
 	@base=$(BASE_IMAGE); \
 	if ! $(DOCKER) image inspect $$base >/dev/null 2>&1 && ! timeout 60 $(DOCKER) pull -q $$base >/dev/null 2>&1; then \
 	  echo "plugin: $$base cannot be pulled here; building the local base $(LOCAL_BASE)"; \
@@ -73,6 +75,7 @@ plugin-rootfs: wheels
 	rm -rf $(BUILD)/plugin && mkdir -p $(BUILD)/plugin/rootfs && cp config.json $(BUILD)/plugin/ && \
 	cid=$$($(DOCKER) create $(PLUGIN)-rootfs:$(VERSION)) && \
 	$(DOCKER) export $$cid | tar -x -C $(BUILD)/plugin/rootfs && $(DOCKER) rm -f $$cid >/dev/null
+	touch $@
 
 # Creates (or re-creates, when disabled) $(PLUGIN):$(PLUGIN_TAG) on the daemon; `make plugin-enable` starts it.
 plugin: plugin-rootfs

@@ -67,8 +67,11 @@ def _store_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 class Ipam:
     def __init__(self, store: KVStore, keys: Keys, host: str, defaults: DefaultPools,
-                 host_routes: Callable[[], list[IPNetwork]]) -> None:
+                 host_routes: Callable[[], list[IPNetwork]], swarm: bool = False) -> None:
         self.store = store
+        # Swarm (scope global): managers allocate pools, gateways and addresses; a node then asks for the very
+        # address the manager handed its task, which is a claim of that allocation, not a conflict.
+        self.swarm = swarm
         self.keys = keys
         self.host = host
         self.defaults = defaults
@@ -285,7 +288,8 @@ class Ipam:
 
         if kind == "endpoint":
             new = AddressRecord(address=str(addr), kind="endpoint", host=self.host, owner=owner)
-            if not self.store.create(self.keys.addr(pid, str(addr)), new.dump()):
+            if not self.store.create(self.keys.addr(pid, str(addr)), new.dump()) and not (
+                    self.swarm and self._take_over(pid, addr, owner)):
                 # An aux address another host's network already reserved is shared, not taken.
                 self._claim(pid, addr, "reserved", owner, create=False)
         else:
@@ -348,6 +352,29 @@ class Ipam:
             held.claims.append(self.host)
             if self.store.swap(key, held.dump(), kv.mod_revision):
                 return
+        raise Unavailable("IPAM: too many concurrent changes to one address; try again")
+
+    def _take_over(self, pid: str, addr: Any, owner: str | None) -> bool:
+        """Swarm: the endpoint address a manager allocated for a task moves to the host the task runs on
+        (which releases it when the container goes). False when the address is not an endpoint's."""
+        key = self.keys.addr(pid, str(addr))
+        for _ in range(_RETRIES):
+            kv = self.store.get(key)
+            if kv is None:
+                new = AddressRecord(address=str(addr), kind="endpoint", host=self.host, owner=owner)
+                if self.store.create(key, new.dump()):
+                    return True
+                continue
+            held = AddressRecord.load(kv.value)
+            if held.kind != "endpoint":
+                return False
+            if held.host == self.host:
+                return True
+            log.info("swarm: %s in %s moves from host %s (the manager's allocation) to this host", addr, pid,
+                     held.host)
+            held.host, held.owner = self.host, owner or held.owner
+            if self.store.swap(key, held.dump(), kv.mod_revision):
+                return True
         raise Unavailable("IPAM: too many concurrent changes to one address; try again")
 
     def _remember_gateway(self, pid: str, addr: Any) -> None:

@@ -39,7 +39,8 @@ class Runtime:
         self.datapath = DataPath(settings.netns_dir, settings.host, settings.vtep)
         defaults = DefaultPools(settings.default_pool[0], settings.default_pool[1],
                                 settings.default_pool6[0], settings.default_pool6[1])
-        self.ipam = Ipam(self.store, self.keys, settings.host, defaults, self.datapath.host_routes)
+        self.ipam = Ipam(self.store, self.keys, settings.host, defaults, self.datapath.host_routes,
+                         swarm=settings.scope == "global")
         self.encryption = Encryption(KeyRing(settings.state_dir / "keys"), IPsec(), settings.host,
                                      lambda: self.datapath.underlay().address, settings.vxlan_port,
                                      settings.cluster_secret, settings.key_rotation, settings.key_bits)

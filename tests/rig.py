@@ -34,6 +34,7 @@ PREFIX = "pyt"                       # every namespace and link the rig makes st
 UNDERLAY_NET = "10.99.0"             # hosts get .1 .. .N, the underlay bridge .254, the root leg .250
 UNDERLAY_MTU = 1400                  # as on this machine's eth0: catches MTU mistakes
 IMAGE = "bb:local"
+MANAGED = "pyoverlay:latest"         # the managed plugin as `make plugin` creates it
 
 
 def sh(*cmd: str, check: bool = True, timeout: float = 60, capture: bool = True,
@@ -199,6 +200,7 @@ class DockerHost:
         self.dockerd: subprocess.Popen[bytes] | None = None
         self.plugin: subprocess.Popen[bytes] | None = None
         self.plugin_env: dict[str, str] = {}
+        self.managed: str | None = None     # the managed plugin's name, once installed
 
     # -- lifecycle --------------------------------------------------------------------------------------
 
@@ -316,6 +318,40 @@ class DockerHost:
         )
         wait_for(f"pyoverlay socket on {self.name}", lambda: self.plugin_sock.exists(), timeout=10, interval=0.05)
 
+    # -- the managed plugin (make plugin) -----------------------------------------------------------------
+
+    def install_plugin(self, name: str = MANAGED, **env: str) -> None:
+        """`make plugin` against this host's dockerd, then `docker plugin set` + enable, as a user would."""
+        res = sh("make", "-C", str(ROOT), "plugin", f"DOCKER_HOST=unix://{self.sock}", check=False, timeout=1200)
+        assert res.returncode == 0, f"make plugin failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+        settings = {
+            "state.source": str(self.managed_state),
+            "certs.source": str(self.dir / "etc-pyoverlay"),
+            "ETCD_ENDPOINTS": self.rig.etcd.url(self.rig.root_ip),
+            "PYOVERLAY_ETCD_PREFIX": self.rig.etcd_prefix,
+            "PYOVERLAY_VTEP": self.ip,
+            **env,
+        }
+        self.docker("plugin", "set", name, *(f"{k}={v}" for k, v in settings.items()))
+        self.docker("plugin", "enable", name, timeout=60)
+        self.managed = name
+
+    def managed_pids(self) -> list[int]:
+        """The managed plugin's processes on this host (it shares the host's network namespace)."""
+        mine = os.stat(f"/run/netns/{self.netns}").st_ino
+        out = []
+        for pid in sh("pgrep", "-f", "/opt/pyoverlay/bin/pyoverlay serve", check=False).stdout.split():
+            with contextlib.suppress(OSError):
+                if os.stat(f"/proc/{pid}/ns/net").st_ino == mine:
+                    out.append(int(pid))
+        return out
+
+    def dockerd_log(self) -> str:
+        try:
+            return (self.dir / "dockerd.log").read_text(errors="replace")
+        except OSError:
+            return ""
+
     def kill_plugin(self, sig: int = signal.SIGKILL) -> None:
         _stop_group(self.plugin, sig, 15)
         self.plugin = None
@@ -328,12 +364,15 @@ class DockerHost:
 
     def down(self) -> None:
         if self.dockerd is not None:
-            if self.plugin is not None:
+            if self.plugin is not None or self.managed:
                 # Containers go while the plugin still answers: a dockerd stopping containers on a
                 # network whose plugin is gone retries each call for half a minute.
                 ids = self.docker("ps", "-aq", check=False).stdout.split()
                 if ids:
                     self.docker("rm", "-f", *ids, check=False)
+            if self.managed:
+                # With --live-restore dockerd leaves plugins running when it stops: stop it first.
+                self.docker("plugin", "disable", "-f", self.managed, check=False)
             self.stop_dockerd(signal.SIGTERM)
         self.kill_plugin(signal.SIGTERM)
         for pid in sh("ip", "netns", "pids", self.netns, check=False).stdout.split():

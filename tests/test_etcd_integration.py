@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import threading
 import time
 import uuid
@@ -28,9 +29,9 @@ def keys() -> Keys:
     return Keys(f"/test-{uuid.uuid4().hex[:8]}")
 
 
-def ipam(store: KVStore, keys: Keys, host: str) -> Ipam:
+def ipam(store: KVStore, keys: Keys, host: str, swarm: bool = False) -> Ipam:
     defaults = DefaultPools(ipaddress.ip_network("10.128.0.0/16"), 24, ipaddress.ip_network("fd75::/48"), 64)
-    return Ipam(store, keys, host, defaults, lambda: [])
+    return Ipam(store, keys, host, defaults, lambda: [], swarm=swarm)
 
 
 def test_create_if_absent_and_compare_and_swap(store: KVStore, keys: Keys) -> None:
@@ -166,6 +167,30 @@ def test_static_address_conflict_and_release_by_owner_only(store: KVStore, keys:
     a.release_address(pid, "10.80.0.9")  # idempotent
     assert store.get(keys.addr(pid, "10.80.0.9")) is None
     b.request_address(pid, "10.80.0.9", {})  # a container moved to host b keeps its address
+
+
+def test_swarm_node_claims_the_address_its_manager_allocated(store: KVStore, keys: Keys) -> None:
+    manager, worker = ipam(store, keys, "m", swarm=True), ipam(store, keys, "w", swarm=True)
+    pid = manager.request_pool("", "", {}, False)["PoolID"]        # swarm's allocator, on the manager
+    gw = manager.request_address(pid, "", {"RequestAddressType": "com.docker.network.gateway"})["Address"]
+    task = manager.request_address(pid, "", {})["Address"].split("/")[0]
+    cidr = manager._pool(pid)[0].cidr
+    # The worker defines the network with the manager's pool and gateway, then its task's endpoint.
+    assert worker.request_pool(cidr, "", {}, False)["PoolID"] == pid
+    assert worker.request_address(pid, gw.split("/")[0], {"RequestAddressType": "com.docker.network.gateway"})
+    assert worker.request_address(pid, task, {})["Address"].startswith(task + "/")
+    held = json.loads(store.get(keys.addr(pid, task)).value)  # type: ignore[union-attr]
+    assert held["host"] == "w", "the address belongs to the host its container runs on"
+    assert worker.request_address(pid, task, {})  # repeated: still the same claim
+    manager.release_address(pid, task)              # the manager forgets the task first: the worker's stays
+    assert store.get(keys.addr(pid, task)) is not None
+    worker.release_address(pid, task)
+    assert store.get(keys.addr(pid, task)) is None
+    # Outside swarm the same request is a conflict.
+    local = ipam(store, keys, "x")
+    other = manager.request_address(pid, "", {})["Address"].split("/")[0]
+    with pytest.raises(Conflict, match="already in use"):
+        local.request_address(pid, other, {})
 
 
 def test_aux_addresses_are_shared(store: KVStore, keys: Keys) -> None:
