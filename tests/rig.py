@@ -283,8 +283,10 @@ class DockerHost:
             "--default-address-pool", "base=172.21.0.0/16,size=24",
             "--iptables=true", *(extra or []),
         ]
+        # Swarm tasks use the images already here (imported), never a registry: none is reachable.
+        env = {**os.environ, "DOCKER_SERVICE_PREFER_OFFLINE_IMAGE": "1"}
         self.dockerd = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=open(self.dir / "dockerd.log", "ab"),
-                                        stderr=subprocess.STDOUT, start_new_session=True)
+                                        stderr=subprocess.STDOUT, start_new_session=True, env=env)
         wait_for(f"dockerd on {self.name}", lambda: self.docker("info", check=False, timeout=5).returncode == 0,
                  timeout=60, interval=0.2)
         self.iptables("-P", "FORWARD", self.forward_policy)
