@@ -4,6 +4,7 @@ Side by side in one run, between the same two host namespaces of tests/rig.py:
   underlay   the raw underlay between the hosts (the physical limit here)
   vxlan      a hand-made VXLAN device in each host namespace (no bridge, no veth)
   pyoverlay  two containers on a pyoverlay network (veth -> bridge -> VXLAN in the network namespace)
+  docker-overlay  two containers on Docker's built-in overlay (swarm of the two hosts, --attachable)
 Each path: iperf3 TCP with 1 and 4 streams, and ping round trips. Paths are interleaved over the
 repetitions so drift on the machine affects them alike; the median repetition is reported.
 
@@ -23,6 +24,7 @@ import time
 from common import save, table
 
 from tests.rig import Rig, sh, wait_for
+from tests.test_swarm import run_attached, swarm_up
 
 HANDMADE = {"vni": 4242, "port": 4790, "net": "192.168.250"}
 RTT = re.compile(r"= ([0-9.]+)/([0-9.]+)/([0-9.]+)/")
@@ -84,6 +86,12 @@ def main() -> int:
         h1.run("dp-1", "dp")
         h2.run("dp-2", "dp")
         c2_ip = h2.ip_of("dp-2", "dp")
+        # Docker's own overlay, same hosts: a swarm of the two, an attachable network (VXLAN on 4789).
+        swarm_up(rig)
+        h1.docker("network", "create", "-d", "overlay", "--attachable", "--subnet", "10.63.0.0/24", "dov")
+        run_attached(h1, "dov-1", "dov")
+        run_attached(h2, "dov-2", "dov")
+        ov_ip = h2.ip_of("dov-2", "dov")
 
         def cns(h, name):  # type: ignore[no-untyped-def]
             pid = h.docker("inspect", "-f", "{{.State.Pid}}", name).stdout.strip()
@@ -95,9 +103,11 @@ def main() -> int:
             "vxlan": (["ip", "netns", "exec", h1.netns], ["ip", "netns", "exec", h2.netns],
                       f"{HANDMADE['net']}.2"),
             "pyoverlay": (cns(h1, "dp-1"), cns(h2, "dp-2"), c2_ip),
+            "docker-overlay": (cns(h1, "dov-1"), cns(h2, "dov-2"), ov_ip),
         }
-        wait_for("pyoverlay path", lambda: sh(*paths["pyoverlay"][0], "ping", "-c1", "-W1", c2_ip,
-                                              check=False).returncode == 0, timeout=15)
+        for name, (client, _, target) in paths.items():
+            wait_for(f"{name} path", lambda c=client, t=target: sh(*c, "ping", "-c1", "-W1", t,
+                                                                   check=False).returncode == 0, timeout=60)
         for rep in range(args.reps):
             for name, (client, server, target) in paths.items():
                 r = results.setdefault(name, {"gbps_1": [], "gbps_4": [], "rtt_avg_ms": [], "rtt_min_ms": []})
@@ -109,6 +119,8 @@ def main() -> int:
                 print(f"rep {rep + 1}/{args.reps} {name:10} 1 stream {r['gbps_1'][-1]:.2f} Gbit/s, "
                       f"4 streams {r['gbps_4'][-1]:.2f} Gbit/s, rtt avg {lat['avg_ms']:.3f} ms", flush=True)
     finally:
+        for h in reversed(rig.hosts):
+            h.docker("swarm", "leave", "--force", check=False, timeout=60)
         rig.down()
 
     med = {name: {k: statistics.median(v) for k, v in r.items()} for name, r in results.items()}
@@ -120,14 +132,22 @@ def main() -> int:
                      f"{100 * m['gbps_4'] / ref['gbps_4']:.0f}%"])
     ratio1 = med["pyoverlay"]["gbps_1"] / ref["gbps_1"]
     ratio4 = med["pyoverlay"]["gbps_4"] / ref["gbps_4"]
+    ov = med["docker-overlay"]
+    vs_docker = {"streams_1": round(med["pyoverlay"]["gbps_1"] / ov["gbps_1"], 3),
+                 "streams_4": round(med["pyoverlay"]["gbps_4"] / ov["gbps_4"], 3),
+                 "rtt_avg_ms": [round(med["pyoverlay"]["rtt_avg_ms"], 3), round(ov["rtt_avg_ms"], 3)]}
     md = (f"Median of {args.reps} interleaved repetitions, iperf3 {args.seconds} s per run, "
           f"{args.pings} pings at 10 ms intervals; underlay MTU 1400.\n\n"
           + table(["path", "1 stream Gbit/s", "4 streams Gbit/s", "rtt avg ms", "rtt min ms",
                    "1 stream vs hand-made VXLAN", "4 streams vs hand-made VXLAN"], rows)
           + f"\n\nTarget pyoverlay >= 95% of the hand-made VXLAN: 1 stream {100 * ratio1:.0f}%, "
-            f"4 streams {100 * ratio4:.0f}% -> {'met' if min(ratio1, ratio4) >= 0.95 else 'NOT met'}.")
+            f"4 streams {100 * ratio4:.0f}% -> {'met' if min(ratio1, ratio4) >= 0.95 else 'NOT met'}."
+          + f"\n\nTarget pyoverlay >= Docker's overlay, latency no worse: 1 stream "
+            f"{100 * vs_docker['streams_1']:.0f}%, 4 streams {100 * vs_docker['streams_4']:.0f}%, rtt avg "
+            f"{ov['rtt_avg_ms']:.3f} ms (Docker) vs {med['pyoverlay']['rtt_avg_ms']:.3f} ms (pyoverlay).")
     save("dataplane", {"seconds": args.seconds, "reps": args.reps, "raw": results, "median": med,
-                       "pyoverlay_vs_vxlan": {"streams_1": round(ratio1, 3), "streams_4": round(ratio4, 3)}}, md)
+                       "pyoverlay_vs_vxlan": {"streams_1": round(ratio1, 3), "streams_4": round(ratio4, 3)},
+                       "pyoverlay_vs_docker_overlay": vs_docker}, md)
     return 0
 
 

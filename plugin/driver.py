@@ -115,7 +115,9 @@ class NetworkDriver:
                 f"No network was created and no clear-text path was set up; use a kernel with IPsec ESP and "
                 f"AES-GCM, or create the network without --opt encrypted only if clear text is acceptable"
             )
-        nkey = network_key(subnets[0], explicit)
+        # Swarm hands every node the same NetworkID for a network: that is its cluster identity there.
+        swarm = self.settings.scope == "global"
+        nkey = f"swarm.{nid}" if swarm else network_key(subnets[0], explicit)
         wanted = NetworkRecord(
             key=nkey, vni=vni_opt or 0, subnets=[str(s) for s in subnets], gateway=gateway, gateway6=gateway6,
             encrypted=encrypted, port=self.settings.vxlan_port, mtu=mtu_opt, internal=internal,
@@ -128,7 +130,8 @@ class NetworkDriver:
                 self._check_same(existing.record, wanted)
                 return {}  # a repeated CreateNetwork: already done
             try:
-                self._check_ipam_matches(subnets, explicit)
+                if not swarm:  # in swarm the manager requested the pool; the network is keyed by its id
+                    self._check_ipam_matches(subnets, explicit)
                 for net, ipam_data in zip(subnets, [*v4, *v6], strict=True):
                     if ipam_data.AuxAddresses:
                         self.ipam.mark_reserved(pool_id(net, explicit), list(ipam_data.AuxAddresses.values()))

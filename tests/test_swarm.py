@@ -50,10 +50,10 @@ def swarm() -> Iterator[Rig]:
         rig.down()
 
 
-def run_attached(h, name: str) -> None:  # type: ignore[no-untyped-def]
+def run_attached(h, name: str, net: str = NET) -> None:  # type: ignore[no-untyped-def]
     """docker run on a swarm network; a node's first attachment can take a while (swarm allocates it)."""
     def attempt() -> bool:
-        res = h.docker("run", "-d", "--name", name, "--network", NET, IMAGE, "sleep", "86400", check=False,
+        res = h.docker("run", "-d", "--name", name, "--network", net, IMAGE, "sleep", "86400", check=False,
                        timeout=90)
         if res.returncode != 0:
             h.docker("rm", "-f", name, check=False)
@@ -69,6 +69,11 @@ def test_attachable_network_by_ip_and_by_name(swarm: Rig) -> None:
     ips = {h.name: h.ip_of(f"s-{h.name}", NET) for h in swarm.hosts}
     assert all(ip.startswith("10.80.0.") for ip in ips.values())
     assert len(set(ips.values())) == 3, "one address per container, cluster-wide"
+    nid = swarm.hosts[0].docker("network", "inspect", "-f", "{{.Id}}", NET).stdout.strip()
+    record = swarm.etcd.get_json(f"{swarm.etcd_prefix}/networks/swarm.{nid}")
+    assert record and record["subnets"] == [SUBNET], "the network is keyed by its swarm NetworkID"
+    members = swarm.etcd.keys(f"{swarm.etcd_prefix}/members/swarm.{nid}/")
+    assert len(members) == 3, f"every node is a member: {members}"
     for h in swarm.hosts:
         for other in swarm.hosts:
             if other is h:
