@@ -13,6 +13,8 @@ PLUGIN_TAG  ?= latest
 # The rootfs base: the public image when it can be pulled, else a local debootstrap-built one (no registry needed).
 BASE_IMAGE  ?= python:3.11-slim-bookworm
 LOCAL_BASE  ?= pyoverlay-base:bookworm
+# PULL=0: do not try a registry at all (the tests: they send nothing off this machine).
+PULL        ?= 1
 BUILD       ?= build
 DOCKER      ?= docker
 
@@ -67,7 +69,8 @@ plugin-rootfs: $(BUILD)/plugin/.done
 
 $(BUILD)/plugin/.done: $(BUILD)/wheels/.done Dockerfile config.json packaging/local-base.sh
 	@base=$(BASE_IMAGE); \
-	if ! $(DOCKER) image inspect $$base >/dev/null 2>&1 && ! timeout 60 $(DOCKER) pull -q $$base >/dev/null 2>&1; then \
+	if ! $(DOCKER) image inspect $$base >/dev/null 2>&1 && \
+	   ! { [ "$(PULL)" != 0 ] && timeout 60 $(DOCKER) pull -q $$base >/dev/null 2>&1; }; then \
 	  echo "plugin: $$base cannot be pulled here; building the local base $(LOCAL_BASE)"; \
 	  packaging/local-base.sh $(LOCAL_BASE) $(BUILD) || exit 1; base=$(LOCAL_BASE); \
 	fi; \

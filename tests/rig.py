@@ -324,7 +324,8 @@ class DockerHost:
 
     def install_plugin(self, name: str = MANAGED, **env: str) -> None:
         """`make plugin` against this host's dockerd, then `docker plugin set` + enable, as a user would."""
-        res = sh("make", "-C", str(ROOT), "plugin", f"DOCKER_HOST=unix://{self.sock}", check=False, timeout=1200)
+        res = sh("make", "-C", str(ROOT), "plugin", f"DOCKER_HOST=unix://{self.sock}", "PULL=0", check=False,
+                 timeout=1200)
         assert res.returncode == 0, f"make plugin failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
         settings = {
             "state.source": str(self.managed_state),
