@@ -45,6 +45,8 @@ mount -t tmpfs tmp /tmp
 mount -t tmpfs varlib /var/lib
 mkdir -p {out}
 mount -t hostfs -o {out} none {out}
+# A checkout under one of the tmpfs mounts above (/tmp, say) is hidden now: bring it back from the host.
+[ -d {repo}/plugin ] || {{ mkdir -p {repo} && mount -t hostfs -o {repo} none {repo}; }}
 # cgroup v1 hierarchies, like the host (tests/rig.py re-mounts them per simulated host)
 mount -t tmpfs cgroup /sys/fs/cgroup
 for c in $(awk 'NR>1 && $4==1 {{print $1}}' /proc/cgroups); do
