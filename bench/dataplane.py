@@ -60,6 +60,37 @@ def rtt(client: list[str], target: str, count: int) -> dict[str, float]:
     return {"min_ms": float(m.group(1)), "avg_ms": float(m.group(2))}
 
 
+Path = tuple[list[str], list[str], str]   # client command prefix, server command prefix, target address
+
+
+def container_ns(h, name: str) -> list[str]:  # type: ignore[no-untyped-def]
+    """Command prefix entering a container's network namespace."""
+    pid = h.docker("inspect", "-f", "{{.State.Pid}}", name).stdout.strip()
+    return ["nsenter", "-t", pid, "-n"]
+
+
+def wait_paths(paths: dict[str, Path], timeout: float) -> None:
+    for name, (client, _, target) in paths.items():
+        wait_for(f"{name} path", lambda c=client, t=target: sh(*c, "ping", "-c1", "-W1", t,
+                                                               check=False).returncode == 0, timeout=timeout)
+
+
+def measure_paths(paths: dict[str, Path], args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
+    """iperf3 with 1 and 4 streams and a ping run per path, paths interleaved over args.reps repetitions."""
+    results: dict[str, dict[str, list[float]]] = {}
+    for rep in range(args.reps):
+        for name, (client, server, target) in paths.items():
+            r = results.setdefault(name, {"gbps_1": [], "gbps_4": [], "rtt_avg_ms": [], "rtt_min_ms": []})
+            r["gbps_1"].append(iperf(client, server, target, args.seconds, 1))
+            r["gbps_4"].append(iperf(client, server, target, args.seconds, 4))
+            lat = rtt(client, target, args.pings)
+            r["rtt_avg_ms"].append(lat["avg_ms"])
+            r["rtt_min_ms"].append(lat["min_ms"])
+            print(f"rep {rep + 1}/{args.reps} {name:10} 1 stream {r['gbps_1'][-1]:.3f} Gbit/s, "
+                  f"4 streams {r['gbps_4'][-1]:.3f} Gbit/s, rtt avg {lat['avg_ms']:.3f} ms", flush=True)
+    return results
+
+
 def handmade_vxlan(rig: Rig) -> None:
     h1, h2 = rig.hosts[:2]
     for me, peer, n in ((h1, h2, 1), (h2, h1, 2)):
@@ -76,7 +107,6 @@ def main() -> int:
     ap.add_argument("--pings", type=int, default=300)
     args = ap.parse_args()
     rig = Rig()
-    results: dict[str, dict[str, list[float]]] = {}
     try:
         rig.up(2)
         h1, h2 = rig.hosts
@@ -93,31 +123,16 @@ def main() -> int:
         run_attached(h2, "dov-2", "dov")
         ov_ip = h2.ip_of("dov-2", "dov")
 
-        def cns(h, name):  # type: ignore[no-untyped-def]
-            pid = h.docker("inspect", "-f", "{{.State.Pid}}", name).stdout.strip()
-            return ["nsenter", "-t", pid, "-n"]
-
         handmade_vxlan(rig)
         paths = {
             "underlay": (["ip", "netns", "exec", h1.netns], ["ip", "netns", "exec", h2.netns], h2.ip),
             "vxlan": (["ip", "netns", "exec", h1.netns], ["ip", "netns", "exec", h2.netns],
                       f"{HANDMADE['net']}.2"),
-            "pyoverlay": (cns(h1, "dp-1"), cns(h2, "dp-2"), c2_ip),
-            "docker-overlay": (cns(h1, "dov-1"), cns(h2, "dov-2"), ov_ip),
+            "pyoverlay": (container_ns(h1, "dp-1"), container_ns(h2, "dp-2"), c2_ip),
+            "docker-overlay": (container_ns(h1, "dov-1"), container_ns(h2, "dov-2"), ov_ip),
         }
-        for name, (client, _, target) in paths.items():
-            wait_for(f"{name} path", lambda c=client, t=target: sh(*c, "ping", "-c1", "-W1", t,
-                                                                   check=False).returncode == 0, timeout=60)
-        for rep in range(args.reps):
-            for name, (client, server, target) in paths.items():
-                r = results.setdefault(name, {"gbps_1": [], "gbps_4": [], "rtt_avg_ms": [], "rtt_min_ms": []})
-                r["gbps_1"].append(iperf(client, server, target, args.seconds, 1))
-                r["gbps_4"].append(iperf(client, server, target, args.seconds, 4))
-                lat = rtt(client, target, args.pings)
-                r["rtt_avg_ms"].append(lat["avg_ms"])
-                r["rtt_min_ms"].append(lat["min_ms"])
-                print(f"rep {rep + 1}/{args.reps} {name:10} 1 stream {r['gbps_1'][-1]:.2f} Gbit/s, "
-                      f"4 streams {r['gbps_4'][-1]:.2f} Gbit/s, rtt avg {lat['avg_ms']:.3f} ms", flush=True)
+        wait_paths(paths, timeout=60)
+        results = measure_paths(paths, args)
     finally:
         for h in reversed(rig.hosts):
             h.docker("swarm", "leave", "--force", check=False, timeout=60)

@@ -21,9 +21,9 @@ import statistics
 import sys
 
 from common import save, table
-from dataplane import iperf, rtt
+from dataplane import container_ns, measure_paths, wait_paths
 
-from tests.rig import Rig, sh, wait_for
+from tests.rig import Rig
 
 HANDMADE = {"vni": 4243, "port": 4791, "net": "192.168.251", "reqid": "4243"}
 KEY_12 = "0x" + "11" * 20   # AES-128 key + 4-byte salt per direction (fixed: a benchmark, not a secret)
@@ -49,7 +49,6 @@ def handmade_esp_vxlan(rig: Rig) -> None:
 
 def measure(args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
     rig = Rig()
-    results: dict[str, dict[str, list[float]]] = {}
     try:
         rig.up(2)
         h1, h2 = rig.hosts
@@ -61,35 +60,19 @@ def measure(args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
             h.run(f"enc-{h.name}", "enc")
             h.run(f"clr-{h.name}", "clr")
 
-        def cns(h, name):  # type: ignore[no-untyped-def]
-            pid = h.docker("inspect", "-f", "{{.State.Pid}}", name).stdout.strip()
-            return ["nsenter", "-t", pid, "-n"]
-
         handmade_esp_vxlan(rig)
         paths = {
             "esp+vxlan": (["ip", "netns", "exec", h1.netns], ["ip", "netns", "exec", h2.netns],
                           f"{HANDMADE['net']}.2"),
-            "encrypted": (cns(h1, "enc-h1"), cns(h2, "enc-h2"), h2.ip_of("enc-h2", "enc")),
-            "clear": (cns(h1, "clr-h1"), cns(h2, "clr-h2"), h2.ip_of("clr-h2", "clr")),
+            "encrypted": (container_ns(h1, "enc-h1"), container_ns(h2, "enc-h2"), h2.ip_of("enc-h2", "enc")),
+            "clear": (container_ns(h1, "clr-h1"), container_ns(h2, "clr-h2"), h2.ip_of("clr-h2", "clr")),
         }
-        for name, (client, _, target) in paths.items():
-            wait_for(f"{name} path", lambda c=client, t=target: sh(*c, "ping", "-c1", "-W1", t,
-                                                                   check=False).returncode == 0, timeout=120)
+        wait_paths(paths, timeout=120)
         esp_before = int(h1.ns("sh", "-c", "ip -s xfrm state | grep -c esp").stdout.strip() or 0)
         assert esp_before >= 4, "pyoverlay and the hand-made path both have ESP states"
-        for rep in range(args.reps):
-            for name, (client, server, target) in paths.items():
-                r = results.setdefault(name, {"gbps_1": [], "gbps_4": [], "rtt_avg_ms": [], "rtt_min_ms": []})
-                r["gbps_1"].append(iperf(client, server, target, args.seconds, 1))
-                r["gbps_4"].append(iperf(client, server, target, args.seconds, 4))
-                lat = rtt(client, target, args.pings)
-                r["rtt_avg_ms"].append(lat["avg_ms"])
-                r["rtt_min_ms"].append(lat["min_ms"])
-                print(f"rep {rep + 1}/{args.reps} {name:10} 1 stream {r['gbps_1'][-1]:.3f} Gbit/s, "
-                      f"4 streams {r['gbps_4'][-1]:.3f} Gbit/s, rtt avg {lat['avg_ms']:.3f} ms", flush=True)
+        return measure_paths(paths, args)
     finally:
         rig.down()
-    return results
 
 
 def report(args: argparse.Namespace, results: dict[str, dict[str, list[float]]]) -> None:
