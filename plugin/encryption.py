@@ -24,6 +24,8 @@ from plugin.keys import KeyRing, SAKey, derive, mac_of, verify
 
 log = logging.getLogger(__name__)
 
+ROTATION_PATIENCE = 3   # rotation periods a rotation waits for a lagging peer's ack
+
 
 class Encryption:
     def __init__(self, keyring: KeyRing, ipsec: IPsec, host: str, vtep: Callable[[], str], port: int,
@@ -45,6 +47,8 @@ class Encryption:
         self._clean = False                     # no states or policies of ours in the kernel
         self._synced: object = None             # what the kernel was last programmed from
         self._missing: list[str] | None = None
+        self._hosts: dict[str, HostRecord] = {}     # the live hosts the last sync saw
+        self._waiting_for: list[str] = []
 
     # -- what this host publishes -----------------------------------------------------------------------
 
@@ -66,11 +70,39 @@ class Encryption:
     # -- rotation ---------------------------------------------------------------------------------------
 
     def rotation_due(self) -> bool:
-        return time.time() - self._rotated >= self.rotation
+        """Time for a new key pair, and every peer has taken the current one.
+
+        Rotating again before a peer has installed the current epoch would prune the epoch that peer still
+        sends with (two are kept). So a rotation waits for the acks; a peer that has not taken it after
+        ROTATION_PATIENCE rotation periods (stuck, or an older pyoverlay) no longer holds everyone back.
+        """
+        age = time.time() - self._rotated
+        if age < self.rotation:
+            return False
+        lagging = self.lagging()
+        if not lagging:
+            return True
+        if age < ROTATION_PATIENCE * self.rotation:
+            if lagging != self._waiting_for:
+                log.info("key rotation waits for %s to take epoch %d", ", ".join(lagging), self.keyring.epoch)
+                self._waiting_for = lagging
+            return False
+        log.warning("rotating keys although %s has not taken epoch %d after %.0f s; its encrypted traffic may "
+                    "drop until it catches up (see its log)", ", ".join(lagging), self.keyring.epoch, age)
+        return True
+
+    def lagging(self) -> list[str]:
+        """Live peers that take part in encryption (they acknowledge our keys) but not yet our newest epoch."""
+        with self._lock:
+            epoch = self.keyring.epoch
+            return sorted(name for name, rec in self._hosts.items()
+                          if name != self.host and name not in self.refused and rec.seen
+                          and rec.seen.get(self.host, 0) < epoch)
 
     def rotate(self) -> int:
         with self._lock:
             self._synced = None
+            self._waiting_for = []
             epoch = self.keyring.rotate()
             self._rotated = time.time()
             log.info("new key pair, epoch %d", epoch)
@@ -90,6 +122,7 @@ class Encryption:
         """Bring states and policies in line with the live hosts; returns whether `seen` changed."""
         with self._lock:
             self.guard(vnis)
+            self._hosts = hosts
             before = dict(self.seen)
             if not vnis:
                 self._clear()
@@ -139,24 +172,22 @@ class Encryption:
     def _apply(self, want_states: dict[State, SAKey], want_policies: set[Policy]) -> None:
         self._clean = False
         have_states = set(self.ipsec.states())
-        for st, sa in want_states.items():
-            if st not in have_states:
-                self.ipsec.add_state(sa)  # new states first: make before break
         have_policies = set(self.ipsec.policies())
-        for pol in want_policies - have_policies:
-            self.ipsec.set_policy(pol)
-        for pol in have_policies - want_policies:
-            self.ipsec.del_policy(pol)
-        for st in have_states - set(want_states):
-            self.ipsec.del_state(st)
+        add = [sa for st, sa in want_states.items() if st not in have_states]
+        gone = sorted(have_states - set(want_states), key=lambda st: (st.src, st.dst, st.spi))
+        # One batch, new states first: make before break.
+        self.ipsec.apply(add, sorted(want_policies - have_policies, key=str), sorted(have_policies - want_policies,
+                         key=str), gone)
+        for sa in add:
+            if sa.src == self.vtep():
+                log.info("sending to %s with epochs %d>%d (spi %#x)", sa.dst, sa.src_epoch, sa.dst_epoch, sa.spi)
+        if gone:
+            log.info("removed %d ESP states: %s", len(gone), ", ".join(f"{s.src}>{s.dst} {s.spi:#x}" for s in gone))
 
     def _clear(self) -> None:
         if self._clean:
             return
-        for pol in self.ipsec.policies():
-            self.ipsec.del_policy(pol)
-        for st in self.ipsec.states():
-            self.ipsec.del_state(st)
+        self.ipsec.apply([], [], self.ipsec.policies(), self.ipsec.states())
         self.seen = {}
         self._clean = True
         self._synced = None

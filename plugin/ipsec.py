@@ -222,15 +222,41 @@ class IPsec:
                 out.append(State(src, dst, int(m.group(1), 16)))
         return out
 
-    def add_state(self, sa: SAKey) -> None:
-        res = run(["ip", "xfrm", "state", "add", "src", sa.src, "dst", sa.dst, "proto", "esp", "spi", hex(sa.spi),
-                   "reqid", str(REQID), "mode", "transport", "replay-window", "128", "flag", "esn",
-                   "aead", ALGO, "0x" + sa.key.hex(), "128"])
-        if res.returncode != 0 and "exists" not in res.stderr.lower():
-            raise Unavailable(f"xfrm state {sa.src}->{sa.dst} spi {sa.spi:#x}: {res.stderr.strip()}")
+    @staticmethod
+    def _state_add(sa: SAKey) -> str:
+        return (f"xfrm state add src {sa.src} dst {sa.dst} proto esp spi {sa.spi:#x} reqid {REQID} mode transport "
+                f"replay-window 128 flag esn aead {ALGO} 0x{sa.key.hex()} 128")
 
-    def del_state(self, st: State) -> None:
-        run(["ip", "xfrm", "state", "delete", "src", st.src, "dst", st.dst, "proto", "esp", "spi", hex(st.spi)])
+    @staticmethod
+    def _state_del(st: State) -> str:
+        return f"xfrm state delete src {st.src} dst {st.dst} proto esp spi {st.spi:#x}"
+
+    @staticmethod
+    def _policy(verb: str, pol: Policy) -> str:
+        where = (f"xfrm policy {verb} src {pol.src}/32 dst {pol.dst}/32 proto udp dport {pol.port} dir out "
+                 f"mark {MARK:#x} mask 0xffffffff")
+        if verb == "delete":
+            return where
+        return f"{where} tmpl src {pol.src} dst {pol.dst} proto esp reqid {REQID} mode transport"
+
+    def apply(self, add: list[SAKey], set_policies: list[Policy], del_policies: list[Policy],
+              del_states: list[State]) -> None:
+        """One `ip -batch` in this order (make before break): new states, policies, then removals.
+
+        One process for all of it: with many peers a rotation touches hundreds of states, and every fork of
+        `ip` counts. `ip xfrm` exits at its first failure, batch or not, so when the batch fails each line
+        is run alone: a state that exists already, or one that is gone already, is what we wanted; failing
+        to add a state or set a policy is an error.
+        """
+        lines = ([self._state_add(sa) for sa in add] + [self._policy("update", p) for p in set_policies]
+                 + [self._policy("delete", p) for p in del_policies] + [self._state_del(st) for st in del_states])
+        if not lines or run(["ip", "-batch", "-"], "\n".join(lines) + "\n").returncode == 0:
+            return
+        for line in lines:
+            res = run(["ip", *line.split()])
+            adding = " add " in line or " update " in line
+            if res.returncode != 0 and adding and "exists" not in res.stderr.lower():
+                raise Unavailable(f"{line.split(' aead ')[0]}: {res.stderr.strip()}")
 
     def policies(self) -> list[Policy]:
         """Our outbound policies (tagged with MARK)."""
@@ -241,14 +267,3 @@ class IPsec:
             if m and f"mark {MARK:#x}" in block:
                 out.append(Policy(m.group(1), m.group(2), int(m.group(3))))
         return out
-
-    def set_policy(self, pol: Policy) -> None:
-        res = run(["ip", "xfrm", "policy", "update", "src", f"{pol.src}/32", "dst", f"{pol.dst}/32", "proto", "udp",
-                   "dport", str(pol.port), "dir", "out", "mark", hex(MARK), "mask", "0xffffffff",
-                   "tmpl", "src", pol.src, "dst", pol.dst, "proto", "esp", "reqid", str(REQID), "mode", "transport"])
-        if res.returncode != 0:
-            raise Unavailable(f"xfrm policy {pol.src}->{pol.dst}: {res.stderr.strip()}")
-
-    def del_policy(self, pol: Policy) -> None:
-        run(["ip", "xfrm", "policy", "delete", "src", f"{pol.src}/32", "dst", f"{pol.dst}/32", "proto", "udp",
-             "dport", str(pol.port), "dir", "out", "mark", hex(MARK), "mask", "0xffffffff"])

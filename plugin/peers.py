@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
@@ -48,6 +49,7 @@ class PeerSync:
         self.programmed: dict[int, dict[str, Peer]] = {}  # vni -> endpoint key -> peer
         self._watches: list[PrefixWatch] = []
         self._background = ThreadPoolExecutor(1, thread_name_prefix="peers")
+        self.on_seen_change: Callable[[], None] = lambda: None
 
     def start(self) -> None:
         self._watches = [
@@ -140,7 +142,8 @@ class PeerSync:
             if added or removed:
                 log.info("peers: %d programmed, %d removed", added, removed)
             try:
-                self.encryption.sync(dict(self.hosts), self.state.encrypted_vnis())
+                if self.encryption.sync(dict(self.hosts), self.state.encrypted_vnis()):
+                    self.on_seen_change()  # peers switch their sending on our ack: publish it now
             except Exception as err:  # noqa: BLE001 - retried at the next change; the guard stays closed
                 log.error("programming IPsec: %s", err)
 

@@ -48,6 +48,7 @@ class Runtime:
                                     self.encryption)
         self.peers = PeerSync(self.store, self.keys, self.datapath, self.state, settings.host, self.encryption)
         self.driver.on_network_change = self.peers.network_changed
+        self.peers.on_seen_change = self.wake
         self.departures = Departures(self.store, self.keys, settings.host, settings.dead_host_grace,
                                      [self.driver.forget_host, self.ipam.forget_host])
         self.ready = threading.Event()
@@ -57,13 +58,19 @@ class Runtime:
         self.started = time.time()
         self.synced = False
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="runtime", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
+    def wake(self) -> None:
+        """Run the background work now rather than at the next interval (a record to publish)."""
+        self._wake.set()
+
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         self.peers.stop()
         self._thread.join(timeout=5)
 
@@ -94,7 +101,8 @@ class Runtime:
                 log.debug("background etcd work postponed: %s", err)
             except Exception:  # noqa: BLE001 - the loop must survive anything
                 log.exception("background work failed")
-            self._stop.wait(interval)
+            self._wake.wait(interval)
+            self._wake.clear()
 
     def _tick(self) -> None:
         if self.encryption.rotation_due():

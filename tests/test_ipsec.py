@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.docker, pytest.mark.ipsec]
 def test_encrypted_networks_in_an_esp_capable_guest() -> None:
     problem = uml.available()
     assert problem is None, problem
-    args = os.environ.get("PYOVERLAY_GUEST_PYTEST_ARGS", "-v -p no:cacheprovider --timeout=1200")
+    args = os.environ.get("PYOVERLAY_GUEST_PYTEST_ARGS", "-v -s -p no:cacheprovider --timeout=1200")
     rc, output = uml.run([sys.executable, "-m", "pytest", *args.split(), "tests/guest"], timeout=2400,
                          stream=False)
     print(output)

@@ -133,3 +133,28 @@ def test_esp_keys_agree_per_direction_and_never_leave_the_host(tmp_path) -> None
     forged = {**keys, max(keys): b.public()[b.epoch]}
     assert "fail authentication" in (verify("s3cret", "h1", "10.0.0.1", forged, good) or "")
     assert "no authentication" in (verify("s3cret", "h1", "10.0.0.1", keys, None) or "")
+
+
+def test_rotation_waits_for_every_peer_to_take_the_current_epoch(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from kvstore.records import HostRecord
+    from plugin.encryption import ROTATION_PATIENCE, Encryption
+    from plugin.ipsec import IPsec
+    from plugin.keys import KeyRing
+
+    enc = Encryption(KeyRing(tmp_path / "k"), IPsec(), "h1", lambda: "10.0.0.1", 4789, None, 60, 128)
+    epoch = enc.keyring.epoch
+
+    def peer(name: str, seen: dict[str, int]) -> HostRecord:
+        return HostRecord(host=name, vtep="10.0.0.9", port=4789, version="t", started=0.0, seen=seen)
+
+    # h2 acknowledged our epoch, h3 not yet; h4 has no encrypted network (acknowledges nothing): not waited for.
+    enc._hosts = {"h1": peer("h1", {}), "h2": peer("h2", {"h1": epoch}), "h3": peer("h3", {"h1": epoch - 1}),
+                  "h4": peer("h4", {})}
+    assert enc.lagging() == ["h3"]
+    enc._rotated -= 61
+    assert not enc.rotation_due(), "a peer that still lacks the current epoch holds the rotation back"
+    enc._hosts["h3"] = peer("h3", {"h1": epoch})
+    assert enc.rotation_due()
+    enc._hosts["h3"] = peer("h3", {"h1": epoch - 1})
+    enc._rotated -= ROTATION_PATIENCE * 60
+    assert enc.rotation_due(), "a stuck peer holds it back for a bounded time only"

@@ -169,8 +169,8 @@ def test_rotation_under_ping_and_tcp_loses_nothing(rig2: Rig) -> None:
     h2.exec("e-h2", "sh", "-c", "mkdir -p /tmp/www && dd if=/dev/urandom of=/tmp/www/big bs=65536 count=80")
     h2.docker("exec", "-d", "e-h2", "httpd", "-f", "-p", "8081", "-h", "/tmp/www")
     sent = h2.exec("e-h2", "md5sum", "/tmp/www/big").stdout.split()[0]
-    seconds = ROTATION * 3
-    pinger = subprocess.Popen(["nsenter", "-t", pid_of(h1, "e-h1"), "-n", "ping", "-q", "-i", "0.1", "-c",
+    seconds = ROTATION * 4
+    pinger = subprocess.Popen(["nsenter", "-t", pid_of(h1, "e-h1"), "-n", "ping", "-D", "-O", "-i", "0.1", "-c",
                                str(seconds * 10), target], stdout=subprocess.PIPE, text=True)
     transfers = 0
     end = time.monotonic() + seconds
@@ -181,9 +181,17 @@ def test_rotation_under_ping_and_tcp_loses_nothing(rig2: Rig) -> None:
         transfers += 1
     out, _ = pinger.communicate(timeout=seconds + 60)
     after = epochs()
+    for h in rig2.hosts:
+        stats = sh("ip", "netns", "exec", h.netns, "cat", "/proc/net/xfrm_stat").stdout.split()
+        print(h.name, "xfrm errors:", {k: v for k, v in zip(stats[::2], stats[1::2], strict=True) if v != "0"})
+    print("unanswered:", "\n".join(line for line in out.splitlines() if "no answer" in line)[:3000])
     print(f"epochs {before} -> {after}; {transfers} transfers of 5 MB intact; ping: {out.strip().splitlines()[-2]}")
     assert all(a >= b + 2 for a, b in zip(after, before, strict=True)), "both hosts rotated at least twice"
-    assert re.search(r" 0% packet loss", out), out
+    if not re.search(r" 0% packet loss", out):
+        for h in rig2.hosts:
+            print(f"--- {h.name} key and SA log\n" + "\n".join(
+                line for line in h.plugin_log().splitlines() if re.search(r"sending to|removed|key pair|IPsec", line)))
+    assert re.search(r" 0% packet loss", out), out.strip().splitlines()[-2]
 
 
 def test_etcd_holds_no_key_material(rig2: Rig) -> None:
