@@ -10,6 +10,8 @@ Layout under the prefix (default /pyoverlay/v1):
     pools/<pool id>                    PoolRecord (one address pool, refcounted per host)
     pool-index                         bumped by every pool create/delete: serialises overlap checks
     addrs/<pool id>/<address>          AddressRecord: one allocated address
+    netdefs/<name>                     NetDefRecord: a Docker network to have on every host (propagation)
+    aliases/<nkey>/<endpoint id>       AliasRecord: DNS names of an endpoint beyond its container name
 Network keys, pool ids and host names never contain "/", so a prefix never matches a neighbour's keys.
 """
 
@@ -76,6 +78,18 @@ class Keys:
 
     def addr(self, pool_id: str, address: str) -> str:
         return self._k("addrs", pool_id, address)
+
+    def netdefs(self) -> str:
+        return self._k("netdefs", "")
+
+    def netdef(self, name: str) -> str:
+        return self._k("netdefs", name)
+
+    def all_aliases(self) -> str:
+        return self._k("aliases", "")
+
+    def aliases(self, nkey: str, endpoint_id: str) -> str:
+        return self._k("aliases", nkey, endpoint_id)
 
     @staticmethod
     def last(key: str) -> str:

@@ -86,3 +86,35 @@ class AddressRecord(Record):
     owner: str | None = None      # container name, when Docker says it
     endpoint: str | None = None   # the endpoint holding it, once CreateEndpoint ran
     claims: list[str] = Field(default_factory=list)  # hosts sharing a gateway/reserved address
+
+
+class PoolConfig(Record):
+    subnet: str
+    gateway: str | None = None
+    ip_range: str | None = None
+    aux: dict[str, str] = Field(default_factory=dict)
+
+
+class NetDefRecord(Record):
+    """A Docker network as the user created it on one host, for every other host to create too."""
+    name: str
+    uid: str                      # this definition (a re-created network with the same name has another)
+    origin_host: str
+    origin_id: str                # its Docker NetworkID on the origin host
+    options: dict[str, str] = Field(default_factory=dict)       # --opt
+    pools: list[PoolConfig] = Field(default_factory=list)      # --subnet/--gateway/--ip-range/--aux-address
+    ipam_options: dict[str, str] = Field(default_factory=dict)  # --ipam-opt
+    ipam_driver: str = "pyoverlay"  # "pyoverlay": each host's own pyoverlay, whatever Docker calls it there
+    internal: bool = False
+    ipv6: bool = False
+    attachable: bool = False
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class AliasRecord(Record):
+    """Names of one endpoint as Docker knows them (container name, --network-alias, short ID)."""
+    endpoint_id: str
+    network_key: str
+    host: str
+    container: str
+    names: list[str]

@@ -106,6 +106,10 @@ def create_app(rt: Runtime) -> Flask:
     for call, (model, handler) in ROUTES.items():
         app.add_url_rule(f"/{call}", endpoint=call, view_func=_view(rt, call, model, handler), methods=["POST"])
 
+    @app.get("/pyoverlay/status")
+    def status() -> Response:  # `pyoverlay status` (not a Docker call)
+        return Response(json.dumps(rt.status()), content_type="application/json")
+
     @app.errorhandler(404)
     @app.errorhandler(405)
     def unknown(err: Exception) -> Response:

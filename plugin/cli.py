@@ -24,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"pyoverlay {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="run the plugin (settings from the environment; see README)")
+    st = sub.add_parser("status", help="this host: networks, peers, Docker API, propagation, names")
+    st.add_argument("--json", action="store_true", help="machine-readable")
     args = parser.parse_args(argv)
     try:
         settings = config.load()
@@ -35,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
         from plugin.server import serve
 
         serve(settings)
+    elif args.command == "status":
+        from plugin.operator import status
+
+        return status(settings, as_json=args.json)
     return 0
 
 

@@ -56,6 +56,15 @@ def _pool(name: str, default: str) -> tuple[ipaddress.IPv4Network | ipaddress.IP
         raise ConfigError(f"{name}={raw!r}: expected BASE/SIZE such as {default}") from None
 
 
+def _bool(name: str, default: bool) -> bool:
+    raw = (_env(name) or "").lower()
+    if not raw:
+        return default
+    if raw not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        raise ConfigError(f"{name}={raw!r}: use true or false")
+    return raw in ("1", "true", "yes", "on")
+
+
 def _key_bits() -> int:
     bits = _int("PYOVERLAY_KEY_BITS", 128, 128, 256)
     if bits not in (128, 256):
@@ -89,6 +98,11 @@ class Settings:
     key_rotation: int                # seconds between new key pairs
     key_bits: int                    # AES-GCM key size for encrypted networks: 128 or 256
     threads: int
+    propagate: bool                  # plain Docker: networks created on one host appear on every host
+    dns: bool                        # names across hosts: a DNS server on every network's gateway
+    dns_upstreams: list[str]         # where other names go; empty = this host's /etc/resolv.conf
+    docker_host: str | None          # the local Docker API (DOCKER_HOST), None = Docker's default
+    docker_name: str | None          # the name Docker knows this plugin by; None = find out
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -142,4 +156,10 @@ def load() -> Settings:
         key_rotation=_int("PYOVERLAY_KEY_ROTATION", 12 * 3600, 10, 365 * 86400),
         key_bits=_key_bits(),
         threads=_int("PYOVERLAY_THREADS", 16, 2, 256),
+        # Swarm propagates networks and resolves names across nodes itself.
+        propagate=_bool("PYOVERLAY_PROPAGATE", scope == "local"),
+        dns=_bool("PYOVERLAY_DNS", scope == "local"),
+        dns_upstreams=[u.strip() for u in (_env("PYOVERLAY_DNS_UPSTREAMS", "") or "").split(",") if u.strip()],
+        docker_host=_env("DOCKER_HOST"),
+        docker_name=_env("PYOVERLAY_DOCKER_NAME"),
     )

@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from ipam.subnets import mac_from_ip
 from plugin import netns
 from plugin.errors import Conflict, InvalidRequest, Unavailable
 
@@ -63,6 +64,7 @@ class NetworkPlan:
     port: int
     mtu: int
     tag: str  # network key, recorded in the aliases
+    gateways: tuple[str, ...] = ()  # CIDR: held by the bridge on every host (the DNS server listens there)
 
 
 def ns_name(vni: int) -> str:
@@ -244,6 +246,7 @@ class DataPath:
             br = ipr.link_lookup(ifname=BRIDGE)
         bridx = br[0]
         ipr.link("set", index=bridx, mtu=plan.mtu, ifalias=self._tag("net", plan.tag), state="up")
+        self._ensure_gateways(ipr, bridx, plan.gateways)
 
         vx = ipr.link_lookup(ifname=VXLAN)
         if vx:
@@ -260,6 +263,23 @@ class DataPath:
         # No learning on the VXLAN port: remote MACs are known from etcd, and an entry learned from a proxied
         # ARP reply would black-hole a MAC that later moves onto this host until its container speaks.
         ipr.brport("set", index=vx[0], learning=0)
+
+    @staticmethod
+    def _ensure_gateways(ipr: IPRoute, bridx: int, gateways: tuple[str, ...]) -> None:
+        """The gateway addresses on the bridge, with a MAC that follows the first (a bridge otherwise takes
+        its ports' lowest MAC, which changes as containers come and go and leaves stale ARP entries).
+
+        Every host has the same address and MAC here; VXLAN never floods, so each host answers its own."""
+        if not gateways:
+            return
+        ipr.link("set", index=bridx, address=mac_from_ip(ipaddress.ip_interface(gateways[0]).ip))
+        have = {(_attr(a, "IFA_ADDRESS"), a["prefixlen"]) for a in ipr.get_addr(index=bridx)}
+        for gw in gateways:
+            iface = ipaddress.ip_interface(gw)
+            if (str(iface.ip), iface.network.prefixlen) in have:
+                continue
+            extra = {"flags": 0x02} if iface.version == 6 else {}  # IFA_F_NODAD: the same on every host
+            ipr.addr("add", index=bridx, address=str(iface.ip), prefixlen=iface.network.prefixlen, **extra)
 
     @staticmethod
     def _vxlan_mismatch(link: Any, plan: NetworkPlan, underlay: Underlay) -> str:

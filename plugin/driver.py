@@ -145,7 +145,7 @@ class NetworkDriver:
             try:
                 if record.encrypted:  # the guard exists before the network's VXLAN device can send
                     self.encryption.guard({**self.state.encrypted_vnis(), record.vni: record.key})
-                self.datapath.ensure_network(NetworkPlan(record.vni, record.port, mtu, record.key))
+                self.datapath.ensure_network(self._plan(record, mtu))
             except Exception as err:
                 self._undo_create(nid, record, created)
                 self._guard_quietly()
@@ -157,6 +157,11 @@ class NetworkDriver:
         log.info("network %s: key=%s vni=%d mtu=%d subnets=%s", _short(nid), record.key, record.vni, mtu,
                  ",".join(record.subnets))
         return {}
+
+    def _plan(self, record: NetworkRecord, mtu: int) -> NetworkPlan:
+        # The gateway addresses go on the bridge only for the DNS server (plugin/dns.py) to listen there.
+        gateways = tuple(g for g in (record.gateway, record.gateway6) if g) if self.settings.dns else ()
+        return NetworkPlan(record.vni, record.port, mtu, record.key, gateways)
 
     def _mtu(self, record: NetworkRecord) -> int:
         default = self.datapath.underlay().overlay_mtu() - (ESP_OVERHEAD if record.encrypted else 0)
@@ -288,6 +293,7 @@ class NetworkDriver:
             except ValueError:
                 continue
             if rec.host == host and self.store.commit(Txn().unchanged(kv.key, kv.mod_revision).delete(kv.key)):
+                self.store.delete(self.keys.aliases(rec.network_key, rec.endpoint_id))
                 changed += 1
         members, _ = self.store.range(self.keys.all_members(), keys_only=True)
         for kv in members:
@@ -419,13 +425,15 @@ class NetworkDriver:
         return {}
 
     def _forget_endpoint_record(self, record: EndpointRecord) -> None:
-        key = self.keys.endpoint(record.network_key, record.endpoint_id)
-        try:
-            self.store.delete(key)
-        except StoreError as err:
-            log.warning("endpoint %s: etcd unreachable (%s); record removal queued",
-                        _short(record.endpoint_id), err)
-            self.state.defer({"op": "delete", "key": key})
+        # Its DNS aliases go with it (plugin/aliases.py writes them; a name must stop resolving now).
+        for key in (self.keys.endpoint(record.network_key, record.endpoint_id),
+                    self.keys.aliases(record.network_key, record.endpoint_id)):
+            try:
+                self.store.delete(key)
+            except StoreError as err:
+                log.warning("endpoint %s: etcd unreachable (%s); record removal queued",
+                            _short(record.endpoint_id), err)
+                self.state.defer({"op": "delete", "key": key})
 
     def join(self, req: p.Join) -> dict[str, Any]:
         ep = self.state.endpoint(req.EndpointID)
@@ -472,8 +480,7 @@ class NetworkDriver:
                 continue
             known_vnis.add(local.record.vni)
             try:
-                self.datapath.ensure_network(NetworkPlan(local.record.vni, local.record.port, local.mtu,
-                                                         local.record.key))
+                self.datapath.ensure_network(self._plan(local.record, local.mtu))
             except Exception as err:  # noqa: BLE001 - keep restoring the others
                 log.error("restore network %s (vni %d): %s", local.record.key, local.record.vni, err)
         for vni in self.datapath.list_networks():

@@ -50,6 +50,8 @@ class PeerSync:
         self._watches: list[PrefixWatch] = []
         self._background = ThreadPoolExecutor(1, thread_name_prefix="peers")
         self.on_seen_change: Callable[[], None] = lambda: None
+        # Endpoints and live hosts changed (the DNS names follow them).
+        self.on_change: Callable[[list[EndpointRecord], dict[str, HostRecord]], None] = lambda e, h: None
 
     def start(self) -> None:
         self._watches = [
@@ -141,6 +143,10 @@ class PeerSync:
                         added += 1
             if added or removed:
                 log.info("peers: %d programmed, %d removed", added, removed)
+            try:
+                self.on_change(list(self.endpoints.values()), dict(self.hosts))
+            except Exception:  # noqa: BLE001
+                log.exception("updating names")
             try:
                 if self.encryption.sync(dict(self.hosts), self.state.encrypted_vnis()):
                     self.on_seen_change()  # peers switch their sending on our ack: publish it now

@@ -11,20 +11,25 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Any
 
 from ipam.allocator import DefaultPools, Ipam
 from kvstore import Keys, KVStore, StoreError
 from kvstore.records import HostRecord
 from plugin import __version__, metrics
+from plugin.aliases import AliasPublisher
 from plugin.config import Settings
 from plugin.datapath import DataPath
 from plugin.departures import Departures
+from plugin.dockerapi import DockerAPI, DockerWatch, Listener, socket_name
 from plugin.driver import NetworkDriver
 from plugin.encryption import Encryption
 from plugin.errors import Unavailable
 from plugin.ipsec import IPsec
 from plugin.keys import KeyRing
+from plugin.names import NameService
 from plugin.peers import PeerSync
+from plugin.propagation import Propagation
 from plugin.state import LocalState
 
 log = logging.getLogger(__name__)
@@ -47,8 +52,23 @@ class Runtime:
         self.driver = NetworkDriver(settings, self.store, self.keys, self.datapath, self.state, self.ipam,
                                     self.encryption)
         self.peers = PeerSync(self.store, self.keys, self.datapath, self.state, settings.host, self.encryption)
-        self.driver.on_network_change = self.peers.network_changed
         self.peers.on_seen_change = self.wake
+        # The cluster experience on plain Docker: names across hosts, networks on every host.
+        self.names = NameService(self.store, self.keys, self.state, self.datapath, settings.dns_upstreams) \
+            if settings.dns else None
+        self.propagation = Propagation(self.store, self.keys, self.state, settings.host) \
+            if settings.propagate else None
+        listeners: list[Listener] = []
+        if self.propagation is not None:
+            listeners.append(self.propagation)
+        if self.names is not None:
+            self.peers.on_change = self.names.changed
+            listeners.append(AliasPublisher(self.store, self.keys, self.state, settings.host))
+        self.docker = DockerWatch(DockerAPI(settings.docker_host, socket_name(settings.socket), settings.docker_name),
+                                  listeners) if listeners else None
+        if self.propagation is not None:
+            self.propagation.watcher = self.docker
+        self.driver.on_network_change = self._network_changed
         self.departures = Departures(self.store, self.keys, settings.host, settings.dead_host_grace,
                                      [self.driver.forget_host, self.ipam.forget_host])
         self.ready = threading.Event()
@@ -64,6 +84,27 @@ class Runtime:
     def start(self) -> None:
         self._thread.start()
 
+    def _network_changed(self) -> None:
+        self.peers.network_changed()
+        if self.names is not None:
+            self.names.networks_changed()
+        if self.docker is not None:
+            self.docker.kick()
+
+    def status(self) -> dict[str, Any]:
+        """What `pyoverlay status` shows (the plugin's own view, no etcd round trip)."""
+        return {
+            "host": self.settings.host, "stage": self.stage, "scope": self.settings.scope,
+            "networks": {n.record.key: {"docker_id": nid[:12], "vni": n.record.vni, "mtu": n.mtu,
+                                        "encrypted": n.record.encrypted, "subnets": n.record.subnets}
+                         for nid, n in self.state.data.networks.items()},
+            "peers": {str(vni): {"expected": e, "programmed": p} for vni, (e, p) in self.peers.counts().items()},
+            "docker_api": None if self.docker is None else {
+                "connected": self.docker.api.connected.is_set(), "error": self.docker.api.last_error},
+            "propagation": None if self.propagation is None else self.propagation.status(),
+            "dns": None if self.names is None else self.names.status(),
+        }
+
     def wake(self) -> None:
         """Run the background work now rather than at the next interval (a record to publish)."""
         self._wake.set()
@@ -71,6 +112,9 @@ class Runtime:
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
+        for part in (self.docker, self.propagation, self.names):
+            if part is not None:
+                part.stop()
         self.peers.stop()
         self._thread.join(timeout=5)
 
@@ -91,6 +135,9 @@ class Runtime:
         self.stage = "ready"
         self.ready.set()
         self.peers.start()
+        for part in (self.names, self.propagation, self.docker):
+            if part is not None:
+                part.start()
         log.info("ready: host=%s scope=%s state=%s", self.settings.host, self.settings.scope,
                  self.settings.state_dir)
         interval = max(1.0, self.settings.lease_ttl / 3)

@@ -35,6 +35,7 @@ class StateFile(BaseModel):
     networks: dict[str, LocalNetwork] = Field(default_factory=dict)     # by Docker NetworkID
     endpoints: dict[str, LocalEndpoint] = Field(default_factory=dict)   # by EndpointID
     pending: list[dict[str, str]] = Field(default_factory=list)         # etcd changes to retry
+    originated: dict[str, str] = Field(default_factory=dict)  # Docker NetworkID -> uid of the definition
 
 
 class LocalState:

@@ -2,27 +2,16 @@
 
 from __future__ import annotations
 
-import http.client
 import json
-import socket
 from pathlib import Path
 from typing import Any
 
-
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float = 30) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self.path = path
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self.path)
+from plugin.operator import UnixHTTP
 
 
 def call(sock: Path | str, method: str, body: Any = None, raw: bytes | None = None,
          timeout: float = 30) -> tuple[int, dict[str, Any]]:
-    conn = _UnixConnection(str(sock), timeout)
+    conn = UnixHTTP(str(sock), timeout)
     try:
         data = raw if raw is not None else (b"" if body is None else json.dumps(body).encode())
         conn.request("POST", f"/{method}", body=data,

@@ -309,6 +309,9 @@ class DockerHost:
             "ETCD_ENDPOINTS": self.rig.etcd.url(self.rig.root_ip),
             "PYOVERLAY_ETCD_PREFIX": self.rig.etcd_prefix,
             "LOG_LEVEL": "info",
+            "DOCKER_HOST": f"unix://{self.sock}",
+            # Most tests create a network on each host by hand; tests/test_cluster.py turns propagation on.
+            "PYOVERLAY_PROPAGATE": "false",
             **self.plugin_env,
         }
         # A killed plugin leaves its socket file: do not mistake it for the new one listening.
@@ -333,6 +336,8 @@ class DockerHost:
             "ETCD_ENDPOINTS": self.rig.etcd.url(self.rig.root_ip),
             "PYOVERLAY_ETCD_PREFIX": self.rig.etcd_prefix,
             "PYOVERLAY_VTEP": self.ip,
+            "docker.source": str(self.dir),  # this host's docker.sock is there
+            "PYOVERLAY_PROPAGATE": "false",
             **env,
         }
         self.docker("plugin", "set", name, *(f"{k}={v}" for k, v in settings.items()))

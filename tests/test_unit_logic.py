@@ -158,3 +158,52 @@ def test_rotation_waits_for_every_peer_to_take_the_current_epoch(tmp_path) -> No
     enc._hosts["h3"] = peer("h3", {"h1": epoch - 1})
     enc._rotated -= ROTATION_PATIENCE * 60
     assert enc.rotation_due(), "a stuck peer holds it back for a bounded time only"
+
+
+def test_dns_zones_and_answers() -> None:
+    import dns.message
+    import dns.rcode
+
+    from kvstore.records import AliasRecord, EndpointRecord
+    from plugin.dns import answer, build_zones
+
+    def ep(eid: str, name: str, addr: str, host: str, addr6: str | None = None) -> EndpointRecord:
+        return EndpointRecord(endpoint_id=eid, network_key="n1", docker_network_id="d", host=host, vtep="1.1.1.1",
+                              mac="02:42:00:00:00:01", address=addr, address6=addr6, name=name)
+
+    endpoints = [ep("e1", "web", "10.0.0.5/24", "h1", "fd00::5/64"), ep("e2", "db", "10.0.0.6/24", "gone"),
+                 ep("e3", "old-name", "10.0.0.7/24", "h2")]
+    aliases = [AliasRecord(endpoint_id="e3", network_key="n1", host="h2", container="c", names=["new-name", "api"])]
+    zone = build_zones(endpoints, {"h1", "h2"}, aliases)["n1"]
+    assert zone.forward["web"] == {"10.0.0.5", "fd00::5"}
+    assert "db" not in zone.forward, "a dead host's names do not resolve"
+    assert "old-name" not in zone.forward and zone.forward["api"] == {"10.0.0.7"}, "Docker's current names win"
+
+    def ask(name: str, rdtype: str) -> dns.message.Message | None:
+        return answer(dns.message.make_query(name, rdtype), zone)
+
+    a = ask("WEB.", "A")
+    assert a is not None and [r.to_text() for r in a.answer[0]] == ["10.0.0.5"] and a.answer[0].ttl <= 2
+    aaaa = ask("web", "AAAA")
+    assert aaaa is not None and [r.to_text() for r in aaaa.answer[0]] == ["fd00::5"]
+    empty = ask("api", "AAAA")
+    assert empty is not None and empty.rcode() == dns.rcode.NOERROR and not empty.answer, "NODATA, not NXDOMAIN"
+    ptr = ask("5.0.0.10.in-addr.arpa", "PTR")
+    assert ptr is not None and [r.to_text() for r in ptr.answer[0]] == ["web."]
+    assert ask("example.org", "A") is None, "anything else is forwarded"
+
+
+def test_propagation_definitions() -> None:
+    from plugin.propagation import LABEL_DEF, OURS, definition_of, same_network
+
+    inspect = {"Name": "app", "Id": "abc", "Driver": "pyoverlay:latest", "Internal": True, "EnableIPv6": False,
+               "Options": {"encrypted": ""}, "Labels": {"team": "blue", LABEL_DEF: "x"},
+               "IPAM": {"Driver": "pyoverlay:latest", "Options": {},
+                        "Config": [{"Subnet": "10.1.0.0/24", "Gateway": "10.1.0.1"}]}}
+    d = definition_of(inspect, "h1", "pyoverlay:latest")
+    assert d.ipam_driver == OURS and d.internal and d.labels == {"team": "blue"} and d.origin_id == "abc"
+    assert d.pools[0].subnet == "10.1.0.0/24" and d.pools[0].gateway == "10.1.0.1"
+    other = d.model_copy(update={"uid": "y", "origin_host": "h2"})
+    assert same_network(d, other) is None, "who made it and its uid do not matter"
+    assert "subnets" in (same_network(d, d.model_copy(update={"pools": []})) or "")
+    assert "--opt" in (same_network(d, d.model_copy(update={"options": {}})) or "")

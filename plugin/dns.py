@@ -1,0 +1,291 @@
+"""Names across hosts: a DNS server on each pyoverlay network's gateway address, fed from etcd.
+
+Docker's embedded DNS (127.0.0.11) knows only the containers of its own host. It forwards every name it
+does not know to the container's external DNS servers, from inside the container's namespace. So a
+container started with `--dns <gateway of the network>` asks this server for names on other hosts:
+
+- the gateway address (and a fixed MAC) sits on the network's bridge in its namespace on every host, so
+  the query never leaves the host; this server's sockets are bound there (one UDP + one TCP per network);
+- it answers A/AAAA/PTR for the containers of that network on every live host: their container names
+  (from the endpoint records) and their aliases (`--network-alias`, short IDs; AliasRecord, written by
+  plugin/dockerapi.py), case-insensitively, with a short TTL so a moved or removed name is not cached;
+- anything else is forwarded to this host's own resolvers (PYOVERLAY_DNS_UPSTREAMS, else the host's
+  /etc/resolv.conf), so other names resolve exactly as before.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import selectors
+import socket
+import struct
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import dns.flags
+import dns.message
+import dns.name
+import dns.query
+import dns.rcode
+import dns.rdataclass
+import dns.rdatatype
+import dns.resolver
+import dns.reversename
+import dns.rrset
+
+from kvstore.records import AliasRecord, EndpointRecord
+from plugin import netns
+
+log = logging.getLogger(__name__)
+
+TTL = 1                # seconds: names follow containers that move; resolvers must not keep them long
+UPSTREAM_TIMEOUT = 2.0
+PORT = 53
+
+
+@dataclass
+class Zone:
+    """The names of one network: name -> addresses, address -> names."""
+    forward: dict[str, set[str]] = field(default_factory=dict)
+    reverse: dict[str, set[str]] = field(default_factory=dict)
+
+    def add(self, name: str, address: str) -> None:
+        name = name.strip().rstrip(".").lower()
+        if not name:
+            return
+        self.forward.setdefault(name, set()).add(address)
+        self.reverse.setdefault(address, set()).add(name)
+
+
+def build_zones(endpoints: Iterable[EndpointRecord], live_hosts: set[str],
+                aliases: Iterable[AliasRecord]) -> dict[str, Zone]:
+    """Network key -> its names, from the endpoint records of live hosts and their aliases."""
+    docker_names = {al.endpoint_id: al.names for al in aliases}
+    zones: dict[str, Zone] = {}
+    for ep in endpoints:
+        if ep.host not in live_hosts:
+            continue
+        zone = zones.setdefault(ep.network_key, Zone())
+        # What Docker says now (a rename, aliases) wins over the name given at CreateEndpoint.
+        names = docker_names.get(ep.endpoint_id) or ([ep.name] if ep.name else [])
+        for addr in (ep.address, ep.address6):
+            if addr:
+                for name in names:
+                    zone.add(name, addr.split("/")[0])
+    return zones
+
+
+def answer(query: dns.message.Message, zone: Zone | None) -> dns.message.Message | None:
+    """The answer from the network's own names, or None when the name is not one of them (forward it)."""
+    if zone is None or len(query.question) != 1:
+        return None
+    q = query.question[0]
+    if q.rdclass != dns.rdataclass.IN:
+        return None
+    text = q.name.to_text(omit_final_dot=True).lower()
+    reply = dns.message.make_response(query, recursion_available=True)
+    reply.flags |= dns.flags.AA
+    if q.rdtype == dns.rdatatype.PTR:
+        try:
+            address = dns.reversename.to_address(q.name)
+        except (dns.exception.SyntaxError, ValueError):
+            return None
+        names = zone.reverse.get(str(ipaddress.ip_address(address)))
+        if not names:
+            return None
+        reply.answer.append(dns.rrset.from_text_list(q.name, TTL, "IN", "PTR", [f"{n}." for n in sorted(names)]))
+        return reply
+    addresses = zone.forward.get(text)
+    if addresses is None:
+        return None
+    family = {dns.rdatatype.A: 4, dns.rdatatype.AAAA: 6}.get(q.rdtype)
+    matching = sorted(a for a in addresses if ipaddress.ip_address(a).version == family)
+    if matching:
+        rdtype = "A" if family == 4 else "AAAA"
+        reply.answer.append(dns.rrset.from_text_list(q.name, TTL, "IN", rdtype, matching))
+    return reply  # a known name without this record type: NOERROR, no data (not NXDOMAIN)
+
+
+def upstreams_from_host() -> list[str]:
+    try:
+        return [str(s) for s in dns.resolver.Resolver(configure=True).nameservers]
+    except (dns.resolver.NoResolverConfiguration, OSError):
+        return []
+
+
+@dataclass
+class _Listener:
+    nkey: str
+    address: str
+    udp: socket.socket
+    tcp: socket.socket
+
+
+class NameServer:
+    """One thread serving every local network's gateway sockets; zones are swapped in whole."""
+
+    def __init__(self, upstreams: list[str] | None) -> None:
+        self.upstreams = upstreams if upstreams else upstreams_from_host()
+        self.zones: dict[str, Zone] = {}
+        self.queries = 0
+        self._listeners: dict[tuple[str, str], _Listener] = {}   # (netns path, address) -> sockets
+        self._lock = threading.Lock()
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="dns", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake_w.send(b"x")
+        self._thread.join(timeout=5)
+        for key in list(self._listeners):
+            self._close(key)
+
+    def set_zones(self, zones: dict[str, Zone]) -> None:
+        self.zones = zones  # one assignment: the serving thread sees the old or the new, never a mix
+
+    # -- sockets ----------------------------------------------------------------------------------------
+
+    def serve_networks(self, wanted: dict[tuple[str, str], str]) -> None:
+        """Listen on exactly these (namespace path, gateway address) -> network key; idempotent."""
+        with self._lock:
+            for key in set(self._listeners) - set(wanted):
+                self._close(key)
+            for key, nkey in wanted.items():
+                if key in self._listeners:
+                    self._listeners[key].nkey = nkey
+                    continue
+                try:
+                    self._open(key, nkey)
+                except OSError as err:
+                    log.error("DNS for network %s on %s: %s; names on other hosts will not resolve there",
+                              nkey, key[1], err)
+        self._wake_w.send(b"x")
+
+    def _open(self, key: tuple[str, str], nkey: str) -> None:
+        path, address = key
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+
+        def make() -> tuple[socket.socket, socket.socket]:
+            udp = socket.socket(family, socket.SOCK_DGRAM)
+            tcp = socket.socket(family, socket.SOCK_STREAM)
+            for s in (udp, tcp):
+                # The address may be added to the bridge a moment later (or be moving): bind anyway.
+                s.setsockopt(socket.SOL_IP, 15, 1)  # IP_FREEBIND (IPv6 sockets honour it too)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind((address, PORT))
+                s.setblocking(False)
+            tcp.listen(64)
+            return udp, tcp
+
+        udp, tcp = netns.run_in(Path(path), make)
+        listener = _Listener(nkey, address, udp, tcp)
+        self._listeners[key] = listener
+        self._selector.register(udp, selectors.EVENT_READ, listener)
+        self._selector.register(tcp, selectors.EVENT_READ, listener)
+        log.info("DNS for network %s on %s:%d", nkey, address, PORT)
+
+    def _close(self, key: tuple[str, str]) -> None:
+        listener = self._listeners.pop(key, None)
+        if listener is None:
+            return
+        for s in (listener.udp, listener.tcp):
+            try:
+                self._selector.unregister(s)
+            except (KeyError, ValueError):
+                pass
+            s.close()
+
+    def serving(self) -> list[tuple[str, str]]:
+        with self._lock:
+            return sorted((lst.nkey, lst.address) for lst in self._listeners.values())
+
+    # -- serving ----------------------------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                events = self._selector.select(timeout=1.0)
+            except (OSError, ValueError):
+                continue  # a socket closed under us by serve_networks
+            for sel_key, _ in events:
+                if sel_key.data is None:
+                    self._wake_r.recv(64)
+                    continue
+                listener: _Listener = sel_key.data
+                sock = sel_key.fileobj
+                try:
+                    if sock is listener.udp:
+                        data, peer = listener.udp.recvfrom(4096)
+                        threading.Thread(target=self._udp, args=(listener, data, peer), daemon=True).start()
+                    else:
+                        conn, _ = listener.tcp.accept()
+                        threading.Thread(target=self._tcp, args=(listener, conn), daemon=True).start()
+                except OSError:
+                    continue
+
+    def _udp(self, listener: _Listener, data: bytes, peer: tuple[str, int]) -> None:
+        reply = self.resolve(data, listener.nkey, tcp=False)
+        if reply is not None:
+            try:
+                listener.udp.sendto(reply, peer)
+            except OSError as err:
+                log.debug("DNS reply to %s: %s", peer, err)
+
+    def _tcp(self, listener: _Listener, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(5)
+            try:
+                while True:
+                    head = _recv_exact(conn, 2)
+                    if not head:
+                        return
+                    data = _recv_exact(conn, struct.unpack("!H", head)[0])
+                    reply = self.resolve(data, listener.nkey, tcp=True)
+                    if reply is None:
+                        return
+                    conn.sendall(struct.pack("!H", len(reply)) + reply)
+            except OSError:
+                return
+
+    def resolve(self, data: bytes, nkey: str, tcp: bool) -> bytes | None:
+        """Wire query in, wire reply out (None: unparseable, dropped)."""
+        self.queries += 1
+        try:
+            query = dns.message.from_wire(data)
+        except Exception:  # noqa: BLE001 - anything malformed is dropped, as resolvers do
+            return None
+        mine = answer(query, self.zones.get(nkey))
+        if mine is not None:
+            return mine.to_wire(max_size=65535 if tcp else 512)
+        return self._forward(query, tcp).to_wire(max_size=65535 if tcp else 4096)
+
+    def _forward(self, query: dns.message.Message, tcp: bool) -> dns.message.Message:
+        for upstream in self.upstreams:
+            try:
+                if tcp:
+                    return dns.query.tcp(query, upstream, timeout=UPSTREAM_TIMEOUT)
+                return dns.query.udp(query, upstream, timeout=UPSTREAM_TIMEOUT, ignore_trailing=True)
+            except (OSError, dns.exception.DNSException) as err:
+                log.debug("upstream %s: %s", upstream, err)
+        reply = dns.message.make_response(query, recursion_available=True)
+        reply.set_rcode(dns.rcode.SERVFAIL)
+        return reply
+
+
+def _recv_exact(conn: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = conn.recv(n - len(buf))
+        if not chunk:
+            return b""
+        buf += chunk
+    return buf

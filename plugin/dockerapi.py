@@ -1,0 +1,178 @@
+"""The local Docker daemon's API: events in, network and container calls out (plain Docker only).
+
+DOCKER_HOST as the Docker CLI reads it (default unix:///var/run/docker.sock). dockerd starts its plugins
+before it serves its API, so nothing here may hold up the plugin's start: one thread connects (and
+reconnects, with backoff) and streams events into a queue; one worker thread runs the listeners, in
+order, on every event and every few seconds besides (their periodic resync, which also retries what
+failed). Listeners are plugin/propagation.py (networks on every host) and plugin/aliases.py (names).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import docker
+import docker.errors
+import requests.exceptions
+from tenacity import Retrying, retry_if_exception_type, wait_exponential
+
+log = logging.getLogger(__name__)
+
+RESYNC = 5.0  # seconds between resyncs (they retry pending removals, re-publish what failed)
+API_ERRORS = (docker.errors.DockerException, requests.exceptions.RequestException, OSError)
+
+
+class Listener(Protocol):
+    def resync(self, api: DockerAPI) -> None: ...
+
+    def on_event(self, api: DockerAPI, event: dict[str, Any]) -> None: ...
+
+
+class DockerAPI:
+    def __init__(self, base_url: str | None, socket_name: str, driver_name: str | None) -> None:
+        self.base_url = base_url
+        self.socket_name = socket_name          # a legacy plugin is known by its socket's name
+        self._driver_name = driver_name
+        self._client: docker.DockerClient | None = None
+        self.connected = threading.Event()
+        self.last_error = ""
+
+    @property
+    def client(self) -> docker.DockerClient:
+        if self._client is None:
+            kwargs: dict[str, Any] = {"version": "auto", "timeout": 10}
+            self._client = (docker.DockerClient(base_url=self.base_url, **kwargs) if self.base_url
+                            else docker.from_env(**kwargs))
+        return self._client
+
+    def close(self) -> None:
+        if self._client is not None:
+            try:
+                self._client.close()
+            except Exception:  # noqa: BLE001 - closing a broken connection
+                pass
+            self._client = None
+        self.connected.clear()
+
+    def driver_name(self) -> str:
+        """The name Docker knows this plugin by: a managed plugin's reference (pyoverlay:latest), else the
+        socket's name (pyoverlay). PYOVERLAY_DOCKER_NAME overrides."""
+        if self._driver_name is None:
+            name = self.socket_name
+            for plugin in self.client.plugins.list():
+                cfg = plugin.attrs.get("Config", {})
+                types = [f"{t.get('Prefix')}.{t.get('Capability')}" for t in cfg.get("Interface", {}).get("Types", [])]
+                if plugin.enabled and cfg.get("Interface", {}).get("Socket") == f"{self.socket_name}.sock" and \
+                        "docker.networkdriver" in types:
+                    name = plugin.name
+                    break
+            self._driver_name = name
+            log.info("this plugin is known to Docker as %s", name)
+        return self._driver_name
+
+    def ours(self, driver: str | None) -> bool:
+        return bool(driver) and driver == self.driver_name()
+
+
+class DockerWatch:
+    """Connect, follow events, hand them to the listeners; never blocks the caller."""
+
+    def __init__(self, api: DockerAPI, listeners: list[Listener]) -> None:
+        self.api = api
+        self.listeners = listeners
+        self._events: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self._stop = threading.Event()
+        self._stream: Any = None
+        self._threads = [threading.Thread(target=self._follow, name="docker-events", daemon=True),
+                         threading.Thread(target=self._work, name="docker-work", daemon=True)]
+
+    def start(self) -> None:
+        for t in self._threads:
+            t.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._events.put(None)
+        if self._stream is not None:
+            try:
+                self._stream.close()
+            except Exception:  # noqa: BLE001
+                pass
+        self.api.close()
+
+    def kick(self) -> None:
+        """Resync soon (something in etcd changed)."""
+        self._events.put({"Type": "pyoverlay", "Action": "resync"})
+
+    def _follow(self) -> None:
+        retrying = Retrying(wait=wait_exponential(multiplier=0.5, max=10), retry=retry_if_exception_type(API_ERRORS),
+                            before_sleep=self._log_retry, reraise=True)
+        while not self._stop.is_set():
+            try:
+                for attempt in retrying:
+                    with attempt:
+                        if self._stop.is_set():
+                            return
+                        self._stream_events()
+            except API_ERRORS:
+                continue
+            except Exception:  # noqa: BLE001 - the thread must survive anything
+                log.exception("following Docker events")
+                time.sleep(2)
+
+    def _log_retry(self, state: Any) -> None:
+        err = state.outcome.exception() if state.outcome else None
+        text = f"{type(err).__name__}: {err}" if err else "?"
+        if text != self.api.last_error:
+            log.warning("Docker API at %s: %s; retrying (network propagation and names wait)",
+                        self.api.base_url or "DOCKER_HOST/default", text)
+            self.api.last_error = text
+        self.api.close()
+
+    def _stream_events(self) -> None:
+        client = self.api.client
+        client.ping()
+        self.api.driver_name()
+        self._stream = client.events(decode=True, filters={"type": ["network", "container"]})
+        self.api.connected.set()
+        self.api.last_error = ""
+        self.kick()  # a full resync once connected: whatever happened while we were not
+        for event in self._stream:
+            if self._stop.is_set():
+                return
+            self._events.put(event)
+        if not self._stop.is_set():
+            raise requests.exceptions.ConnectionError("the event stream ended")
+
+    def _work(self) -> None:
+        last = 0.0
+        while not self._stop.is_set():
+            try:
+                event = self._events.get(timeout=RESYNC)
+            except queue.Empty:
+                event = {"Type": "pyoverlay", "Action": "resync"}
+            if event is None or not self.api.connected.is_set():
+                continue
+            for listener in self.listeners:
+                try:
+                    if event.get("Type") == "pyoverlay":
+                        if time.monotonic() - last < 0.2 and self._events.qsize():
+                            continue  # a burst of kicks: the last one does it
+                        listener.resync(self.api)
+                    else:
+                        listener.on_event(self.api, event)
+                except API_ERRORS as err:
+                    log.warning("Docker API: %s (retried at the next resync)", err)
+                except Exception:  # noqa: BLE001
+                    log.exception("handling Docker event %s", event.get("Action"))
+            if event.get("Type") == "pyoverlay":
+                last = time.monotonic()
+
+
+def socket_name(path: Path) -> str:
+    return path.name.removesuffix(".sock")

@@ -1,0 +1,97 @@
+"""Feeds the DNS server (plugin/dns.py): which networks it serves here, and every network's names.
+
+Endpoints and live hosts come from the peer watches (plugin/peers.py calls `changed`); aliases from a
+watch of their own. Zones are rebuilt whole on each change (a few thousand names take milliseconds) and
+swapped in, so a name that moves or goes is answered differently at the next query.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from kvstore import KV, Keys, KVStore, WatchEvent
+from kvstore.client import PrefixWatch
+from kvstore.records import AliasRecord, EndpointRecord, HostRecord
+from plugin.datapath import DataPath
+from plugin.dns import NameServer, build_zones
+from plugin.state import LocalState
+
+log = logging.getLogger(__name__)
+
+
+class NameService:
+    def __init__(self, store: KVStore, keys: Keys, state: LocalState, datapath: DataPath,
+                 upstreams: list[str] | None) -> None:
+        self.store = store
+        self.keys = keys
+        self.state = state
+        self.datapath = datapath
+        self.server = NameServer(upstreams)
+        self.aliases: dict[str, AliasRecord] = {}
+        self._endpoints: list[EndpointRecord] = []
+        self._hosts: set[str] = set()
+        self._lock = threading.Lock()
+        self._watch: PrefixWatch | None = None
+
+    def start(self) -> None:
+        self.server.start()
+        self.networks_changed()
+        self._watch = self.store.watch_prefix(self.keys.all_aliases(), self._snapshot, self._events)
+
+    def stop(self) -> None:
+        if self._watch is not None:
+            self._watch.stop()
+        self.server.stop()
+
+    def _snapshot(self, kvs: list[KV], revision: int) -> None:
+        with self._lock:
+            self.aliases = {}
+            for kv in kvs:
+                rec = _load(kv.value)
+                if rec is not None:
+                    self.aliases[kv.key] = rec
+        self._rebuild()
+
+    def _events(self, events: list[WatchEvent]) -> None:
+        with self._lock:
+            for ev in events:
+                rec = _load(ev.value) if ev.kind == "put" else None
+                if rec is None:
+                    self.aliases.pop(ev.key, None)
+                else:
+                    self.aliases[ev.key] = rec
+        self._rebuild()
+
+    def changed(self, endpoints: list[EndpointRecord], hosts: dict[str, HostRecord]) -> None:
+        """The peer watches moved (endpoints or live hosts)."""
+        with self._lock:
+            self._endpoints, self._hosts = endpoints, set(hosts)
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        with self._lock:
+            zones = build_zones(self._endpoints, self._hosts, list(self.aliases.values()))
+        self.server.set_zones(zones)
+
+    def networks_changed(self) -> None:
+        """Listen on the gateway of every local network (and nowhere else)."""
+        wanted = {}
+        for local in list(self.state.data.networks.values()):
+            for gw in (local.record.gateway, local.record.gateway6):
+                if gw:
+                    wanted[(str(self.datapath.ns_path(local.record.vni)), gw.split("/")[0])] = local.record.key
+        self.server.serve_networks(wanted)
+
+    def status(self) -> dict[str, object]:
+        zones = self.server.zones
+        return {"serving": [f"{n} on {a}:53" for n, a in self.server.serving()],
+                "names": {nkey: sorted(z.forward) for nkey, z in sorted(zones.items())},
+                "queries": self.server.queries, "upstreams": self.server.upstreams}
+
+
+def _load(raw: bytes) -> AliasRecord | None:
+    try:
+        return AliasRecord.load(raw)
+    except ValueError:
+        return None

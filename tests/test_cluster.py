@@ -1,0 +1,173 @@
+"""The cluster experience on plain Docker: a network created on one host appears on every host, and
+containers resolve each other's names across hosts (3 simulated hosts, real dockerd, real etcd).
+
+Names: a container started with `--dns <gateway of the network>` asks pyoverlay's DNS server (on the
+gateway address, in the network's namespace) for what Docker's embedded DNS does not know. "The internet"
+is a small DNS server on the root namespace's underlay address (tests/dns_upstream.py).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.rig import PYOVERLAY, ROOT, DockerHost, Rig, cleanup_stale, sh, wait_for
+
+pytestmark = pytest.mark.docker
+
+PY = ("-d", "pyoverlay", "--ipam-driver", "pyoverlay")
+EXTERNAL = ("external.example", "192.0.2.55")
+
+
+@pytest.fixture(scope="module")
+def rig3() -> Iterator[Rig]:
+    cleanup_stale()
+    rig = Rig()
+    upstream = None
+    try:
+        rig.up(3, plugin=False)
+        upstream = subprocess.Popen([sys.executable, "-m", "tests.dns_upstream", rig.root_ip, "=".join(EXTERNAL)],
+                                    cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert upstream.stdout is not None and upstream.stdout.readline().strip() == "ready"
+        for h in rig.hosts[:2]:  # h3 comes later (test_a_late_host_gets_every_network)
+            start(h, rig)
+        yield rig
+    finally:
+        for h in rig.hosts:
+            print(f"--- {h.name} plugin log (tail)\n" + "\n".join(h.plugin_log().splitlines()[-60:]))
+        if upstream is not None:
+            upstream.kill()
+            upstream.wait()
+        rig.down()
+
+
+def start(h: DockerHost, rig: Rig) -> None:
+    h.start_plugin(PYOVERLAY_PROPAGATE="true", PYOVERLAY_DNS_UPSTREAMS=rig.root_ip)
+
+
+def status(h: DockerHost) -> dict:  # type: ignore[type-arg]
+    res = sh(*h.enter(), "env", f"PYOVERLAY_SOCKET={h.plugin_sock}", PYOVERLAY, "status", "--json")
+    return json.loads(res.stdout)  # type: ignore[no-any-return]
+
+
+def inspect(h: DockerHost, name: str) -> dict | None:  # type: ignore[type-arg]
+    res = h.docker("network", "inspect", name, check=False)
+    return json.loads(res.stdout)[0] if res.returncode == 0 else None
+
+
+def appears(h: DockerHost, name: str, timeout: float = 10) -> float:
+    began = time.monotonic()
+    wait_for(f"{name} on {h.name}", lambda: inspect(h, name) is not None, timeout=timeout, interval=0.05)
+    return time.monotonic() - began
+
+
+def test_a_network_created_on_one_host_appears_on_every_host(rig3: Rig) -> None:
+    h1, h2, _ = rig3.hosts
+    h1.docker("network", "create", *PY, "--subnet", "10.61.0.0/24", "--gateway", "10.61.0.254",
+              "--opt", "com.docker.network.driver.mtu=1300", "--label", "team=blue", "app")
+    took = appears(h2, "app")
+    print(f"app appeared on h2 {took:.2f} s after docker network create returned on h1")
+    a, b = inspect(h1, "app"), inspect(h2, "app")
+    assert a is not None and b is not None
+    assert b["Driver"] == "pyoverlay" and b["IPAM"]["Driver"] == "pyoverlay"
+    assert b["IPAM"]["Config"] == a["IPAM"]["Config"] == [{"Subnet": "10.61.0.0/24", "Gateway": "10.61.0.254"}]
+    assert b["Options"] == a["Options"] == {"com.docker.network.driver.mtu": "1300"}
+    assert b["Labels"]["team"] == "blue" and b["Labels"]["pyoverlay.origin"] == "h1"
+    vnis = [status(h)["networks"]["10.61.0.0_24"]["vni"] for h in (h1, h2)]
+    assert vnis[0] == vnis[1], "the same VNI on both hosts"
+    # --internal too, and a network made without --subnet gets the subnet its origin got.
+    h2.docker("network", "create", *PY, "--internal", "quiet")
+    appears(h1, "quiet")
+    q1, q2 = inspect(h1, "quiet"), inspect(h2, "quiet")
+    assert q1 is not None and q2 is not None and q1["Internal"] is True
+    assert q1["IPAM"]["Config"] == q2["IPAM"]["Config"]
+    # The copies are not published again (no loop): one definition each.
+    defs = [k for k in rig3.etcd.keys(f"{rig3.etcd_prefix}/netdefs/")]
+    assert sorted(d.rsplit("/", 1)[-1] for d in defs) == ["app", "quiet"]
+    # Containers on the propagated network reach each other across hosts.
+    h1.run("app-1", "app")
+    h2.run("app-2", "app")
+    target = h1.ip_of("app-1", "app")
+    wait_for("app-2 -> app-1", lambda: h2.exec("app-2", "ping", "-c1", "-W1", target, check=False).returncode == 0,
+             timeout=20)
+
+
+def test_rm_removes_it_everywhere_except_where_containers_still_use_it(rig3: Rig) -> None:
+    h1, h2, _ = rig3.hosts
+    h1.docker("network", "create", *PY, "--subnet", "10.62.0.0/24", "short")
+    h1.docker("network", "create", *PY, "--subnet", "10.63.0.0/24", "busy")
+    appears(h2, "short")
+    appears(h2, "busy")
+    h2.run("busy-user", "busy")
+    h2.docker("network", "rm", "short")  # rm on a host that did not create it
+    wait_for("short gone from h1", lambda: inspect(h1, "short") is None, timeout=10, interval=0.05)
+    h1.docker("network", "rm", "busy")
+    wait_for("busy removal noticed on h2",
+             lambda: "busy" in status(h2)["propagation"]["pending_removal"], timeout=10, interval=0.2)
+    assert inspect(h2, "busy") is not None, "kept: a container still uses it"
+    why = status(h2)["propagation"]["pending_removal"]["busy"]
+    assert "busy-user" in why
+    assert "busy" in h2.plugin_log() and "still in use here by busy-user" in h2.plugin_log()
+    h2.docker("rm", "-f", "busy-user")
+    wait_for("busy gone from h2 once unused", lambda: inspect(h2, "busy") is None, timeout=15, interval=0.1)
+    assert not status(h2)["propagation"]["pending_removal"]
+
+
+def test_a_late_host_gets_every_network(rig3: Rig) -> None:
+    h3 = rig3.hosts[2]
+    assert inspect(h3, "app") is None
+    start(h3, rig3)
+    for name in ("app", "quiet"):
+        appears(h3, name, timeout=30)
+    assert inspect(h3, "app")["IPAM"]["Config"] == [{"Subnet": "10.61.0.0/24", "Gateway": "10.61.0.254"}]  # type: ignore[index]
+
+
+def lookup(h: DockerHost, container: str, name: str) -> list[str]:
+    """The addresses busybox nslookup gets through the container's resolver (Docker's 127.0.0.11)."""
+    res = h.exec(container, "nslookup", name, check=False, timeout=20)
+    if res.returncode != 0:
+        return []
+    answer = res.stdout.split(f"Name:\t{name}", 1)[-1] if "Name:" in res.stdout else ""
+    return [line.split()[-1] for line in answer.splitlines() if line.startswith("Address")]
+
+
+def test_names_resolve_across_hosts(rig3: Rig) -> None:
+    h1, h2, h3 = rig3.hosts
+    appears(h3, "app", timeout=30)
+    gw = "10.61.0.254"
+    h1.run("web", "app", "--network-alias", "www", "--dns", gw, ip="10.61.0.80",
+           cmd=("httpd", "-f", "-p", "80", "-h", "/tmp"))
+    h1.exec("web", "sh", "-c", "echo hello-from-web > /tmp/index.html")
+    h2.run("client", "app", "--dns", gw)
+    wait_for("web resolves on h2", lambda: lookup(h2, "client", "web") == ["10.61.0.80"], timeout=10)
+    assert h2.exec("client", "ping", "-c1", "-W2", "web", check=False).returncode == 0
+    assert lookup(h2, "client", "www") == ["10.61.0.80"], "--network-alias resolves too"
+    page = h2.exec("client", "wget", "-q", "-O-", "http://web/", check=False, timeout=20)
+    assert page.stdout.strip() == "hello-from-web", page.stdout + page.stderr
+    # Names of other hosts' containers resolve on a third host too, and names outside keep working.
+    h3.run("client3", "app", "--dns", gw)
+    wait_for("web resolves on h3", lambda: lookup(h3, "client3", "web") == ["10.61.0.80"], timeout=10)
+    assert lookup(h2, "client", EXTERNAL[0]) == [EXTERNAL[1]], "other names go to the host's resolvers"
+    assert lookup(h2, "client", "no-such-container") == []
+    # The container moves to h3 (another address): its name follows within 2 s.
+    h1.docker("rm", "-f", "web")
+    began = time.monotonic()
+    wait_for("web gone", lambda: lookup(h2, "client", "web") == [], timeout=2, interval=0.05)
+    gone_after = time.monotonic() - began
+    h3.run("web", "app", "--network-alias", "www", ip="10.61.0.81", cmd=("httpd", "-f", "-p", "80", "-h", "/tmp"))
+    began = time.monotonic()
+    wait_for("web follows to h3", lambda: lookup(h2, "client", "web") == ["10.61.0.81"], timeout=2, interval=0.05)
+    print(f"name gone {gone_after:.2f} s after docker rm; resolves to its new host {time.monotonic() - began:.2f} s "
+          f"after docker run")
+    assert lookup(h2, "client", "www") == ["10.61.0.81"]
+    # A restarted container keeps resolving (same name, same address).
+    h3.docker("restart", "-t", "0", "web")
+    wait_for("web after restart", lambda: lookup(h2, "client", "web") == ["10.61.0.81"], timeout=5)
+    # Without --dns, same-host names still resolve as Docker always did.
+    h2.run("plain", "app")
+    assert lookup(h2, "plain", "client") != []
