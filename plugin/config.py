@@ -65,6 +65,23 @@ def _bool(name: str, default: bool) -> bool:
     return raw in ("1", "true", "yes", "on")
 
 
+def _metrics_addr() -> str | None:
+    raw = _env("PYOVERLAY_METRICS_ADDR", "127.0.0.1:9474") or ""
+    if raw.lower() in ("off", "none", "0"):
+        return None
+    host, _, port = raw.rpartition(":")
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+        if not 1 <= int(port) <= 65535:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(f"PYOVERLAY_METRICS_ADDR={raw!r}: expected IP:PORT such as 127.0.0.1:9474, or off") from None
+    if not ip.is_loopback and _env("PYOVERLAY_METRICS_PUBLIC") != "1":
+        raise ConfigError(f"PYOVERLAY_METRICS_ADDR={raw!r} is not a loopback address; metrics tell a lot about "
+                          f"the cluster (set PYOVERLAY_METRICS_PUBLIC=1 to mean it)")
+    return raw
+
+
 def _key_bits() -> int:
     bits = _int("PYOVERLAY_KEY_BITS", 128, 128, 256)
     if bits not in (128, 256):
@@ -103,6 +120,7 @@ class Settings:
     dns_upstreams: list[str]         # where other names go; empty = this host's /etc/resolv.conf
     docker_host: str | None          # the local Docker API (DOCKER_HOST), None = Docker's default
     docker_name: str | None          # the name Docker knows this plugin by; None = find out
+    metrics_addr: str | None         # HOST:PORT for Prometheus; None = not served
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -162,4 +180,5 @@ def load() -> Settings:
         dns_upstreams=[u.strip() for u in (_env("PYOVERLAY_DNS_UPSTREAMS", "") or "").split(",") if u.strip()],
         docker_host=_env("DOCKER_HOST"),
         docker_name=_env("PYOVERLAY_DOCKER_NAME"),
+        metrics_addr=_metrics_addr(),
     )

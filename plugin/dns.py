@@ -37,7 +37,7 @@ import dns.reversename
 import dns.rrset
 
 from kvstore.records import AliasRecord, EndpointRecord
-from plugin import netns
+from plugin import metrics, netns
 
 log = logging.getLogger(__name__)
 
@@ -264,6 +264,7 @@ class NameServer:
         except Exception:  # noqa: BLE001 - anything malformed is dropped, as resolvers do
             return None
         mine = answer(query, self.zones.get(nkey))
+        metrics.DNS_QUERIES.labels("network" if mine is not None else "forwarded").inc()
         if mine is not None:
             return mine.to_wire(max_size=65535 if tcp else 512)
         return self._forward(query, tcp).to_wire(max_size=65535 if tcp else 4096)

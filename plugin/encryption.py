@@ -69,6 +69,10 @@ class Encryption:
 
     # -- rotation ---------------------------------------------------------------------------------------
 
+    @property
+    def rotated_at(self) -> float:
+        return self._rotated
+
     def rotation_due(self) -> bool:
         """Time for a new key pair, and every peer has taken the current one.
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -12,6 +12,18 @@ CALL_ERRORS = Counter("pyoverlay_call_errors_total", "Plugin calls answered with
 ETCD_SECONDS = Histogram("pyoverlay_etcd_seconds", "etcd round trips", ["op"], buckets=_BUCKETS)
 ETCD_ERRORS = Counter("pyoverlay_etcd_errors_total", "etcd operations that failed", ["op"])
 PENDING = Gauge("pyoverlay_pending_store_changes", "etcd changes queued while etcd was unreachable")
+PEERS = Gauge("pyoverlay_peers_programmed", "Remote endpoints programmed into the kernel, per VNI", ["vni"])
+KEY_EPOCH_AGE = Gauge("pyoverlay_key_epoch_age_seconds", "Age of this host's current key pair")
+DNS_QUERIES = Counter("pyoverlay_dns_queries_total", "Queries to the DNS servers on the network gateways",
+                      ["answer"])
+PROPAGATION_WAITING = Gauge("pyoverlay_propagation_pending_removals",
+                            "Networks removed in the cluster that containers here still use")
+
+
+def serve(address: str) -> None:
+    """Serve /metrics on HOST:PORT (a loopback address unless the operator says otherwise)."""
+    host, _, port = address.rpartition(":")
+    start_http_server(int(port), addr=host.strip("[]"))
 
 
 def observe_etcd(op: str, seconds: float, ok: bool) -> None:

@@ -21,6 +21,7 @@ from typing import NamedTuple
 from kvstore import KV, Keys, KVStore, WatchEvent
 from kvstore.client import PrefixWatch
 from kvstore.records import EndpointRecord, HostRecord
+from plugin import metrics
 from plugin.datapath import DataPath
 from plugin.encryption import Encryption
 from plugin.state import LocalState
@@ -143,6 +144,8 @@ class PeerSync:
                         added += 1
             if added or removed:
                 log.info("peers: %d programmed, %d removed", added, removed)
+            for vni, have in self.programmed.items():
+                metrics.PEERS.labels(str(vni)).set(len(have))
             try:
                 self.on_change(list(self.endpoints.values()), dict(self.hosts))
             except Exception:  # noqa: BLE001

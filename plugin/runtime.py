@@ -82,6 +82,12 @@ class Runtime:
         self._thread = threading.Thread(target=self._run, name="runtime", daemon=True)
 
     def start(self) -> None:
+        if self.settings.metrics_addr:
+            try:
+                metrics.serve(self.settings.metrics_addr)
+            except OSError as err:  # a second instance on this address, say: serve the plugin anyway
+                log.error("metrics on %s: %s", self.settings.metrics_addr, err)
+        metrics.KEY_EPOCH_AGE.set_function(lambda: time.time() - self.encryption.rotated_at)
         self._thread.start()
 
     def _network_changed(self) -> None:
@@ -162,6 +168,8 @@ class Runtime:
             self.synced = True
             log.info("this host's networks and endpoints are published in etcd")
         metrics.PENDING.set(self.driver.flush_pending())
+        if self.propagation is not None:
+            metrics.PROPAGATION_WAITING.set(len(self.propagation.pending))
         if self.peers.synced:  # judge other hosts only from a healthy, current view of etcd
             self.departures.sweep(self.peers.endpoint_hosts())
 

@@ -171,3 +171,28 @@ def test_names_resolve_across_hosts(rig3: Rig) -> None:
     # Without --dns, same-host names still resolve as Docker always did.
     h2.run("plain", "app")
     assert lookup(h2, "plain", "client") != []
+
+
+def metrics(h: DockerHost) -> dict[str, float]:
+    """The plugin's Prometheus metrics, read on the host's own loopback (PYOVERLAY_METRICS_ADDR default)."""
+    script = "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9474/metrics').read().decode())"
+    text = sh(*h.enter(), sys.executable, "-c", script).stdout
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def test_metrics_say_what_happened(rig3: Rig) -> None:
+    h2 = rig3.hosts[1]
+    m = metrics(h2)
+    assert m['pyoverlay_call_seconds_count{call="NetworkDriver.Join"}'] >= 2
+    assert m['pyoverlay_call_seconds_count{call="NetworkDriver.CreateNetwork"}'] >= 3
+    assert m['pyoverlay_dns_queries_total{answer="network"}'] >= 5, "cross-host names were answered here"
+    assert m['pyoverlay_dns_queries_total{answer="forwarded"}'] >= 1, "external.example went upstream"
+    vni = status(h2)["networks"]["10.61.0.0_24"]["vni"]
+    assert m[f'pyoverlay_peers_programmed{{vni="{vni}"}}'] >= 2, "app-1 and web on the other hosts"
+    assert any(k.startswith("pyoverlay_etcd_seconds_count") and v > 0 for k, v in m.items())
+    assert m["pyoverlay_propagation_pending_removals"] == 0
