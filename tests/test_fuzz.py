@@ -71,7 +71,7 @@ def test_hostile_requests_get_an_answer_or_a_json_err_and_rejections_change_noth
     eid = h.docker("inspect", "-f", '{{(index .NetworkSettings.Networks "n-fuzz").EndpointID}}',
                    "fuzz-holder").stdout.strip()
     target = {"nid": nid, "eid": eid, "pool": "cidr.10.30.0.0_24"}
-    store = KVStore(EtcdConfig([rig1.etcd.local_url()]))
+    store = KVStore(EtcdConfig([rig1.etcd.local_url]))
     counts = {"ok": 0, "err": 0}
 
     @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
