@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import docker.errors
@@ -36,8 +37,10 @@ def names_of(container: dict[str, Any], network: dict[str, Any]) -> list[str]:
 
 
 class AliasPublisher:
-    def __init__(self, store: KVStore, keys: Keys, state: LocalState, host: str) -> None:
+    def __init__(self, store: KVStore, keys: Keys, state: LocalState, host: str,
+                 current: Callable[[], dict[str, AliasRecord]]) -> None:
         self.store = store
+        self.current = current   # etcd key -> alias record, as the names watch holds them (no extra reads)
         self.keys = keys
         self.state = state
         self.host = host
@@ -62,14 +65,7 @@ class AliasPublisher:
             for key, value in self._records(c.attrs).items():
                 want[key] = value
                 by_container.setdefault(c.id, set()).add(key)
-        kvs, _ = self.store.range(self.keys.all_aliases())
-        have = {}
-        for kv in kvs:
-            try:
-                if AliasRecord.load(kv.value).host == self.host:
-                    have[kv.key] = kv.value
-            except ValueError:
-                continue
+        have = {key: rec.dump() for key, rec in self.current().items() if rec.host == self.host}
         for key in set(have) - set(want):
             self.store.delete(key)
         for key, value in want.items():

@@ -87,6 +87,7 @@ class DockerWatch:
         self.listeners = listeners
         self._events: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self._stop = threading.Event()
+        self._resync = threading.Event()
         self._stream: Any = None
         self._threads = [threading.Thread(target=self._follow, name="docker-events", daemon=True),
                          threading.Thread(target=self._work, name="docker-work", daemon=True)]
@@ -106,8 +107,9 @@ class DockerWatch:
         self.api.close()
 
     def kick(self) -> None:
-        """Resync soon (something in etcd changed)."""
-        self._events.put({"Type": "pyoverlay", "Action": "resync"})
+        """Resync soon (something in etcd changed); a burst of kicks makes one resync."""
+        self._resync.set()
+        self._events.put({"Type": "pyoverlay", "Action": "wake"})
 
     def _follow(self) -> None:
         retrying = Retrying(wait=wait_exponential(multiplier=0.5, max=10), retry=retry_if_exception_type(API_ERRORS),
@@ -150,28 +152,29 @@ class DockerWatch:
             raise requests.exceptions.ConnectionError("the event stream ended")
 
     def _work(self) -> None:
-        last = 0.0
         while not self._stop.is_set():
             try:
                 event = self._events.get(timeout=RESYNC)
             except queue.Empty:
-                event = {"Type": "pyoverlay", "Action": "resync"}
-            if event is None or not self.api.connected.is_set():
+                event = None
+                self._resync.set()  # quiet for a while: resync anyway (retries what failed)
+            if not self.api.connected.is_set():
                 continue
-            for listener in self.listeners:
-                try:
-                    if event.get("Type") == "pyoverlay":
-                        if time.monotonic() - last < 0.2 and self._events.qsize():
-                            continue  # a burst of kicks: the last one does it
-                        listener.resync(self.api)
-                    else:
-                        listener.on_event(self.api, event)
-                except API_ERRORS as err:
-                    log.warning("Docker API: %s (retried at the next resync)", err)
-                except Exception:  # noqa: BLE001
-                    log.exception("handling Docker event %s", event.get("Action"))
-            if event.get("Type") == "pyoverlay":
-                last = time.monotonic()
+            if event is not None and event.get("Type") != "pyoverlay":
+                self._each("on_event", event)
+            if self._resync.is_set():
+                self._resync.clear()
+                self._each("resync")
+
+    def _each(self, method: str, *args: Any) -> None:
+        """listener.<method>(api, *args) for every listener, in order; one failing does not stop the rest."""
+        for listener in self.listeners:
+            try:
+                getattr(listener, method)(self.api, *args)
+            except API_ERRORS as err:
+                log.warning("Docker API: %s (retried at the next resync)", err)
+            except Exception:  # noqa: BLE001
+                log.exception("Docker %s in %s", method, type(listener).__name__)
 
 
 def socket_name(path: Path) -> str:

@@ -63,6 +63,10 @@ class NameService:
                     self.aliases[ev.key] = rec
         self._rebuild()
 
+    def current_aliases(self) -> dict[str, AliasRecord]:
+        with self._lock:
+            return dict(self.aliases)
+
     def changed(self, endpoints: list[EndpointRecord], hosts: dict[str, HostRecord]) -> None:
         """The peer watches moved (endpoints or live hosts)."""
         with self._lock:

@@ -63,7 +63,8 @@ class Runtime:
             listeners.append(self.propagation)
         if self.names is not None:
             self.peers.on_change = self.names.changed
-            listeners.append(AliasPublisher(self.store, self.keys, self.state, settings.host))
+            listeners.append(AliasPublisher(self.store, self.keys, self.state, settings.host,
+                                            self.names.current_aliases))
         self.docker = DockerWatch(DockerAPI(settings.docker_host, socket_name(settings.socket), settings.docker_name),
                                   listeners) if listeners else None
         if self.propagation is not None:

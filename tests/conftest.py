@@ -79,3 +79,18 @@ def cleanup() -> Iterator[Cleanup]:
 
 # tests/guest/ runs inside the user-mode-linux guest (tests/test_ipsec.py boots it), never on the host.
 collect_ignore = [] if os.environ.get("PYOVERLAY_IN_UML") else ["guest"]
+
+
+@pytest.fixture
+def net(rig1: Rig, cleanup):  # type: ignore[no-untyped-def]
+    """A real network (made through Docker) with a container on it (10.30.0.5), to aim bad requests at."""
+    h = rig1.hosts[0]
+    cleanup.network(h, "n-bad")
+    h.docker("network", "create", "-d", "pyoverlay", "--ipam-driver", "pyoverlay", "--subnet", "10.30.0.0/24",
+             "n-bad")
+    cleanup.container(h, "bad-holder")
+    h.run("bad-holder", "n-bad", ip="10.30.0.5")
+    nid = h.docker("network", "inspect", "-f", "{{.ID}}", "n-bad").stdout.strip()
+    eid = h.docker("inspect", "-f", '{{(index .NetworkSettings.Networks "n-bad").EndpointID}}',
+                   "bad-holder").stdout.strip()
+    return {"nid": nid, "eid": eid, "pool": "cidr.10.30.0.0_24"}

@@ -26,19 +26,6 @@ def snapshot(rig: Rig) -> tuple[str, str]:
     return values, state
 
 
-@pytest.fixture
-def net(rig1: Rig, cleanup):  # type: ignore[no-untyped-def]
-    """A real network (made through Docker) to aim bad requests at."""
-    h = rig1.hosts[0]
-    cleanup.network(h, "n-bad")
-    h.docker("network", "create", "-d", "pyoverlay", "--ipam-driver", "pyoverlay", "--subnet", "10.30.0.0/24",
-             "n-bad")
-    cleanup.container(h, "bad-holder")
-    h.run("bad-holder", "n-bad", ip="10.30.0.5")
-    nid = h.docker("network", "inspect", "-f", "{{.ID}}", "n-bad").stdout.strip()
-    return {"nid": nid, "pool": "cidr.10.30.0.0_24"}
-
-
 def expect_err(rig: Rig, method: str, body=None, raw: bytes | None = None, *needles: str) -> str:  # type: ignore[no-untyped-def]
     before = snapshot(rig)
     status, reply = call(rig.hosts[0].plugin_sock, method, body, raw=raw)

@@ -60,17 +60,9 @@ def snapshot(rig: Rig, store: KVStore) -> tuple[list[tuple[str, bytes]], str]:
     return sorted((kv.key, kv.value) for kv in kvs), state.read_text() if state.exists() else ""
 
 
-def test_hostile_requests_get_an_answer_or_a_json_err_and_rejections_change_nothing(rig1: Rig, cleanup) -> None:  # type: ignore[no-untyped-def]
+def test_hostile_requests_get_an_answer_or_a_json_err_and_rejections_change_nothing(rig1: Rig, net, cleanup) -> None:  # type: ignore[no-untyped-def]
     h = rig1.hosts[0]
-    cleanup.network(h, "n-fuzz")
-    h.docker("network", "create", "-d", "pyoverlay", "--ipam-driver", "pyoverlay", "--subnet", "10.30.0.0/24",
-             "n-fuzz")
-    cleanup.container(h, "fuzz-holder")
-    h.run("fuzz-holder", "n-fuzz", ip="10.30.0.5")
-    nid = h.docker("network", "inspect", "-f", "{{.ID}}", "n-fuzz").stdout.strip()
-    eid = h.docker("inspect", "-f", '{{(index .NetworkSettings.Networks "n-fuzz").EndpointID}}',
-                   "fuzz-holder").stdout.strip()
-    target = {"nid": nid, "eid": eid, "pool": "cidr.10.30.0.0_24"}
+    target = net
     store = KVStore(EtcdConfig([rig1.etcd.local_url]))
     counts = {"ok": 0, "err": 0}
 
