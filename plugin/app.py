@@ -106,9 +106,18 @@ def create_app(rt: Runtime) -> Flask:
     for call, (model, handler) in ROUTES.items():
         app.add_url_rule(f"/{call}", endpoint=call, view_func=_view(rt, call, model, handler), methods=["POST"])
 
-    @app.get("/pyoverlay/status")
-    def status() -> Response:  # `pyoverlay status` (not a Docker call)
-        return Response(json.dumps(rt.status()), content_type="application/json")
+    # The operator commands (pyoverlay status/inspect/doctor/gc), not Docker calls.
+    def operator(fn: Callable[[], Any]) -> Response:
+        try:
+            return Response(json.dumps(fn()), content_type="application/json")
+        except PluginError as err:
+            return Response(json.dumps({"Err": err.message}), status=err.status, content_type="application/json")
+
+    app.add_url_rule("/pyoverlay/status", "status", lambda: operator(rt.status))
+    app.add_url_rule("/pyoverlay/inspect/<path:name>", "inspect", lambda name: operator(lambda: rt.inspect(name)))
+    app.add_url_rule("/pyoverlay/doctor", "doctor", lambda: operator(rt.doctor))
+    app.add_url_rule("/pyoverlay/gc", "gc", lambda: operator(lambda: rt.gc(request.method == "POST")),
+                     methods=["GET", "POST"])
 
     @app.errorhandler(404)
     @app.errorhandler(405)

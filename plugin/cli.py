@@ -26,6 +26,14 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("serve", help="run the plugin (settings from the environment; see README)")
     st = sub.add_parser("status", help="this host: networks, peers, Docker API, propagation, names")
     st.add_argument("--json", action="store_true", help="machine-readable")
+    ins = sub.add_parser("inspect", help="one network across the cluster: hosts, endpoints, addresses")
+    ins.add_argument("network", help="Docker network name or ID on this host, or cluster key (10.20.0.0_24)")
+    ins.add_argument("--json", action="store_true", help="machine-readable")
+    doc = sub.add_parser("doctor", help="check this host for what stops pyoverlay, with the fix for each")
+    doc.add_argument("--json", action="store_true", help="machine-readable")
+    gcp = sub.add_parser("gc", help="what the reconciler would remove (nothing owns it); --apply removes it")
+    gcp.add_argument("--apply", action="store_true", help="remove it now instead of after the grace period")
+    gcp.add_argument("--json", action="store_true", help="machine-readable")
     args = parser.parse_args(argv)
     try:
         settings = config.load()
@@ -37,10 +45,17 @@ def main(argv: list[str] | None = None) -> int:
         from plugin.server import serve
 
         serve(settings)
-    elif args.command == "status":
-        from plugin.operator import status
+    else:
+        from plugin import operator
 
-        return status(settings, as_json=args.json)
+        if args.command == "status":
+            return operator.status(settings, as_json=args.json)
+        if args.command == "inspect":
+            return operator.inspect(settings, args.network, as_json=args.json)
+        if args.command == "doctor":
+            return operator.doctor(settings, as_json=args.json)
+        if args.command == "gc":
+            return operator.gc(settings, apply=args.apply, as_json=args.json)
     return 0
 
 

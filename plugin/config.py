@@ -121,6 +121,9 @@ class Settings:
     docker_host: str | None          # the local Docker API (DOCKER_HOST), None = Docker's default
     docker_name: str | None          # the name Docker knows this plugin by; None = find out
     metrics_addr: str | None         # HOST:PORT for Prometheus; None = not served
+    reconcile_interval: int          # seconds between reconciler passes
+    reconcile_grace: int             # seconds something must stay unowned before the reconciler removes it
+    vtep_filter: bool                # drop VXLAN from hosts not registered in etcd (nftables)
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -181,4 +184,7 @@ def load() -> Settings:
         docker_host=_env("DOCKER_HOST"),
         docker_name=_env("PYOVERLAY_DOCKER_NAME"),
         metrics_addr=_metrics_addr(),
+        reconcile_interval=_int("PYOVERLAY_RECONCILE_INTERVAL", 30, 1, 3600),
+        reconcile_grace=_int("PYOVERLAY_RECONCILE_GRACE", 60, 0, 86400),
+        vtep_filter=_bool("PYOVERLAY_VTEP_FILTER", True),
     )

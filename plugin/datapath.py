@@ -297,7 +297,7 @@ class DataPath:
         if stale:
             self._host.link("del", index=stale[0])
         local = {"vxlan_local6" if underlay.version == 6 else "vxlan_local": underlay.address}
-        if self.udp_port_users(plan.port) and not self._port_is_ours(plan.port):
+        if self.udp_port_users(plan.port) and not self.port_is_ours(plan.port):
             raise Conflict(
                 f"VXLAN port {plan.port} is already in use on this host by something other than pyoverlay "
                 f"(Docker's swarm overlay uses 4789); set PYOVERLAY_VXLAN_PORT to a free port on every host"
@@ -324,7 +324,8 @@ class DataPath:
         finally:
             os.close(fd)
 
-    def _port_is_ours(self, port: int) -> bool:
+    @kernel
+    def port_is_ours(self, port: int) -> bool:
         """Is the UDP port held by a VXLAN device of one of our network namespaces?"""
         for vni in self.list_networks():
             try:

@@ -18,6 +18,13 @@ DNS_QUERIES = Counter("pyoverlay_dns_queries_total", "Queries to the DNS servers
                       ["answer"])
 PROPAGATION_WAITING = Gauge("pyoverlay_propagation_pending_removals",
                             "Networks removed in the cluster that containers here still use")
+RECONCILE_RUNS = Counter("pyoverlay_reconcile_runs_total", "Reconciler passes", ["outcome"])
+RECONCILE_REPAIRS = Counter("pyoverlay_reconcile_repairs_total",
+                            "What the reconciler re-created or removed, by kind", ["kind"])
+IPAM_USED = Gauge("pyoverlay_ipam_addresses_used", "Addresses allocated in a pool (cluster-wide)", ["pool"])
+IPAM_SIZE = Gauge("pyoverlay_ipam_addresses_usable", "Usable addresses of a pool", ["pool"])
+VXLAN_STRANGERS = Gauge("pyoverlay_vxlan_dropped_unregistered_total",
+                        "VXLAN datagrams dropped because their source is no host registered in etcd")
 
 
 def serve(address: str) -> None:

@@ -53,6 +53,8 @@ class PeerSync:
         self.on_seen_change: Callable[[], None] = lambda: None
         # Endpoints and live hosts changed (the DNS names follow them).
         self.on_change: Callable[[list[EndpointRecord], dict[str, HostRecord]], None] = lambda e, h: None
+        # The live hosts changed (the VTEP filter follows them); only ever called from a synced watch.
+        self.on_hosts: Callable[[dict[str, HostRecord]], None] = lambda h: None
 
     def start(self) -> None:
         self._watches = [
@@ -74,6 +76,7 @@ class PeerSync:
     def _host_snapshot(self, kvs: list[KV], revision: int) -> None:
         with self._lock:
             self.hosts = {rec.host: rec for rec in _load_all(HostRecord, kvs).values()}
+            self._hosts_changed()
             self.reconcile()
 
     def _host_events(self, events: list[WatchEvent]) -> None:
@@ -87,7 +90,14 @@ class PeerSync:
                     rec = _load(HostRecord, ev.value)
                     if rec is not None:
                         self.hosts[rec.host] = rec
+            self._hosts_changed()
             self.reconcile()
+
+    def _hosts_changed(self) -> None:
+        try:
+            self.on_hosts(dict(self.hosts))
+        except Exception:  # noqa: BLE001 - the next change retries
+            log.exception("following the live hosts")
 
     def _endpoint_snapshot(self, kvs: list[KV], revision: int) -> None:
         with self._lock:
@@ -206,6 +216,23 @@ class PeerSync:
             self.reconcile()
         except Exception:  # noqa: BLE001 - the next change or watch event retries
             log.exception("reconciling peers after a network change")
+
+    def verify_kernel(self) -> list[int]:
+        """VNIs whose kernel entries lack peers we believe programmed (flushed by hand, a device re-created):
+        they are forgotten and programmed again. Returns those VNIs."""
+        with self._lock:
+            lost = []
+            for vni, have in list(self.programmed.items()):
+                try:
+                    kernel = {Peer(*e) for e in self.datapath.peer_entries(vni)}
+                except Exception:  # noqa: BLE001 - the namespace is being re-created: next pass
+                    continue
+                if not set(have.values()) <= kernel:
+                    lost.append(vni)
+                    self.programmed.pop(vni, None)
+            if lost:
+                self.reconcile()
+            return lost
 
     def endpoint_hosts(self) -> set[str]:
         with self._lock:

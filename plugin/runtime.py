@@ -16,7 +16,7 @@ from typing import Any
 from ipam.allocator import DefaultPools, Ipam
 from kvstore import Keys, KVStore, StoreError
 from kvstore.records import HostRecord
-from plugin import __version__, metrics
+from plugin import __version__, cluster_view, doctor, metrics
 from plugin.aliases import AliasPublisher
 from plugin.config import Settings
 from plugin.datapath import DataPath
@@ -30,7 +30,9 @@ from plugin.keys import KeyRing
 from plugin.names import NameService
 from plugin.peers import PeerSync
 from plugin.propagation import Propagation
+from plugin.reconciler import Reconciler
 from plugin.state import LocalState
+from plugin.vtepfilter import VtepFilter
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,14 @@ class Runtime:
         if self.propagation is not None:
             self.propagation.watcher = self.docker
         self.driver.on_network_change = self._network_changed
+        self.vtep_filter = VtepFilter(settings.vxlan_port) if settings.vtep_filter else None
+        self.peers.on_hosts = self._hosts_changed
+        # Its own Docker client: the reconciler's calls must not queue behind the event worker's.
+        reconcile_docker = DockerAPI(settings.docker_host, socket_name(settings.socket), settings.docker_name) \
+            if settings.scope == "local" else None
+        self.reconciler = Reconciler(self.driver, self.datapath, self.peers, self.state, self.store, self.keys,
+                                     settings.host, reconcile_docker, self.vtep_filter, self._vteps,
+                                     settings.reconcile_grace)
         self.departures = Departures(self.store, self.keys, settings.host, settings.dead_host_grace,
                                      [self.driver.forget_host, self.ipam.forget_host])
         self.ready = threading.Event()
@@ -81,6 +91,7 @@ class Runtime:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="runtime", daemon=True)
+        self._reconcile_thread = threading.Thread(target=self._reconcile_loop, name="reconciler", daemon=True)
 
     def start(self) -> None:
         if self.settings.metrics_addr:
@@ -89,7 +100,31 @@ class Runtime:
             except OSError as err:  # a second instance on this address, say: serve the plugin anyway
                 log.error("metrics on %s: %s", self.settings.metrics_addr, err)
         metrics.KEY_EPOCH_AGE.set_function(lambda: time.time() - self.encryption.rotated_at)
+        if self.vtep_filter is not None:
+            metrics.VXLAN_STRANGERS.set_function(lambda: max(0, self.vtep_filter.dropped()) if self.vtep_filter else 0)
         self._thread.start()
+        self._reconcile_thread.start()
+
+    def _vteps(self) -> set[str]:
+        """VTEPs that may send us VXLAN: every live host's, and ours."""
+        return {h.vtep for h in self.peers.hosts.values()} | {self.datapath.underlay().address}
+
+    def _hosts_changed(self, hosts: dict[str, HostRecord]) -> None:
+        if self.vtep_filter is not None:
+            self.vtep_filter.sync({h.vtep for h in hosts.values()} | {self.datapath.underlay().address})
+
+    def _reconcile_loop(self) -> None:
+        """At start (once the data path is restored and the watches hold a full view), then periodically."""
+        self.ready.wait()
+        deadline = time.monotonic() + 30
+        while not self.peers.synced and time.monotonic() < deadline and not self._stop.is_set():
+            self._stop.wait(0.2)
+        while not self._stop.is_set():
+            try:
+                self.reconciler.run()
+            except Exception:  # noqa: BLE001 - the loop must survive anything
+                log.exception("reconcile pass failed")
+            self._stop.wait(self.settings.reconcile_interval)
 
     def _network_changed(self) -> None:
         self.peers.network_changed()
@@ -99,8 +134,28 @@ class Runtime:
             self.docker.kick()
 
     def status(self) -> dict[str, Any]:
-        """What `pyoverlay status` shows (the plugin's own view, no etcd round trip)."""
+        """What `pyoverlay status` shows: the plugin's own view, and one etcd round trip."""
+        try:
+            etcd: dict[str, Any] = {"healthy": True, "latency_ms": round(self.store.health() * 1000, 2), "error": ""}
+        except StoreError as err:
+            etcd = {"healthy": False, "latency_ms": None, "error": str(err)}
+        etcd["endpoints"] = self.settings.etcd_endpoints or ["embedded"]
+        etcd["pending_changes"] = len(self.state.take_pending())
+        enc = self.encryption
         return {
+            "etcd": etcd,
+            "endpoints": [{"endpoint_id": e.record.endpoint_id[:12], "network": e.record.network_key,
+                           "address": e.record.address, "address6": e.record.address6, "mac": e.record.mac,
+                           "joined": e.joined, "container": e.record.name}
+                          for e in list(self.state.data.endpoints.values())],
+            "keys": {"epoch": enc.keyring.epoch, "age_seconds": round(time.time() - enc.rotated_at),
+                     "rotation_seconds": enc.rotation, "peers_acked": dict(enc.seen),
+                     "waiting_for": enc.lagging(), "refused": dict(enc.refused)},
+            "vtep_filter": None if self.vtep_filter is None else {
+                "present": self.vtep_filter.present(), "dropped": self.vtep_filter.dropped(),
+                "error": self.vtep_filter.error, "vteps": sorted(self._vteps())},
+            "reconcile": {k: self.reconciler.last.get(k) for k in ("removed", "repaired", "waiting", "etcd")},
+            "live_hosts": sorted(self.peers.hosts),
             "host": self.settings.host, "stage": self.stage, "scope": self.settings.scope,
             "networks": {n.record.key: {"docker_id": nid[:12], "vni": n.record.vni, "mtu": n.mtu,
                                         "encrypted": n.record.encrypted, "subnets": n.record.subnets}
@@ -111,6 +166,20 @@ class Runtime:
             "propagation": None if self.propagation is None else self.propagation.status(),
             "dns": None if self.names is None else self.names.status(),
         }
+
+    def inspect(self, name: str) -> dict[str, Any]:
+        try:
+            return cluster_view.inspect(name, self.store, self.keys, self.state, self.reconciler.docker)
+        except StoreError as err:
+            raise Unavailable(f"cluster store unavailable: {err}") from err
+
+    def doctor(self) -> list[dict[str, Any]]:
+        return doctor.run_all(self.settings, self.store, self.datapath, self.state, self.reconciler.docker,
+                              self.vtep_filter, self.peers.counts)
+
+    def gc(self, apply: bool) -> dict[str, Any]:
+        """`pyoverlay gc`: what the reconciler would remove (apply: remove it now, without the grace period)."""
+        return self.reconciler.run(force=True) if apply else self.reconciler.run(dry_run=True)
 
     def wake(self) -> None:
         """Run the background work now rather than at the next interval (a record to publish)."""

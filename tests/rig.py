@@ -25,6 +25,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from kvstore.embedded import stop_process
 
@@ -323,6 +324,32 @@ class DockerHost:
         )
         wait_for(f"pyoverlay socket on {self.name}", lambda: self.plugin_sock.exists(), timeout=10, interval=0.05)
 
+    def cli(self, *args: str, check: bool = False, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """`pyoverlay ARGS` on this host, with the environment its plugin runs with (as an operator would)."""
+        env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+               "PYOVERLAY_SOCKET": str(self.plugin_sock), "PYOVERLAY_STATE_DIR": str(self.state_dir),
+               "PYOVERLAY_HOST": self.name, "PYOVERLAY_VTEP": self.ip,
+               "ETCD_ENDPOINTS": self.rig.etcd.url(self.rig.root_ip), "PYOVERLAY_ETCD_PREFIX": self.rig.etcd_prefix,
+               "DOCKER_HOST": f"unix://{self.sock}", "LOG_LEVEL": "warning", **self.plugin_env}
+        return sh(*self.enter(), "env", "-i", *(f"{k}={v}" for k, v in env.items()), PYOVERLAY, *args,
+                  check=check, timeout=timeout)
+
+    def cli_json(self, *args: str) -> Any:
+        res = self.cli(*args, "--json", check=False)
+        assert res.stdout.strip(), f"pyoverlay {' '.join(args)} printed nothing: {res.stderr}"
+        return json.loads(res.stdout)
+
+    def metrics(self) -> dict[str, float]:
+        """The plugin's Prometheus metrics, read on the host's own loopback (PYOVERLAY_METRICS_ADDR default)."""
+        text = self.ns(sys.executable, "-c", "import urllib.request; print(urllib.request.urlopen("
+                       "'http://127.0.0.1:9474/metrics', timeout=10).read().decode())").stdout
+        out = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                out[name] = float(value)
+        return out
+
     # -- the managed plugin (make plugin) -----------------------------------------------------------------
 
     def install_plugin(self, name: str = MANAGED, **env: str) -> None:
@@ -456,6 +483,23 @@ class Rig:
         sh("ip", "-n", ul, "link", "set", "rootleg", "master", "br0", "up")
         sh("ip", "addr", "add", f"{self.root_ip}/24", "dev", self._root_leg)
         sh("ip", "link", "set", self._root_leg, "up")
+
+    @contextlib.contextmanager
+    def stranger(self, index: int = 77) -> Iterator[str]:
+        """A machine on the underlay that is no registered host (a namespace); yields its netns name."""
+        ns, outer = f"{PREFIX}-{self.tag}-x{index}", f"{PREFIX}-{self.tag}x{index}"
+        try:
+            sh("ip", "netns", "add", ns)
+            sh("ip", "link", "add", outer, "mtu", str(UNDERLAY_MTU), "type", "veth", "peer", "name", "eth0",
+               "mtu", str(UNDERLAY_MTU), "netns", ns)
+            sh("ip", "link", "set", outer, "netns", self.underlay_ns)
+            sh("ip", "-n", self.underlay_ns, "link", "set", outer, "master", "br0", "up")
+            sh("ip", "-n", ns, "addr", "add", f"{UNDERLAY_NET}.{index}/24", "dev", "eth0")
+            sh("ip", "-n", ns, "link", "set", "eth0", "up")
+            yield ns
+        finally:
+            sh("ip", "-n", self.underlay_ns, "link", "del", outer, check=False)
+            sh("ip", "netns", "del", ns, check=False)
 
     def add_host(self, forward_policy: str = "DROP", plugin: bool = True, **env: str) -> DockerHost:
         host = DockerHost(self, len(self.hosts) + 1, forward_policy)

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.rig import PYOVERLAY, ROOT, DockerHost, Rig, cleanup_stale, sh, wait_for
+from tests.rig import ROOT, DockerHost, Rig, cleanup_stale, wait_for
 
 pytestmark = pytest.mark.docker
 
@@ -51,8 +51,7 @@ def start(h: DockerHost, rig: Rig) -> None:
 
 
 def status(h: DockerHost) -> dict:  # type: ignore[type-arg]
-    res = sh(*h.enter(), "env", f"PYOVERLAY_SOCKET={h.plugin_sock}", PYOVERLAY, "status", "--json")
-    return json.loads(res.stdout)  # type: ignore[no-any-return]
+    return h.cli_json("status")  # type: ignore[no-any-return]
 
 
 def inspect(h: DockerHost, name: str) -> dict | None:  # type: ignore[type-arg]
@@ -173,21 +172,9 @@ def test_names_resolve_across_hosts(rig3: Rig) -> None:
     assert lookup(h2, "plain", "client") != []
 
 
-def metrics(h: DockerHost) -> dict[str, float]:
-    """The plugin's Prometheus metrics, read on the host's own loopback (PYOVERLAY_METRICS_ADDR default)."""
-    script = "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9474/metrics').read().decode())"
-    text = sh(*h.enter(), sys.executable, "-c", script).stdout
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
-    return out
-
-
 def test_metrics_say_what_happened(rig3: Rig) -> None:
     h2 = rig3.hosts[1]
-    m = metrics(h2)
+    m = h2.metrics()
     assert m['pyoverlay_call_seconds_count{call="NetworkDriver.Join"}'] >= 2
     assert m['pyoverlay_call_seconds_count{call="NetworkDriver.CreateNetwork"}'] >= 3
     assert m['pyoverlay_dns_queries_total{answer="network"}'] >= 5, "cross-host names were answered here"

@@ -1,0 +1,274 @@
+"""The reconciler: at start and periodically, bring etcd and the kernel in line with what should exist.
+
+Repairs (always safe, run even while etcd is away): a network namespace, bridge or VXLAN device that is
+missing is re-created from this host's records; peers missing from the kernel are programmed again; the
+VXLAN filter is put back.
+
+Removals (only from a healthy etcd and, for what Docker owns, a reachable Docker API; never guesses):
+- a namespace, veth or host link tagged by pyoverlay that no network or endpoint owns;
+- an endpoint record of this host in etcd that this host does not have;
+- an endpoint, its address and record, that Docker no longer has (the plugin missed DeleteEndpoint);
+- an address this host allocated that no endpoint holds and Docker does not use (RequestAddress answered,
+  then the plugin or Docker died before CreateEndpoint);
+- a network Docker no longer has (the plugin missed DeleteNetwork).
+A candidate is removed only once it has stayed a candidate for the grace period: a container being
+started right now holds an address before its endpoint exists, and an endpoint before Docker stores it.
+`pyoverlay gc` shows the candidates and removes them at once on request.
+Hosts that left the cluster are released by plugin/departures.py.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import docker.errors
+
+from ipam.subnets import NETWORK_OPT, pool_id
+from kvstore import Keys, KVStore, StoreError
+from kvstore.records import AddressRecord, EndpointRecord, PoolRecord
+from plugin import metrics
+from plugin import protocol as p
+from plugin.datapath import DataPath
+from plugin.dockerapi import API_ERRORS, DockerAPI
+from plugin.driver import NetworkDriver
+from plugin.peers import PeerSync
+from plugin.state import LocalState
+from plugin.vtepfilter import VtepFilter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Garbage:
+    kind: str    # namespace | veth | host-link | endpoint-record | endpoint | address | network
+    what: str    # what it is, for people
+    why: str
+    ref: tuple[str, ...]  # what removing it needs (and its identity across passes)
+
+
+class Reconciler:
+    def __init__(self, driver: NetworkDriver, datapath: DataPath, peers: PeerSync, state: LocalState,
+                 store: KVStore, keys: Keys, host: str, docker: DockerAPI | None, vtep_filter: VtepFilter | None,
+                 vteps: Callable[[], set[str]], grace: float) -> None:
+        self.driver = driver
+        self.datapath = datapath
+        self.peers = peers
+        self.state = state
+        self.store = store
+        self.keys = keys
+        self.host = host
+        self.docker = docker          # None in swarm: the managers own addresses there
+        self.vtep_filter = vtep_filter
+        self.vteps = vteps
+        self.grace = grace
+        self._suspects: dict[Garbage, float] = {}
+        self._lock = threading.Lock()  # one pass at a time (periodic and `pyoverlay gc`)
+        self.last: dict[str, Any] = {}
+
+    # -- repairs ----------------------------------------------------------------------------------------
+
+    def repair(self) -> list[str]:
+        done = []
+        for local in list(self.state.data.networks.values()):
+            vni = local.record.vni
+            if not self.datapath.has_network(vni):
+                try:
+                    self.datapath.ensure_network(self.driver._plan(local.record, local.mtu))
+                    done.append(f"network {local.record.key} (vni {vni}): namespace/devices re-created")
+                    metrics.RECONCILE_REPAIRS.labels("network").inc()
+                except Exception as err:  # noqa: BLE001 - reported; retried next pass
+                    log.error("reconcile: re-creating network %s (vni %d): %s", local.record.key, vni, err)
+        for vni in self.peers.verify_kernel():
+            done.append(f"vni {vni}: peers missing from the kernel programmed again")
+            metrics.RECONCILE_REPAIRS.labels("peers").inc()
+        vf = self.vtep_filter
+        if vf is not None and self.peers.synced and not vf.present() and (vf.sync(self.vteps()) or vf.present()):
+            done.append("VXLAN filter of registered VTEPs re-installed")
+            metrics.RECONCILE_REPAIRS.labels("vtep-filter").inc()
+        for line in done:
+            log.warning("reconcile: %s", line)
+        return done
+
+    # -- garbage ----------------------------------------------------------------------------------------
+
+    def candidates(self) -> list[Garbage]:
+        """What nothing owns any more. Raises StoreError when etcd cannot be read (then nothing goes)."""
+        out: list[Garbage] = []
+        self.store.health()
+        with self.state.lock:
+            networks = dict(self.state.data.networks)
+            endpoints = dict(self.state.data.endpoints)
+        vnis = {n.record.vni for n in networks.values()}
+        joined = {e.record.endpoint_id[:11] for e in endpoints.values() if e.joined}
+        for vni in self.datapath.list_networks():
+            if vni not in vnis:
+                out.append(Garbage("namespace", f"network namespace of vni {vni}", "no network of this host uses it",
+                                   ("namespace", str(vni))))
+                continue
+            for eid in self.datapath.endpoint_links(vni):
+                if eid[:11] not in joined:
+                    out.append(Garbage("veth", f"veth of endpoint {eid[:12]} (vni {vni})",
+                                       "no joined endpoint owns it", ("veth", str(vni), eid)))
+        for name in self.datapath.stale_host_links(set(endpoints)):
+            out.append(Garbage("host-link", f"link {name}", "a leftover of an interrupted Join or network create",
+                               ("host-link", name)))
+        kvs, _ = self.store.range(self.keys.all_endpoints())
+        for kv in kvs:
+            try:
+                rec = EndpointRecord.load(kv.value)
+            except ValueError:
+                continue
+            if rec.host == self.host and rec.endpoint_id not in endpoints:
+                out.append(Garbage("endpoint-record", f"endpoint {rec.endpoint_id[:12]} ({rec.address})",
+                                   "etcd has it, this host does not", ("endpoint-record", kv.key)))
+        out += self._docker_candidates(networks, endpoints)
+        return out
+
+    def _docker_candidates(self, networks: dict[str, Any], endpoints: dict[str, Any]) -> list[Garbage]:
+        """What Docker no longer has. Nothing when Docker cannot be asked."""
+        if self.docker is None:
+            return []
+        out: list[Garbage] = []
+        used: dict[str, set[str]] = {}      # docker network id -> addresses Docker's endpoints hold
+        docker_eps: set[str] = set()
+        try:
+            for nid, local in networks.items():
+                try:
+                    info = self.docker.client.api.inspect_network(nid)
+                except docker.errors.NotFound:
+                    out.append(Garbage("network", f"network {local.record.key} ({nid[:12]})",
+                                       "Docker no longer has this network", ("network", nid)))
+                    continue
+                ips = set()
+                for c in (info.get("Containers") or {}).values():
+                    docker_eps.add(c.get("EndpointID", ""))
+                    for field in ("IPv4Address", "IPv6Address"):
+                        if c.get(field):
+                            ips.add(str(ipaddress.ip_interface(c[field]).ip))
+                used[nid] = ips
+        except API_ERRORS as err:
+            log.debug("reconcile: Docker API unavailable (%s); nothing Docker owns is judged", err)
+            return []
+        held: dict[str, str] = {}          # pool id + address -> endpoint holding it here
+        for eid, ep in endpoints.items():
+            local = networks.get(ep.record.docker_network_id)
+            if local is None:
+                continue
+            for addr in (ep.record.address, ep.record.address6):
+                if addr:
+                    ifc = ipaddress.ip_interface(addr)
+                    held[f"{pool_id(ifc.network, local.record.options.get(NETWORK_OPT))}/{ifc.ip}"] = eid
+            if eid not in docker_eps and ep.record.docker_network_id in used:
+                out.append(Garbage("endpoint", f"endpoint {eid[:12]} ({ep.record.address or ep.record.address6})",
+                                   "Docker no longer has this endpoint", ("endpoint", eid)))
+        pools = {}
+        for local in networks.values():
+            for cidr in local.record.subnets:
+                net = ipaddress.ip_network(cidr)
+                pools[pool_id(net, local.record.options.get(NETWORK_OPT))] = local.docker_network_id
+        for pid, nid in pools.items():
+            kvs, _ = self.store.range(self.keys.addrs(pid))
+            for kv in kvs:
+                try:
+                    rec = AddressRecord.load(kv.value)
+                except ValueError:
+                    continue
+                if rec.kind != "endpoint" or rec.host != self.host or f"{pid}/{rec.address}" in held:
+                    continue
+                if rec.address in used.get(nid, set()):
+                    continue
+                out.append(Garbage("address", f"address {rec.address} in {pid}" + (
+                    f" (for {rec.owner})" if rec.owner else ""), "no endpoint holds it and Docker does not use it",
+                    ("address", pid, rec.address)))
+        return out
+
+    def _remove(self, g: Garbage) -> None:
+        kind, *ref = g.ref
+        if kind == "namespace":
+            self.datapath.remove_network(int(ref[0]))
+        elif kind == "veth":
+            self.datapath.remove_endpoint(int(ref[0]), ref[1])
+        elif kind == "host-link":
+            self.datapath.delete_host_link(ref[0])
+        elif kind == "endpoint-record":
+            self.store.delete(ref[0])
+        elif kind == "endpoint":
+            ep = self.state.endpoint(ref[0])
+            if ep is None:
+                return
+            local = self.state.network(ep.record.docker_network_id)
+            self.driver.delete_endpoint(p.EndpointRef(NetworkID=ep.record.docker_network_id, EndpointID=ref[0]))
+            if local is not None:
+                for addr in (ep.record.address, ep.record.address6):
+                    if addr:
+                        ifc = ipaddress.ip_interface(addr)
+                        self.driver.ipam.release_address(
+                            pool_id(ifc.network, local.record.options.get(NETWORK_OPT)), str(ifc.ip))
+        elif kind == "address":
+            self.driver.ipam.release_address(ref[0], ref[1])
+        elif kind == "network":
+            self.driver.delete_network(p.NetworkRef(NetworkID=ref[0]))
+
+    # -- one pass ---------------------------------------------------------------------------------------
+
+    def run(self, force: bool = False, dry_run: bool = False) -> dict[str, Any]:
+        """Repair, then remove garbage that has been garbage for the grace period (force: all of it)."""
+        with self._lock:
+            started = time.monotonic()
+            result: dict[str, Any] = {"repaired": [] if dry_run else self.repair(), "removed": [], "waiting": [],
+                                      "etcd": "ok", "grace": self.grace}
+            try:
+                found = self.candidates()
+            except StoreError as err:
+                # Never remove anything on a partial view: an unreachable etcd looks like an empty cluster.
+                result["etcd"] = f"unreachable: {err}"
+                metrics.RECONCILE_RUNS.labels("etcd-unreachable").inc()
+                self.last = result
+                return result
+            now = time.monotonic()
+            self._suspects = {g: self._suspects.get(g, now) for g in found}
+            for g, since in list(self._suspects.items()):
+                entry = {**asdict(g), "for_seconds": round(now - since, 1)}
+                if dry_run or not (force or now - since >= self.grace):
+                    result["waiting"].append(entry)
+                    continue
+                try:
+                    self._remove(g)
+                except Exception as err:  # noqa: BLE001 - one failure must not stop the rest
+                    log.error("reconcile: removing %s: %s", g.what, err)
+                    entry["error"] = str(err)
+                    result["waiting"].append(entry)
+                    continue
+                log.warning("reconcile: removed %s (%s, for %.0fs)", g.what, g.why, now - since)
+                metrics.RECONCILE_REPAIRS.labels(g.kind).inc()
+                result["removed"].append(entry)
+                self._suspects.pop(g, None)
+            self.pool_usage()
+            metrics.RECONCILE_RUNS.labels("ok").inc()
+            result["seconds"] = round(time.monotonic() - started, 3)
+            if not dry_run:
+                self.last = result
+            return result
+
+    def pool_usage(self) -> dict[str, tuple[int, int]]:
+        """Addresses in use and usable per pool (for the metrics and `pyoverlay inspect`)."""
+        usage = {}
+        pools, _ = self.store.range(self.keys.pools())
+        for kv in pools:
+            try:
+                rec = PoolRecord.load(kv.value)
+            except ValueError:
+                continue
+            net = ipaddress.ip_network(rec.ip_range or rec.cidr)
+            size = net.num_addresses - (2 if net.version == 4 and net.prefixlen < 31 else 0)
+            addrs, _ = self.store.range(self.keys.addrs(rec.pool_id), keys_only=True)
+            usage[rec.pool_id] = (len(addrs), size)
+            metrics.IPAM_USED.labels(rec.pool_id).set(len(addrs))
+            metrics.IPAM_SIZE.labels(rec.pool_id).set(size)
+        return usage

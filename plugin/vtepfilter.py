@@ -1,0 +1,110 @@
+"""VXLAN from strangers: only the VTEPs of hosts registered in etcd may send VXLAN to this host.
+
+VXLAN has no authentication: anyone who can reach the VXLAN port can inject frames into an overlay
+network. One nftables table of pyoverlay's own holds a set of the registered VTEPs (kept in sync with the
+live host records) and drops, and counts, every datagram to the VXLAN port from any other source.
+
+The set changes in one `nft -f` transaction (flush + add), so there is never a moment with an empty set;
+the table and its counter survive plugin restarts (the kernel keeps them), and it is written only from a
+synced view of etcd, so an etcd outage leaves it as it was.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import threading
+
+from plugin.ipsec import run
+
+log = logging.getLogger(__name__)
+
+TABLE = "pyoverlay_vtep"
+COUNTER = "strangers"
+
+
+def _ruleset(port: int) -> str:
+    note = 'comment "pyoverlay: VXLAN from a host not registered in etcd"'
+    return "\n".join([
+        f"table inet {TABLE} {{",
+        f"  counter {COUNTER} {{ }}",
+        "  set vteps4 { type ipv4_addr; }",
+        "  set vteps6 { type ipv6_addr; }",
+        "  chain input {",
+        # before conntrack and every other filter: a stranger's datagram is never looked at
+        "    type filter hook input priority -310; policy accept;",
+        f"    udp dport {port} ip saddr != @vteps4 counter name {COUNTER} drop {note}",
+        f"    udp dport {port} ip6 saddr != @vteps6 counter name {COUNTER} drop {note}",
+        "  }",
+        "}",
+    ]) + "\n"
+
+
+def _elements(name: str, addrs: list[str]) -> str:
+    lines = [f"flush set inet {TABLE} {name}"]
+    if addrs:
+        lines.append(f"add element inet {TABLE} {name} {{ {', '.join(addrs)} }}")
+    return "\n".join(lines) + "\n"
+
+
+class VtepFilter:
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self._lock = threading.Lock()
+        self._applied: frozenset[str] | None = None
+        self.error = ""          # why the filter is not in place ("" when it is)
+
+    def present(self) -> bool:
+        res = run(["nft", "list", "chain", "inet", TABLE, "input"])
+        return res.returncode == 0 and f"udp dport {self.port} " in res.stdout
+
+    def sync(self, vteps: set[str]) -> bool:
+        """Make the kernel's set exactly these VTEPs; True when something had to change."""
+        clean = sorted({str(ipaddress.ip_address(v)) for v in vteps if _is_ip(v)})
+        with self._lock:
+            if self._applied == frozenset(clean) and self.present():
+                return False
+            script = ""
+            if not self.present():
+                # A new table (or one for another port): created whole, counter from zero.
+                script += f"table inet {TABLE}\ndelete table inet {TABLE}\n" + _ruleset(self.port)
+            script += _elements("vteps4", [a for a in clean if ":" not in a])
+            script += _elements("vteps6", [a for a in clean if ":" in a])
+            res = run(["nft", "-f", "-"], script)
+            if res.returncode != 0:
+                self.error = (f"nftables refused the VTEP filter ({res.stderr.strip()[:300]}): VXLAN from "
+                              f"unregistered hosts is NOT dropped")
+                log.error("%s", self.error)
+                self._applied = None
+                return False
+            changed = self._applied != frozenset(clean)
+            self._applied = frozenset(clean)
+            self.error = ""
+            log.info("VXLAN accepted from %d registered VTEPs: %s", len(clean), ", ".join(clean))
+            return changed
+
+    def dropped(self) -> int:
+        """Datagrams dropped because their source is no registered VTEP (-1: no filter)."""
+        res = run(["nft", "-j", "list", "counter", "inet", TABLE, COUNTER])
+        if res.returncode != 0:
+            return -1
+        try:
+            for item in json.loads(res.stdout).get("nftables", []):
+                if "counter" in item:
+                    return int(item["counter"]["packets"])
+        except (ValueError, KeyError, TypeError):
+            pass
+        return -1
+
+    def remove(self) -> None:
+        run(["nft", "delete", "table", "inet", TABLE])
+        self._applied = None
+
+
+def _is_ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+        return True
+    except ValueError:
+        return False
