@@ -88,9 +88,11 @@ class Reconciler:
             done.append(f"vni {vni}: peers missing from the kernel programmed again")
             metrics.RECONCILE_REPAIRS.labels("peers").inc()
         vf = self.vtep_filter
-        if vf is not None and self.peers.synced and not vf.present() and (vf.sync(self.vteps()) or vf.present()):
-            done.append("VXLAN filter of registered VTEPs re-installed")
-            metrics.RECONCILE_REPAIRS.labels("vtep-filter").inc()
+        if vf is not None and self.peers.synced and not vf.present():
+            lost = vf.applied  # installed before: the kernel lost it (a firewall reload, say)
+            if vf.sync(self.vteps()) and lost:
+                done.append("VXLAN filter of registered VTEPs re-installed")
+                metrics.RECONCILE_REPAIRS.labels("vtep-filter").inc()
         for line in done:
             log.warning("reconcile: %s", line)
         return done

@@ -55,12 +55,16 @@ class VtepFilter:
         self._applied: frozenset[str] | None = None
         self.error = ""          # why the filter is not in place ("" when it is)
 
+    @property
+    def applied(self) -> bool:
+        return self._applied is not None
+
     def present(self) -> bool:
         res = run(["nft", "list", "chain", "inet", TABLE, "input"])
         return res.returncode == 0 and f"udp dport {self.port} " in res.stdout
 
     def sync(self, vteps: set[str]) -> bool:
-        """Make the kernel's set exactly these VTEPs; True when something had to change."""
+        """Make the kernel's set exactly these VTEPs; True when the kernel had to be changed."""
         clean = sorted({str(ipaddress.ip_address(v)) for v in vteps if _is_ip(v)})
         with self._lock:
             if self._applied == frozenset(clean) and self.present():
@@ -78,11 +82,10 @@ class VtepFilter:
                 log.error("%s", self.error)
                 self._applied = None
                 return False
-            changed = self._applied != frozenset(clean)
             self._applied = frozenset(clean)
             self.error = ""
             log.info("VXLAN accepted from %d registered VTEPs: %s", len(clean), ", ".join(clean))
-            return changed
+            return True
 
     def dropped(self) -> int:
         """Datagrams dropped because their source is no registered VTEP (-1: no filter)."""

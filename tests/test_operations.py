@@ -297,14 +297,23 @@ def test_burst_of_60_containers_with_a_plugin_sigkilled_midway(rig3: Rig, cleanu
     wait_for("etcd holds exactly the running containers' addresses",
              lambda: held() == (set(ips.values()), set(ips.values())), timeout=GRACE + 40, interval=1)
 
-    targets = " ".join(ips.values())
-    script = (f"for ip in {targets}; do (ping -c 1 -W 2 $ip >/dev/null 2>&1 || "
-              f"ping -c 2 -W 2 $ip >/dev/null 2>&1 || echo $ip) & done; wait")
+    # Every container pings every other. A pair that misses is asked again (up to three more rounds, a few
+    # seconds apart): on this 2-core machine, 60 containers answering 3,540 pings at once lose a first ARP
+    # or echo now and then. What must not happen is a pair that never connects.
+    todo = {n: [ip for other, ip in ips.items() if other != n] for n in names}
+    first_misses = 0
+    for round_ in range(4):
+        def unreachable(name: str, targets: list[str]) -> list[str]:
+            script = f"for ip in {' '.join(targets)}; do ping -c 1 -W 2 $ip >/dev/null 2>&1 || echo $ip; done"
+            return where[name].exec(name, "sh", "-c", script, timeout=600).stdout.split()
 
-    def unreachable(name: str) -> list[str]:
-        return where[name].exec(name, "sh", "-c", script, timeout=120).stdout.split()
-
-    with ThreadPoolExecutor(6) as pool:
-        misses = dict(zip(names, pool.map(unreachable, names), strict=True))
-    bad = {n: m for n, m in misses.items() if m}
-    assert not bad, f"unreachable pairs: {bad}"
+        with ThreadPoolExecutor(6) as pool:
+            misses = dict(zip(todo, pool.map(unreachable, todo, todo.values()), strict=True))
+        todo = {n: m for n, m in misses.items() if m}
+        if round_ == 0:
+            first_misses = sum(len(m) for m in todo.values())
+        if not todo:
+            break
+        time.sleep(3)
+    print(f"all-pairs pings: {first_misses} of {60 * 59} missed the first round")
+    assert not todo, f"pairs that never connected: {todo}"
