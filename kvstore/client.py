@@ -129,7 +129,8 @@ class Txn:
 class KVStore:
     """Thread-safe etcd v3 access with timeouts and endpoint failover."""
 
-    def __init__(self, config: EtcdConfig, observe: Callable[[str, float, bool], None] | None = None) -> None:
+    def __init__(self, config: EtcdConfig, observe: Callable[[str, float, bool], None] | None = None,
+                 health_key: str = "health") -> None:
         if not config.endpoints:
             raise ValueError("no etcd endpoints configured")
         self.config = config
@@ -137,6 +138,8 @@ class KVStore:
         self._client: etcd3.Etcd3Client | None = None
         self._index = 0
         self._observe = observe or (lambda op, seconds, ok: None)
+        # Read by health(): under pyoverlay's prefix, as an etcd user limited to it may read nothing else.
+        self.health_key = health_key
 
     # -- connection handling -------------------------------------------------------------------------
 
@@ -145,6 +148,9 @@ class KVStore:
         if not url.hostname:
             raise StoreError(f"bad etcd endpoint {endpoint!r}")
         tls = url.scheme == "https" or self.config.cacert is not None
+        if tls and not self.config.cacert:
+            raise StoreUnavailable(f"etcd at {endpoint} uses TLS but ETCD_CACERT is not set (the CA certificate that "
+                                   f"signed etcd's server certificate)")
         return etcd3.client(
             host=url.hostname,
             port=url.port or 2379,
@@ -242,7 +248,7 @@ class KVStore:
     def health(self) -> float:
         """Round trip to etcd in seconds (raises StoreUnavailable)."""
         start = time.perf_counter()
-        self._call("health", lambda c: c.get_response("health"))
+        self._call("health", lambda c: c.get_response(self.health_key))
         return time.perf_counter() - start
 
     # -- writes -----------------------------------------------------------------------------------------
@@ -423,9 +429,12 @@ class PrefixWatch:
 def _describe(err: BaseException | None) -> str:
     if err is None:
         return "no endpoint answered"
+    text = str(err) or type(err).__name__
     if isinstance(err, grpc.RpcError) and hasattr(err, "details"):
         try:
-            return f"{err.code().name}: {err.details()}"
+            text = f"{err.code().name}: {err.details()}"
         except Exception:  # noqa: BLE001
             pass
-    return str(err) or type(err).__name__
+    if any(marker in text for marker in ("TSI_", "SSL", "ssl", "handshake", "certificate")):
+        text += " (the TLS handshake failed: check ETCD_CACERT, ETCD_CERT and ETCD_KEY against etcd's CA)"
+    return text

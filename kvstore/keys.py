@@ -91,6 +91,10 @@ class Keys:
     def aliases(self, nkey: str, endpoint_id: str) -> str:
         return self._k("aliases", nkey, endpoint_id)
 
+    def health(self) -> str:
+        """Never written: health checks read it (a user limited to the prefix may read nothing else)."""
+        return self._k("health")
+
     @staticmethod
     def last(key: str) -> str:
         return key.rsplit("/", 1)[-1]

@@ -159,14 +159,15 @@ def doctor(settings: Settings, as_json: bool) -> int:
 
 def _doctor_here(settings: Settings) -> list[dict[str, Any]]:
     """The checks, run by this command itself (the plugin is not there to run them)."""
-    from kvstore import KVStore
+    from kvstore import Keys, KVStore
     from plugin import doctor as checks
     from plugin.datapath import DataPath
     from plugin.dockerapi import DockerAPI, socket_name
     from plugin.state import LocalState
     from plugin.vtepfilter import VtepFilter
 
-    store = KVStore(settings.etcd()) if settings.etcd_endpoints else None
+    store = KVStore(settings.etcd(), health_key=Keys(settings.etcd_prefix).health()) \
+        if settings.etcd_endpoints else None
     datapath = DataPath(settings.netns_dir, settings.host, settings.vtep)
     docker = DockerAPI(settings.docker_host, socket_name(settings.socket), settings.docker_name) \
         if settings.scope == "local" else None

@@ -41,7 +41,7 @@ class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.keys = Keys(settings.etcd_prefix)
-        self.store = KVStore(settings.etcd(), observe=metrics.observe_etcd)
+        self.store = KVStore(settings.etcd(), observe=metrics.observe_etcd, health_key=self.keys.health())
         self.state = LocalState(settings.state_dir / "state.json")
         self.datapath = DataPath(settings.netns_dir, settings.host, settings.vtep)
         defaults = DefaultPools(settings.default_pool[0], settings.default_pool[1],
