@@ -39,6 +39,8 @@ VXLAN_OVERHEAD = 50      # inner Ethernet 14 + outer IPv4 20 + UDP 8 + VXLAN 8
 VXLAN6_EXTRA = 20        # an IPv6 outer header is 20 bytes longer
 NUD_PERMANENT = 0x80
 NTF_SELF = 0x02
+NTF_MASTER = 0x04
+NUD_NOARP = 0x40         # a bridge FDB entry that is static (NUD_PERMANENT there means "local to the bridge")
 TAG = "pyoverlay"
 BRIDGE = "br0"
 VXLAN = "vxlan0"
@@ -491,11 +493,15 @@ class DataPath:
             try:
                 _ignore_gone(lambda i=ip, m=mac: ipr.neigh("del", dst=i, lladdr=m, ifindex=vx[0]))
                 _ignore_gone(lambda m=mac, v=vtep: ipr.fdb("del", ifindex=vx[0], lladdr=m, dst=v, flags=NTF_SELF))
+                _ignore_gone(lambda m=mac: ipr.fdb("del", ifindex=vx[0], lladdr=m, flags=NTF_MASTER))
             except Exception as err:  # noqa: BLE001 - one bad entry must not stop the others
                 failed.append(((ip, mac, vtep), err))
         for ip, mac, vtep in add:
             try:
                 ipr.fdb("replace", ifindex=vx[0], lladdr=mac, dst=vtep, flags=NTF_SELF, state=NUD_PERMANENT)
+                # The bridge's own entry too (as Docker's overlay does): with learning off on the VXLAN port the
+                # bridge would otherwise flood every frame for a remote container to every local one.
+                ipr.fdb("replace", ifindex=vx[0], lladdr=mac, flags=NTF_MASTER, state=NUD_NOARP)
                 ipr.neigh("replace", dst=ip, lladdr=mac, ifindex=vx[0], state=NUD_PERMANENT)
             except Exception as err:  # noqa: BLE001
                 failed.append(((ip, mac, vtep), err))
@@ -508,19 +514,24 @@ class DataPath:
 
     @kernel
     def peer_entries(self, vni: int) -> list[tuple[str, str, str]]:
-        """(ip, mac, vtep) of the permanent neighbour + FDB entries on a network's VXLAN device."""
+        """(ip, mac, vtep) of the peers fully programmed on a network's VXLAN device: permanent neighbour,
+        VXLAN FDB entry and the bridge's static entry."""
         ipr = self._ipr(vni)
         vx = ipr.link_lookup(ifname=VXLAN)
         if not vx:
             return []
-        vteps = {}
+        vteps, bridged = {}, set()
         for f in ipr.fdb("dump", ifindex=vx[0]):
-            if f["ifindex"] == vx[0] and _attr(f, "NDA_DST") and f["state"] & NUD_PERMANENT:
+            if f["ifindex"] != vx[0]:
+                continue
+            if _attr(f, "NDA_DST") and f["state"] & NUD_PERMANENT:
                 vteps[_attr(f, "NDA_LLADDR")] = _attr(f, "NDA_DST")
+            elif not f["flags"] & NTF_SELF and f["state"] & NUD_NOARP:
+                bridged.add(_attr(f, "NDA_LLADDR"))
         out = []
         for n in ipr.get_neighbours(ifindex=vx[0]):
             mac = _attr(n, "NDA_LLADDR")
-            if n["state"] & NUD_PERMANENT and mac in vteps:
+            if n["state"] & NUD_PERMANENT and mac in vteps and mac in bridged:
                 out.append((_attr(n, "NDA_DST"), mac, vteps[mac]))
         return out
 
