@@ -15,6 +15,7 @@ import ipaddress
 import json
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 from plugin.ipsec import run
 
@@ -53,7 +54,26 @@ class VtepFilter:
         self.port = port
         self._lock = threading.Lock()
         self._applied: frozenset[str] | None = None
+        self._requested: frozenset[str] | None = None
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="vtep-filter")
         self.error = ""          # why the filter is not in place ("" when it is)
+
+    def sync_later(self, vteps: set[str]) -> None:
+        """sync() in the background, and only when the set differs from the last one asked for (a failed
+        attempt is retried by the reconciler's periodic repair, not by every host record change)."""
+        wanted = frozenset(vteps)
+        if wanted == self._requested:
+            return
+        self._requested = wanted
+
+        def run() -> None:
+            if self._requested == wanted:  # a newer set supersedes this one
+                try:
+                    self.sync(set(wanted))
+                except Exception:  # noqa: BLE001 - logged; the reconciler retries
+                    log.exception("VTEP filter")
+
+        self._worker.submit(run)
 
     @property
     def applied(self) -> bool:
