@@ -180,6 +180,33 @@ def check_forwarding() -> Finding:
                    "(bridged inside each network's namespace)")
 
 
+def check_neighbours() -> Finding:
+    """The kernel's ARP table is one for every network namespace of the host: each container's entries and
+    pyoverlay's permanent ones count against net.ipv4.neigh.default.gc_thresh3 (1024 by default)."""
+    try:
+        lines = Path("/proc/net/stat/arp_cache").read_text().split("\n")
+        head = lines[0].split()
+        rows = [dict(zip(head, (int(v, 16) for v in line.split()), strict=True)) for line in lines[1:] if line.strip()]
+        entries, fulls = rows[0]["entries"], sum(r.get("table_fulls", 0) for r in rows)
+    except (OSError, ValueError, IndexError, KeyError):
+        return Finding("neighbour table", "ok", "ARP table statistics are not readable here")
+    try:
+        thresh: int | None = int(Path("/proc/sys/net/ipv4/neigh/default/gc_thresh3").read_text())
+    except (OSError, ValueError):
+        thresh = None  # only the host's initial namespace shows the limit
+    limit = f"at most {thresh}" if thresh else "a limit only the host's own namespace shows"
+    fix = ("raise the limits, e.g. sysctl -w net.ipv4.neigh.default.gc_thresh1=4096 "
+           "net.ipv4.neigh.default.gc_thresh2=16384 net.ipv4.neigh.default.gc_thresh3=32768 (and in /etc/sysctl.d); "
+           "every container needs an entry per peer it talks to")
+    if thresh and entries > 0.75 * thresh:
+        return Finding("neighbour table", "warn", f"the kernel's ARP table holds {entries} entries of {limit}: beyond "
+                       "it, new neighbours are refused and containers cannot reach each other", fix)
+    if fulls:
+        return Finding("neighbour table", "warn", f"the kernel's ARP table has overflowed {fulls} times since boot "
+                       f"({entries} entries now, {limit}): containers failed to reach each other then", fix)
+    return Finding("neighbour table", "ok", f"{entries} ARP entries in use, {limit}")
+
+
 def check_peers(counts: dict[int, tuple[int, int]]) -> Finding:
     short = {vni: c for vni, c in counts.items() if c[1] < c[0]}
     if short:
@@ -203,6 +230,7 @@ def run_all(settings: Settings, store: KVStore | None, datapath: DataPath, state
         check_etcd(store, settings),
         check_gwbridge(docker, state),
         check_forwarding(),
+        check_neighbours(),
     ]
     if peer_counts is not None:
         findings.append(check_peers(peer_counts()))

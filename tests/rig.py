@@ -509,8 +509,28 @@ class Rig:
             host.start_plugin(**env)
         return host
 
+    # Every simulated host shares this machine's one ARP table (it is per kernel, not per namespace); real
+    # hosts each have their own. Room for several hosts' worth of containers, restored afterwards.
+    NEIGH = {"net.ipv4.neigh.default.gc_thresh1": 4096, "net.ipv4.neigh.default.gc_thresh2": 16384,
+             "net.ipv4.neigh.default.gc_thresh3": 32768}
+
+    def _raise_neigh_limits(self) -> None:
+        self._neigh_saved = {}
+        for key, value in self.NEIGH.items():
+            path = Path("/proc/sys") / key.replace(".", "/")
+            current = int(path.read_text())
+            if current < value:
+                self._neigh_saved[key] = current
+                path.write_text(str(value))
+
+    def _restore_neigh_limits(self) -> None:
+        for key, value in getattr(self, "_neigh_saved", {}).items():
+            with contextlib.suppress(OSError):
+                (Path("/proc/sys") / key.replace(".", "/")).write_text(str(value))
+
     def up(self, hosts: int = 1, plugin: bool = True) -> Rig:
         cleanup_stale()
+        self._raise_neigh_limits()
         self.up_underlay()
         self.etcd.start()
         for i in range(hosts):
@@ -525,6 +545,7 @@ class Rig:
             except Exception as err:  # noqa: BLE001 - tear down the rest regardless
                 print(f"rig: tearing down {host.name}: {err}", file=sys.stderr)
         self.etcd.stop()
+        self._restore_neigh_limits()
         sh("ip", "link", "del", self._root_leg, check=False)
         sh("ip", "netns", "del", self.underlay_ns, check=False)
         if not os.environ.get("PYOVERLAY_KEEP_RIG"):
