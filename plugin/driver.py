@@ -145,7 +145,7 @@ class NetworkDriver:
             try:
                 if record.encrypted:  # the guard exists before the network's VXLAN device can send
                     self.encryption.guard({**self.state.encrypted_vnis(), record.vni: record.key})
-                self.datapath.ensure_network(self._plan(record, mtu))
+                self.datapath.ensure_network(self.plan(record, mtu))
             except Exception as err:
                 self._undo_create(nid, record, created)
                 self._guard_quietly()
@@ -158,7 +158,7 @@ class NetworkDriver:
                  ",".join(record.subnets))
         return {}
 
-    def _plan(self, record: NetworkRecord, mtu: int) -> NetworkPlan:
+    def plan(self, record: NetworkRecord, mtu: int) -> NetworkPlan:
         # The gateway addresses go on the bridge only for the DNS server (plugin/dns.py) to listen there.
         gateways = tuple(g for g in (record.gateway, record.gateway6) if g) if self.settings.dns else ()
         return NetworkPlan(record.vni, record.port, mtu, record.key, gateways)
@@ -480,7 +480,7 @@ class NetworkDriver:
                 continue
             known_vnis.add(local.record.vni)
             try:
-                self.datapath.ensure_network(self._plan(local.record, local.mtu))
+                self.datapath.ensure_network(self.plan(local.record, local.mtu))
             except Exception as err:  # noqa: BLE001 - keep restoring the others
                 log.error("restore network %s (vni %d): %s", local.record.key, local.record.vni, err)
         for vni in self.datapath.list_networks():

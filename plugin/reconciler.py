@@ -79,7 +79,7 @@ class Reconciler:
             vni = local.record.vni
             if not self.datapath.has_network(vni):
                 try:
-                    self.datapath.ensure_network(self.driver._plan(local.record, local.mtu))
+                    self.datapath.ensure_network(self.driver.plan(local.record, local.mtu))
                     done.append(f"network {local.record.key} (vni {vni}): namespace/devices re-created")
                     metrics.RECONCILE_REPAIRS.labels("network").inc()
                 except Exception as err:  # noqa: BLE001 - reported; retried next pass

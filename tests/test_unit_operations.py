@@ -1,0 +1,138 @@
+"""Pure logic of the operator side: doctor's findings and the reconciler's grace period."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kvstore import StoreUnavailable
+from kvstore.records import NetworkRecord
+from plugin import doctor
+from plugin.datapath import Underlay
+from plugin.reconciler import Garbage, Reconciler
+from plugin.state import LocalNetwork, LocalState
+
+
+def _state(tmp_path: Path, *networks: tuple[str, int, bool]) -> LocalState:
+    st = LocalState(tmp_path / "state.json")
+    for key, mtu, encrypted in networks:
+        rec = NetworkRecord(key=key, vni=5000 + mtu, subnets=["10.9.0.0/24"], encrypted=encrypted, port=4800,
+                            created_by="h")
+        st.put_network(LocalNetwork(docker_network_id=key * 4, record=rec, mtu=mtu))
+    return st
+
+
+class FakeDataPath:
+    def __init__(self, mtu: int) -> None:
+        self.ul = Underlay("10.0.0.1", "eth0", mtu)
+
+    def underlay(self) -> Underlay:
+        return self.ul
+
+
+def test_mtu_finding_names_the_mtu_that_fits(tmp_path: Path) -> None:
+    ok = doctor.check_mtu(FakeDataPath(1500), _state(tmp_path, ("a", 1450, False), ("b", 1410, True)))  # type: ignore[arg-type]
+    assert ok.status == "ok" and "1450" in ok.detail and "1410 encrypted" in ok.detail
+    bad = doctor.check_mtu(FakeDataPath(1400), _state(tmp_path, ("c", 1400, False)))  # type: ignore[arg-type]
+    assert bad.status == "fail" and "c: MTU 1400 needs 1450" in bad.detail
+    assert "driver.mtu=1350" in bad.fix and "1310 if encrypted" in bad.fix
+
+
+def test_encrypted_network_on_a_kernel_without_esp_is_a_failure(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(doctor, "missing_features", lambda: ["ESP (kernel option CONFIG_INET_ESP, module esp4)"])
+    assert doctor.check_ipsec(0).status == "warn"
+    failed = doctor.check_ipsec(2)
+    assert failed.status == "fail" and "2 on this host have no data path" in failed.detail and "esp4" in failed.fix
+    monkeypatch.setattr(doctor, "missing_features", lambda: [])
+    assert doctor.check_ipsec(2).status == "ok"
+
+
+def test_neighbour_table_near_its_limit_or_overflowed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    head = "entries  allocs   destroys hash_grows lookups  hits     res_failed table_fulls"
+    files = {"/proc/net/stat/arp_cache": f"{head}\n{900:08x} 0 0 0 0 0 0 00000000\n{900:08x} 0 0 0 0 0 0 00000000\n",
+             "/proc/sys/net/ipv4/neigh/default/gc_thresh3": "1024\n"}
+
+    class P(type(Path())):  # type: ignore[misc]
+        def read_text(self, *a: Any, **k: Any) -> str:
+            return files[str(self)]
+
+    monkeypatch.setattr(doctor, "Path", P)
+    near = doctor.check_neighbours()
+    assert near.status == "warn" and "900 entries of at most 1024" in near.detail and "gc_thresh3" in near.fix
+    files["/proc/net/stat/arp_cache"] = f"{head}\n{10:08x} 0 0 0 0 0 0 00000003\n{10:08x} 0 0 0 0 0 0 00000002\n"
+    full = doctor.check_neighbours()
+    assert full.status == "warn" and "overflowed 5 times" in full.detail
+    files["/proc/net/stat/arp_cache"] = f"{head}\n{10:08x} 0 0 0 0 0 0 00000000\n"
+    assert doctor.check_neighbours().status == "ok"
+
+
+def test_peers_short_of_expected_is_a_warning() -> None:
+    assert doctor.check_peers({4096: (3, 3)}).status == "ok"
+    short = doctor.check_peers({4096: (3, 1), 4097: (2, 2)})
+    assert short.status == "warn" and "vni 4096: 1/3" in short.detail and "4097" not in short.detail
+
+
+class StubReconciler(Reconciler):
+    """The pass logic alone: candidates and removals are stubbed, the clock is ours."""
+
+    def __init__(self, grace: float) -> None:
+        self.grace = grace
+        self._suspects = {}
+        self.found: list[Garbage] = []
+        self.removed: list[Garbage] = []
+        self.etcd_down = False
+        import threading
+        self._lock = threading.Lock()
+        self.last = {}
+
+    def repair(self) -> list[str]:
+        return []
+
+    def candidates(self) -> list[Garbage]:
+        if self.etcd_down:
+            raise StoreUnavailable("etcd unreachable")
+        return list(self.found)
+
+    def _remove(self, g: Garbage) -> None:
+        self.removed.append(g)
+
+    def pool_usage(self) -> dict[str, tuple[int, int]]:
+        return {}
+
+
+def test_reconciler_removes_only_after_the_grace_period_and_never_without_etcd(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [1000.0]
+    monkeypatch.setattr("plugin.reconciler.time.monotonic", lambda: now[0])
+    r = StubReconciler(grace=60)
+    stray = Garbage("address", "address 10.9.0.9", "nobody", ("address", "cidr.10.9.0.0_24", "10.9.0.9"))
+    r.found = [stray]
+    first = r.run()
+    assert r.removed == [] and first["waiting"][0]["for_seconds"] == 0
+    now[0] += 59
+    r.run()
+    assert r.removed == []
+    r.etcd_down = True
+    now[0] += 600
+    down = r.run()
+    assert r.removed == [] and down["etcd"].startswith("unreachable"), "nothing goes while etcd is away"
+    r.etcd_down = False
+    now[0] += 1
+    r.run()
+    assert r.removed == [stray], "its clock kept running: gone once past the grace period"
+    # Something that stops being a candidate starts again from zero.
+    again = Garbage("veth", "veth x", "unowned", ("veth", "4096", "x"))
+    r.found, r.removed = [again], []
+    r.run()
+    r.found = []
+    now[0] += 50
+    r.run()
+    r.found = [again]
+    now[0] += 50
+    r.run()
+    assert r.removed == []
+    # gc --apply (force) removes at once; a dry run removes nothing.
+    assert r.run(dry_run=True)["removed"] == [] and r.removed == []
+    assert r.run(force=True)["removed"][0]["kind"] == "veth" and r.removed == [again]
