@@ -73,6 +73,9 @@ class Keys:
     def pool_index(self) -> str:
         return self._k("pool-index")
 
+    def all_addrs(self) -> str:
+        return self._k("addrs", "")
+
     def addrs(self, pool_id: str) -> str:
         return self._k("addrs", pool_id, "")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
-from ipam.subnets import NETWORK_OPT, pool_id
+from ipam.subnets import NETWORK_OPT, pool_id, usable
 from kvstore import Keys, KVStore
 from kvstore.records import AddressRecord, AliasRecord, EndpointRecord, HostRecord, MemberRecord, NetworkRecord
 from plugin.dockerapi import API_ERRORS, DockerAPI
@@ -70,9 +70,8 @@ def inspect(name: str, store: KVStore, keys: Keys, state: LocalState, docker: Do
     for cidr in rec.subnets:
         pid = pool_id(ipaddress.ip_network(cidr), rec.options.get(NETWORK_OPT))
         kvs, _ = store.range(keys.addrs(pid))
-        net = ipaddress.ip_network(cidr)
-        pools[pid] = {"cidr": cidr, "used": len(kvs),
-                      "usable": net.num_addresses - (2 if net.version == 4 and net.prefixlen < 31 else 0)}
+        first, last = usable(ipaddress.ip_network(cidr))
+        pools[pid] = {"cidr": cidr, "used": len(kvs), "usable": last - first + 1}
         for kv in kvs:
             try:
                 held = AddressRecord.load(kv.value)

@@ -234,6 +234,11 @@ class PeerSync:
                 self.reconcile()
             return lost
 
+    def endpoint_records(self) -> dict[str, EndpointRecord]:
+        """etcd key -> endpoint record, as the watch holds them."""
+        with self._lock:
+            return dict(self.endpoints)
+
     def endpoint_hosts(self) -> set[str]:
         with self._lock:
             return {ep.host for ep in self.endpoints.values()}

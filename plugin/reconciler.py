@@ -23,15 +23,16 @@ import ipaddress
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import docker.errors
 
-from ipam.subnets import NETWORK_OPT, pool_id
-from kvstore import Keys, KVStore, StoreError
-from kvstore.records import AddressRecord, EndpointRecord, PoolRecord
+from ipam.subnets import NETWORK_OPT, pool_id, usable
+from kvstore import KV, Keys, KVStore, StoreError
+from kvstore.records import AddressRecord, NetworkRecord, PoolRecord
 from plugin import metrics
 from plugin import protocol as p
 from plugin.datapath import DataPath
@@ -99,10 +100,9 @@ class Reconciler:
 
     # -- garbage ----------------------------------------------------------------------------------------
 
-    def candidates(self) -> list[Garbage]:
-        """What nothing owns any more. Raises StoreError when etcd cannot be read (then nothing goes)."""
+    def candidates(self, addrs: list[KV]) -> list[Garbage]:
+        """What nothing owns any more, given every address record (read from etcd this pass)."""
         out: list[Garbage] = []
-        self.store.health()
         with self.state.lock:
             networks = dict(self.state.data.networks)
             endpoints = dict(self.state.data.endpoints)
@@ -120,19 +120,16 @@ class Reconciler:
         for name in self.datapath.stale_host_links(set(endpoints)):
             out.append(Garbage("host-link", f"link {name}", "a leftover of an interrupted Join or network create",
                                ("host-link", name)))
-        kvs, _ = self.store.range(self.keys.all_endpoints())
-        for kv in kvs:
-            try:
-                rec = EndpointRecord.load(kv.value)
-            except ValueError:
-                continue
-            if rec.host == self.host and rec.endpoint_id not in endpoints:
-                out.append(Garbage("endpoint-record", f"endpoint {rec.endpoint_id[:12]} ({rec.address})",
-                                   "etcd has it, this host does not", ("endpoint-record", kv.key)))
-        out += self._docker_candidates(networks, endpoints)
+        if self.peers.synced:  # etcd's endpoint records, as the peers' watch holds them
+            for key, rec in self.peers.endpoint_records().items():
+                if rec.host == self.host and rec.endpoint_id not in endpoints:
+                    out.append(Garbage("endpoint-record", f"endpoint {rec.endpoint_id[:12]} ({rec.address})",
+                                       "etcd has it, this host does not", ("endpoint-record", key)))
+        out += self._docker_candidates(networks, endpoints, addrs)
         return out
 
-    def _docker_candidates(self, networks: dict[str, Any], endpoints: dict[str, Any]) -> list[Garbage]:
+    def _docker_candidates(self, networks: dict[str, Any], endpoints: dict[str, Any],
+                           addrs: list[KV]) -> list[Garbage]:
         """What Docker no longer has. Nothing when Docker cannot be asked."""
         if self.docker is None:
             return []
@@ -165,29 +162,27 @@ class Reconciler:
             for addr in (ep.record.address, ep.record.address6):
                 if addr:
                     ifc = ipaddress.ip_interface(addr)
-                    held[f"{pool_id(ifc.network, local.record.options.get(NETWORK_OPT))}/{ifc.ip}"] = eid
+                    held[f"{_pool(local.record, ifc.network)}/{ifc.ip}"] = eid
             if eid not in docker_eps and ep.record.docker_network_id in used:
                 out.append(Garbage("endpoint", f"endpoint {eid[:12]} ({ep.record.address or ep.record.address6})",
                                    "Docker no longer has this endpoint", ("endpoint", eid)))
-        pools = {}
-        for local in networks.values():
-            for cidr in local.record.subnets:
-                net = ipaddress.ip_network(cidr)
-                pools[pool_id(net, local.record.options.get(NETWORK_OPT))] = local.docker_network_id
-        for pid, nid in pools.items():
-            kvs, _ = self.store.range(self.keys.addrs(pid))
-            for kv in kvs:
-                try:
-                    rec = AddressRecord.load(kv.value)
-                except ValueError:
-                    continue
-                if rec.kind != "endpoint" or rec.host != self.host or f"{pid}/{rec.address}" in held:
-                    continue
-                if rec.address in used.get(nid, set()):
-                    continue
-                out.append(Garbage("address", f"address {rec.address} in {pid}" + (
-                    f" (for {rec.owner})" if rec.owner else ""), "no endpoint holds it and Docker does not use it",
-                    ("address", pid, rec.address)))
+        pools = {_pool(local.record, ipaddress.ip_network(cidr)): local.docker_network_id
+                 for local in networks.values() for cidr in local.record.subnets}
+        for kv in addrs:
+            pid = kv.key.split("/")[-2]
+            if pid not in pools:
+                continue
+            try:
+                rec = AddressRecord.load(kv.value)
+            except ValueError:
+                continue
+            if rec.kind != "endpoint" or rec.host != self.host or f"{pid}/{rec.address}" in held:
+                continue
+            if rec.address in used.get(pools[pid], set()):
+                continue
+            out.append(Garbage("address", f"address {rec.address} in {pid}" + (
+                f" (for {rec.owner})" if rec.owner else ""), "no endpoint holds it and Docker does not use it",
+                ("address", pid, rec.address)))
         return out
 
     def _remove(self, g: Garbage) -> None:
@@ -210,8 +205,7 @@ class Reconciler:
                 for addr in (ep.record.address, ep.record.address6):
                     if addr:
                         ifc = ipaddress.ip_interface(addr)
-                        self.driver.ipam.release_address(
-                            pool_id(ifc.network, local.record.options.get(NETWORK_OPT)), str(ifc.ip))
+                        self.driver.ipam.release_address(_pool(local.record, ifc.network), str(ifc.ip))
         elif kind == "address":
             self.driver.ipam.release_address(ref[0], ref[1])
         elif kind == "network":
@@ -226,7 +220,10 @@ class Reconciler:
             result: dict[str, Any] = {"repaired": [] if dry_run else self.repair(), "removed": [], "waiting": [],
                                       "etcd": "ok", "grace": self.grace}
             try:
-                found = self.candidates()
+                # One read of every address record per pass: for the garbage and for the pool metrics. When it
+                # fails, nothing is judged.
+                addrs, _ = self.store.range(self.keys.all_addrs())
+                found = self.candidates(addrs)
             except StoreError as err:
                 # Never remove anything on a partial view: an unreachable etcd looks like an empty cluster.
                 result["etcd"] = f"unreachable: {err}"
@@ -251,26 +248,27 @@ class Reconciler:
                 metrics.RECONCILE_REPAIRS.labels(g.kind).inc()
                 result["removed"].append(entry)
                 self._suspects.pop(g, None)
-            self.pool_usage()
+            self.pool_usage(addrs)
             metrics.RECONCILE_RUNS.labels("ok").inc()
             result["seconds"] = round(time.monotonic() - started, 3)
             if not dry_run:
                 self.last = result
             return result
 
-    def pool_usage(self) -> dict[str, tuple[int, int]]:
-        """Addresses in use and usable per pool (for the metrics and `pyoverlay inspect`)."""
-        usage = {}
-        pools, _ = self.store.range(self.keys.pools())
-        for kv in pools:
+    def pool_usage(self, addrs: list[KV]) -> None:
+        """Addresses in use and usable per pool, for the metrics."""
+        used = Counter(kv.key.split("/")[-2] for kv in addrs)
+        for kv in self.store.range(self.keys.pools())[0]:
             try:
                 rec = PoolRecord.load(kv.value)
             except ValueError:
                 continue
-            net = ipaddress.ip_network(rec.ip_range or rec.cidr)
-            size = net.num_addresses - (2 if net.version == 4 and net.prefixlen < 31 else 0)
-            addrs, _ = self.store.range(self.keys.addrs(rec.pool_id), keys_only=True)
-            usage[rec.pool_id] = (len(addrs), size)
-            metrics.IPAM_USED.labels(rec.pool_id).set(len(addrs))
-            metrics.IPAM_SIZE.labels(rec.pool_id).set(size)
-        return usage
+            first, last = usable(ipaddress.ip_network(rec.cidr),
+                                 ipaddress.ip_network(rec.ip_range) if rec.ip_range else None)
+            metrics.IPAM_USED.labels(rec.pool_id).set(used[rec.pool_id])
+            metrics.IPAM_SIZE.labels(rec.pool_id).set(last - first + 1)
+
+
+def _pool(record: NetworkRecord, net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> str:
+    """The IPAM pool of one of a network's subnets."""
+    return pool_id(net, record.options.get(NETWORK_OPT))

@@ -105,15 +105,16 @@ class Runtime:
         self._thread.start()
         self._reconcile_thread.start()
 
-    def _vteps(self) -> set[str]:
+    def _vteps(self, hosts: dict[str, HostRecord] | None = None) -> set[str]:
         """VTEPs that may send us VXLAN: every live host's, and ours."""
-        return {h.vtep for h in self.peers.hosts.values()} | {self.datapath.underlay().address}
+        live = self.peers.hosts if hosts is None else hosts
+        return {h.vtep for h in live.values()} | {self.datapath.underlay().address}
 
     def _hosts_changed(self, hosts: dict[str, HostRecord]) -> None:
         # Called on every host record change (key rotations, acks): only a changed set of VTEPs reaches nft,
         # and never on the watch's thread, which programs the peers and their keys.
         if self.vtep_filter is not None:
-            self.vtep_filter.sync_later({h.vtep for h in hosts.values()} | {self.datapath.underlay().address})
+            self.vtep_filter.sync_later(self._vteps(hosts))
 
     def _reconcile_loop(self) -> None:
         """At start (once the data path is restored and the watches hold a full view), then periodically."""

@@ -528,14 +528,15 @@ class Rig:
             with contextlib.suppress(OSError):
                 (Path("/proc/sys") / key.replace(".", "/")).write_text(str(value))
 
-    def up(self, hosts: int = 1, plugin: bool = True) -> Rig:
+    def up(self, hosts: int = 1, plugin: bool = True, **env: str) -> Rig:
+        """Underlay, etcd and the hosts; each host's pyoverlay started with env unless plugin is False."""
         cleanup_stale()
         self._raise_neigh_limits()
         self.up_underlay()
         self.etcd.start()
         for i in range(hosts):
             # Alternate FORWARD policies so both are always covered.
-            self.add_host("DROP" if i % 2 == 0 else "ACCEPT", plugin=plugin)
+            self.add_host("DROP" if i % 2 == 0 else "ACCEPT", plugin=plugin, **env)
         return self
 
     def down(self) -> None:
@@ -553,10 +554,11 @@ class Rig:
 
 
 @contextlib.contextmanager
-def rig(hosts: int = 1) -> Iterator[Rig]:
+def rig(hosts: int = 1, **env: str) -> Iterator[Rig]:
+    """A rig of hosts running pyoverlay (with env), torn down afterwards whatever happens."""
     r = Rig()
     try:
-        yield r.up(hosts)
+        yield r.up(hosts, **env)
     finally:
         r.down()
 

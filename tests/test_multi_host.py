@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.plugin_client import call
-from tests.rig import Rig, cleanup_stale, sh, wait_for
+from tests.rig import Rig, rig, sh, wait_for
 from tests.test_single_host import df_ping, ping
 
 pytestmark = pytest.mark.docker
@@ -19,15 +19,8 @@ PY = ("-d", "pyoverlay", "--ipam-driver", "pyoverlay")
 
 @pytest.fixture(scope="module")
 def rig3() -> Iterator[Rig]:
-    cleanup_stale()
-    rig = Rig()
-    try:
-        rig.up(3, plugin=False)
-        for h in rig.hosts:
-            h.start_plugin(PYOVERLAY_LEASE_TTL="5", PYOVERLAY_DEAD_HOST_GRACE="6")
-        yield rig
-    finally:
-        rig.down()
+    with rig(3, PYOVERLAY_LEASE_TTL="5", PYOVERLAY_DEAD_HOST_GRACE="6") as r:
+        yield r
 
 
 def everywhere(rig: Rig, cleanup, name: str, *args: str) -> None:  # type: ignore[no-untyped-def]

@@ -4,6 +4,7 @@ no registered host dropped; and a burst of 60 containers while one plugin is SIG
 
 from __future__ import annotations
 
+import base64
 import json
 import signal
 import struct
@@ -16,7 +17,7 @@ import pytest
 
 from kvstore.records import AddressRecord, EndpointRecord
 from tests.plugin_client import call
-from tests.rig import UNDERLAY_NET, DockerHost, Rig, cleanup_stale, sh, wait_for
+from tests.rig import UNDERLAY_NET, DockerHost, Rig, rig, sh, wait_for
 from tests.test_multi_host import PY, everywhere, start
 from tests.test_single_host import ping
 
@@ -26,16 +27,9 @@ GRACE = 6  # PYOVERLAY_RECONCILE_GRACE here
 
 @pytest.fixture(scope="module")
 def rig3() -> Iterator[Rig]:
-    cleanup_stale()
-    rig = Rig()
-    try:
-        rig.up(3, plugin=False)
-        for h in rig.hosts:
-            h.start_plugin(PYOVERLAY_LEASE_TTL="5", PYOVERLAY_DEAD_HOST_GRACE="6", PYOVERLAY_RECONCILE_INTERVAL="2",
-                           PYOVERLAY_RECONCILE_GRACE=str(GRACE))
-        yield rig
-    finally:
-        rig.down()
+    with rig(3, PYOVERLAY_LEASE_TTL="5", PYOVERLAY_DEAD_HOST_GRACE="6", PYOVERLAY_RECONCILE_INTERVAL="2",
+             PYOVERLAY_RECONCILE_GRACE=str(GRACE)) as r:
+        yield r
 
 
 def pin(h: DockerHost, vni: int) -> str:
@@ -55,7 +49,6 @@ def vxlan_rx(h: DockerHost, vni: int) -> int:
 def etcd_records(rig: Rig, prefix: str, cls):  # type: ignore[no-untyped-def]
     out = rig.etcd.ctl("get", f"{rig.etcd_prefix}/{prefix}", "--prefix", "-w", "json")
     kvs = json.loads(out).get("kvs", [])
-    import base64
     return {base64.b64decode(kv["key"]).decode(): cls.load(base64.b64decode(kv["value"])) for kv in kvs}
 
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from kvstore import StoreUnavailable
+from kvstore import KV, Keys, StoreUnavailable
 from kvstore.records import NetworkRecord
 from plugin import doctor
 from plugin.datapath import Underlay
@@ -83,23 +84,27 @@ class StubReconciler(Reconciler):
         self.found: list[Garbage] = []
         self.removed: list[Garbage] = []
         self.etcd_down = False
-        import threading
         self._lock = threading.Lock()
         self.last = {}
+        self.keys = Keys()
+        self.store = self  # type: ignore[assignment]  # range() below stands in for etcd
+
+    def range(self, prefix: str, keys_only: bool = False) -> tuple[list[KV], int]:
+        if self.etcd_down:
+            raise StoreUnavailable("etcd unreachable")
+        return [], 1
 
     def repair(self) -> list[str]:
         return []
 
-    def candidates(self) -> list[Garbage]:
-        if self.etcd_down:
-            raise StoreUnavailable("etcd unreachable")
+    def candidates(self, addrs: list[KV]) -> list[Garbage]:
         return list(self.found)
 
     def _remove(self, g: Garbage) -> None:
         self.removed.append(g)
 
-    def pool_usage(self) -> dict[str, tuple[int, int]]:
-        return {}
+    def pool_usage(self, addrs: list[KV]) -> None:
+        pass
 
 
 def test_reconciler_removes_only_after_the_grace_period_and_never_without_etcd(
