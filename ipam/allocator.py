@@ -11,6 +11,7 @@ import ipaddress
 import logging
 import random
 import threading
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +30,7 @@ from ipam.subnets import (
     usable,
 )
 from kvstore import Keys, KVStore, StoreError, StoreUnavailable, Txn
-from kvstore.records import AddressRecord, PoolRecord
+from kvstore.records import AddressRecord, PoolRecord, dns_name
 from plugin.errors import Conflict, InvalidRequest, NotFound, Unavailable
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,7 @@ class Ipam:
             if pid:
                 kv = self.store.get(self.keys.pool(pid))
                 if kv is not None:
-                    rec = PoolRecord.load(kv.value)
+                    rec = PoolRecord.load(kv.value, kv.key)
                     self._check_same_pool(rec, net, rng)
                     rec.refs[self.host] = rec.refs.get(self.host, 0) + 1
                     if self.store.swap(kv.key, rec.dump(), kv.mod_revision):
@@ -130,7 +131,7 @@ class Ipam:
                   family: int) -> PoolRecord | None:
         """Create a pool record; None when another host changed the pools meanwhile (retry)."""
         kvs, _ = self.store.range(self.keys.pools())
-        pools = [PoolRecord.load(kv.value) for kv in kvs]
+        pools = list(PoolRecord.load_valid(kvs).values())
         index = self.store.get(self.keys.pool_index())
         if net is None:
             taken = [ipaddress.ip_network(p.cidr) for p in pools] + self.host_routes()
@@ -174,7 +175,7 @@ class Ipam:
             kv = self.store.get(self.keys.pool(pid))
             if kv is None:
                 return False
-            rec = PoolRecord.load(kv.value)
+            rec = PoolRecord.load(kv.value, kv.key)
             if rec.refs.get(host, 0) <= 0:
                 return False
             rec.refs[host] = 0 if everything else rec.refs[host] - 1
@@ -202,10 +203,10 @@ class Ipam:
         changed = 0
         pools, _ = self.store.range(self.keys.pools())
         for pkv in pools:
-            pid = PoolRecord.load(pkv.value).pool_id
+            pid = PoolRecord.load(pkv.value, pkv.key).pool_id
             addrs, _ = self.store.range(self.keys.addrs(pid))
             for kv in addrs:
-                held = AddressRecord.load(kv.value)
+                held = AddressRecord.load(kv.value, kv.key)
                 txn = Txn().unchanged(kv.key, kv.mod_revision)
                 if held.kind == "endpoint" and held.host == host:
                     txn.delete(kv.key)
@@ -236,7 +237,7 @@ class Ipam:
                 raise Unavailable(f"IPAM: could not re-create pool {pid}")
             log.warning("pool %s was gone from etcd (this host was away); re-created", pid)
         else:
-            rec = PoolRecord.load(kv.value)
+            rec = PoolRecord.load(kv.value, kv.key)
             if self.host not in rec.refs:
                 rec.refs[self.host] = 1
                 self.store.swap(kv.key, rec.dump(), kv.mod_revision)  # a lost race is retried next time
@@ -249,12 +250,13 @@ class Ipam:
         lost = []
         for address, endpoint in addresses.items():
             key = self.keys.addr(pid, address)
-            new = AddressRecord(address=address, kind="endpoint", host=self.host, endpoint=endpoint)
+            new = AddressRecord(address=address, kind="endpoint", host=self.host, endpoint=endpoint,
+                                request=uuid.uuid4().hex)
             if self.store.create(key, new.dump()):
                 log.warning("address %s of endpoint %s re-claimed after this host was away", address, endpoint[:12])
                 continue
             cur = self.store.get(key)
-            held = AddressRecord.load(cur.value) if cur is not None else None
+            held = AddressRecord.load(cur.value, cur.key) if cur is not None else None
             if held is not None and not (held.host == self.host and held.kind == "endpoint"):
                 lost.append(address)
                 log.error("address %s of local endpoint %s was released while this host was away and is "
@@ -266,7 +268,7 @@ class Ipam:
         kv = self.store.get(self.keys.pool(pid))
         if kv is None:
             raise NotFound(f"{field}: unknown pool {pid!r} (never requested, or already released)")
-        rec = PoolRecord.load(kv.value)
+        rec = PoolRecord.load(kv.value, kv.key)
         return rec, ipaddress.ip_network(rec.cidr), kv.mod_revision
 
     # -- addresses --------------------------------------------------------------------------------------
@@ -277,7 +279,7 @@ class Ipam:
         # Docker 20.10 sends no options for endpoints and aux addresses alike: both start as "endpoint";
         # CreateNetwork then marks the aux ones "reserved" (see mark_reserved).
         kind = "gateway" if options.get("RequestAddressType") == GATEWAY_TYPE else "endpoint"
-        owner = options.get(ENDPOINT_NAME)
+        owner = dns_name(options.get(ENDPOINT_NAME))
         if address:
             addr = parse_address(address, "Address")
             check_in_pool(addr, net, "Address")
@@ -287,7 +289,8 @@ class Ipam:
             return self._address_answer(self._allocate(rec, net, owner), net)
 
         if kind == "endpoint":
-            new = AddressRecord(address=str(addr), kind="endpoint", host=self.host, owner=owner)
+            new = AddressRecord(address=str(addr), kind="endpoint", host=self.host, owner=owner,
+                                request=uuid.uuid4().hex)
             if not self.store.create(self.keys.addr(pid, str(addr)), new.dump()) and not (
                     self.swarm and self._take_over(pid, addr, owner)):
                 # An aux address another host's network already reserved is shared, not taken.
@@ -307,7 +310,7 @@ class Ipam:
                 kv = self.store.get(key)
                 if kv is None:
                     break
-                held = AddressRecord.load(kv.value)
+                held = AddressRecord.load(kv.value, kv.key)
                 if held.kind == "reserved" and self.host in held.claims:
                     break
                 if held.kind == "endpoint" and held.host != self.host:
@@ -325,7 +328,7 @@ class Ipam:
         kv = self.store.get(self.keys.addr(pid, str(addr)))
         if kv is None:
             return ""
-        held = AddressRecord.load(kv.value)
+        held = AddressRecord.load(kv.value, kv.key)
         who = {"gateway": "the network gateway", "reserved": "a reserved (aux) address"}.get(
             held.kind, f"container {held.owner}" if held.owner else (
                 f"endpoint {held.endpoint[:12]}" if held.endpoint else "an endpoint"))
@@ -344,10 +347,13 @@ class Ipam:
                 if self.store.create(key, new.dump()):
                     return
                 continue
-            held = AddressRecord.load(kv.value)
+            held = AddressRecord.load(kv.value, kv.key)
             if held.kind != kind:
                 raise Conflict(f"Address: {addr} is already in use{self._holder(pid, addr)}")
             if self.host in held.claims:
+                if kind == "reserved" and not create:
+                    # This host reserved it already (--aux-address), so this request is a container's --ip.
+                    raise Conflict(f"Address: {addr} is reserved by the network (--aux-address); choose another")
                 return
             held.claims.append(self.host)
             if self.store.swap(key, held.dump(), kv.mod_revision):
@@ -361,11 +367,12 @@ class Ipam:
         for _ in range(_RETRIES):
             kv = self.store.get(key)
             if kv is None:
-                new = AddressRecord(address=str(addr), kind="endpoint", host=self.host, owner=owner)
+                new = AddressRecord(address=str(addr), kind="endpoint", host=self.host, owner=owner,
+                                request=uuid.uuid4().hex)
                 if self.store.create(key, new.dump()):
                     return True
                 continue
-            held = AddressRecord.load(kv.value)
+            held = AddressRecord.load(kv.value, kv.key)
             if held.kind != "endpoint":
                 return False
             if held.host == self.host:
@@ -382,7 +389,7 @@ class Ipam:
             kv = self.store.get(self.keys.pool(pid))
             if kv is None:
                 return
-            rec = PoolRecord.load(kv.value)
+            rec = PoolRecord.load(kv.value, kv.key)
             if rec.gateway is not None:
                 return
             rec.gateway = str(addr)
@@ -392,7 +399,8 @@ class Ipam:
     def _allocate(self, rec: PoolRecord, net: IPNetwork, owner: str | None) -> Any:
         rng = ipaddress.ip_network(rec.ip_range) if rec.ip_range else None
         first, last = usable(net, rng)
-        new = AddressRecord(address="", kind="endpoint", host=self.host, owner=owner)
+        new = AddressRecord(address=str(ipaddress.ip_address(first)), kind="endpoint", host=self.host, owner=owner,
+                            request=uuid.uuid4().hex)
         with self._lock:
             cursor = self._cursor.get(rec.pool_id, first - 1)
         used: set[int] | None = None
@@ -428,7 +436,7 @@ class Ipam:
             kv = self.store.get(key)
             if kv is None:
                 return {}
-            held = AddressRecord.load(kv.value)
+            held = AddressRecord.load(kv.value, kv.key)
             txn = Txn().unchanged(key, kv.mod_revision)
             if held.kind == "endpoint":
                 if held.host != self.host:

@@ -144,6 +144,11 @@ class KVStore:
     # -- connection handling -------------------------------------------------------------------------
 
     def _connect(self, endpoint: str) -> etcd3.Etcd3Client:
+        if endpoint.startswith("unix:"):
+            # unix:/path/name:port (the embedded etcd): gRPC's own target syntax, which etcd3 forms as host:port
+            path, _, port = endpoint.rpartition(":")
+            return etcd3.client(host=path, port=int(port), timeout=self.config.timeout, user=self.config.username,
+                                password=self.config.password, grpc_options=_GRPC_OPTIONS)
         url = urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
         if not url.hostname:
             raise StoreError(f"bad etcd endpoint {endpoint!r}")
@@ -275,8 +280,23 @@ class KVStore:
         return self._call("txn", run)
 
     def create(self, key: str, value: bytes | str, lease: int | None = None) -> bool:
-        """Create key unless it exists (never read-then-write)."""
-        return self.commit(Txn().absent(key).put(key, value, lease))
+        """Create key unless it exists (never read-then-write).
+
+        A create whose first try committed but whose answer was lost (retried on another connection) finds
+        its own value there: that counts as created. Callers that put a request id in the value thus never
+        leak what they created, nor mistake it for someone else's.
+        """
+        raw = value.encode() if isinstance(value, str) else value
+
+        def run(c: etcd3.Etcd3Client) -> bool:
+            ok, resps = c.transaction(compare=[tx.Version(key) == 0], success=[tx.Put(key, raw, lease=lease)],
+                                      failure=[tx.Get(key)])
+            if ok:
+                return True
+            found = resps[0] if resps else []
+            return bool(found) and bytes(found[0][0]) == raw
+
+        return self._call("txn", run)
 
     def swap(self, key: str, value: bytes | str, mod_revision: int) -> bool:
         """Replace key only if nobody changed it since mod_revision."""

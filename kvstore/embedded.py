@@ -1,39 +1,24 @@
 """A private single-node etcd for the single-host default (no ETCD_ENDPOINTS given).
 
-It listens on loopback only, keeps its data under the plugin's state directory (so addresses and networks
-survive restarts), and dies with the plugin (PR_SET_PDEATHSIG) so a killed plugin leaves no orphan.
+It listens on Unix sockets only, in a directory only root may enter (no TCP port that any local user, or a
+`--network host` container, could write to: etcd holds what every host programs into its kernel). It keeps
+its data under the plugin's state directory (so addresses and networks survive restarts), and dies with the
+plugin (PR_SET_PDEATHSIG) so a killed plugin leaves no orphan.
 """
 
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
+CLIENT_SOCKET, PEER_SOCKET = "client:2379", "peer:2380"
 
 
 def _die_with_parent() -> None:
@@ -45,22 +30,6 @@ class EmbeddedEtcd:
         self.dir = state_dir / "etcd"
         self.binary = shutil.which(binary) or binary
         self.proc: subprocess.Popen[bytes] | None = None
-
-    def _ports(self) -> tuple[int, int]:
-        """Reuse the ports of the last run when free (stable endpoint); pick new ones otherwise."""
-        path = self.dir / "ports.json"
-        try:
-            saved = json.loads(path.read_text())
-            client, peer = int(saved["client"]), int(saved["peer"])
-            if _port_free(client) and _port_free(peer):
-                return client, peer
-        except (OSError, ValueError, KeyError):
-            pass
-        client, peer = _free_port(), _free_port()
-        while peer == client:
-            peer = _free_port()
-        path.write_text(json.dumps({"client": client, "peer": peer}))
-        return client, peer
 
     def _stop_stale(self) -> None:
         pidfile = self.dir / "etcd.pid"
@@ -79,10 +48,13 @@ class EmbeddedEtcd:
                 "ETCD_ENDPOINTS is not set and no etcd binary was found for the embedded single-host store; "
                 "install etcd-server or set ETCD_ENDPOINTS"
             )
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.dir, 0o700)
         self._stop_stale()
-        client, peer = self._ports()
-        curl, purl = f"http://127.0.0.1:{client}", f"http://127.0.0.1:{peer}"
+        # etcd names a unix socket after the URL's host:port, relative to its working directory (self.dir).
+        for name in (CLIENT_SOCKET, PEER_SOCKET):
+            (self.dir / name).unlink(missing_ok=True)
+        curl, purl = f"unix://{CLIENT_SOCKET}", f"unix://{PEER_SOCKET}"
         log_file = open(self.dir / "etcd.log", "ab")  # noqa: SIM115 - handed to the child
         self.proc = subprocess.Popen(
             [self.binary, "--name", "pyoverlay", "--data-dir", str(self.dir / "data"),
@@ -91,12 +63,13 @@ class EmbeddedEtcd:
              "--initial-cluster", f"pyoverlay={purl}", "--initial-cluster-state", "new",
              "--auto-compaction-mode", "revision", "--auto-compaction-retention", "10000",
              "--log-level", "warn", "--logger", "zap"],
-            stdout=log_file, stderr=log_file, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
+            stdout=log_file, stderr=log_file, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent, cwd=self.dir,
         )
         log_file.close()
         (self.dir / "etcd.pid").write_text(str(self.proc.pid))
-        log.info("embedded etcd starting on %s (data in %s)", curl, self.dir / "data")
-        return curl
+        url = f"unix:{self.dir / CLIENT_SOCKET}"
+        log.info("embedded etcd starting on %s (data in %s)", url, self.dir / "data")
+        return url
 
     def stop(self) -> None:
         stop_process(self.proc)

@@ -1,12 +1,144 @@
-"""Typed records stored in etcd (JSON). Unknown fields are ignored so newer hosts can add fields."""
+"""Typed records stored in etcd (JSON), validated on every read: etcd is not trusted.
+
+Anyone who can write etcd can write any bytes under the prefix, so every field is checked against what
+pyoverlay itself would write (addresses and CIDRs by `ipaddress`, MACs, VNI and port ranges, names and keys
+by pattern and length) before anything uses it. A record that fails is refused whole: `Record.load` raises
+InvalidRecord, and the refusal is noted once in `QUARANTINE` (logged, counted, shown by `pyoverlay doctor`).
+Values that pass are canonical (`10.0.0.1`, never ` 10.0.0.1\n...`), so later code may put them in argv.
+Unknown fields are ignored so newer hosts can add fields.
+"""
 
 from __future__ import annotations
 
-from typing import Literal, TypeVar
+import base64
+import binascii
+import ipaddress
+import logging
+import re
+import threading
+from collections.abc import Callable, Iterable
+from typing import Annotated, Literal, Protocol, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+
+log = logging.getLogger(__name__)
 
 R = TypeVar("R", bound="Record")
+
+
+class Stored(Protocol):
+    """What a record is read from (kvstore.client.KV)."""
+    @property
+    def key(self) -> str: ...
+
+    @property
+    def value(self) -> bytes: ...
+
+MAX_RECORD_BYTES = 64 * 1024    # a real record is well under 4 KiB; bigger ones are refused unread
+VNI_MAX = (1 << 24) - 1
+
+# Names and identifiers as pyoverlay and Docker make them. None contains "/", whitespace, quotes, braces or
+# shell metacharacters.
+HostName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")]
+NetworkKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")]
+ObjectID = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")]
+PoolID = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")]
+# Container names, --network-alias values and DNS names: DNS-ish text, no control characters.
+DnsName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,252}$")]
+Mac = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")]
+HexMac = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+Version = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,31}$")]
+OptKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_./-]{0,127}$")]
+OptValue = Annotated[str, StringConstraints(max_length=1024, pattern=r"^[^\x00-\x1f\x7f]*$")]
+Port = Annotated[int, Field(ge=1, le=65535)]
+Vni = Annotated[int, Field(ge=1, le=VNI_MAX)]
+Epoch = Annotated[int, Field(ge=0, le=2**62)]
+
+
+def _ip(value: str) -> str:
+    return str(ipaddress.ip_address(value))
+
+
+def _interface(value: str) -> str:
+    return str(ipaddress.ip_interface(value))
+
+
+def _cidr(value: str) -> str:
+    return str(ipaddress.ip_network(value))
+
+
+def _public_key(value: str) -> str:
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("not base64") from None
+    if len(raw) != 32:
+        raise ValueError("an X25519 public key has 32 bytes")
+    return value
+
+
+IP = Annotated[str, StringConstraints(max_length=64), AfterValidator(_ip)]
+Interface = Annotated[str, StringConstraints(max_length=64), AfterValidator(_interface)]
+Cidr = Annotated[str, StringConstraints(max_length=64), AfterValidator(_cidr)]
+PublicKey = Annotated[str, StringConstraints(max_length=64), AfterValidator(_public_key)]
+
+
+_DNS_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,252}$")
+
+
+def dns_name(value: object) -> str | None:
+    """value when it is a name a record may carry (container names, aliases), else None."""
+    return value if isinstance(value, str) and _DNS_NAME.match(value) else None
+
+
+class InvalidRecord(ValueError):
+    """A record from etcd that is not what pyoverlay writes: refused whole."""
+
+
+class Quarantine:
+    """Refused records: each (kind, key) is logged when first refused and again when its reason changes."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.refused: dict[tuple[str, str], str] = {}     # (record kind, etcd key) -> why
+        self.counts: dict[str, int] = {}
+        self.on_refuse: Callable[[str], None] = lambda kind: None  # the plugin counts them in a metric
+
+    def note(self, kind: str, key: str, why: str) -> None:
+        with self._lock:
+            self.counts[kind] = self.counts.get(kind, 0) + 1
+            new = self.refused.get((kind, key)) != why
+            if new:
+                if len(self.refused) >= 1000:  # a flood of bad keys must not grow memory without end
+                    self.refused.pop(next(iter(self.refused)))
+                self.refused[(kind, key)] = why
+        if new:
+            log.error("refused an invalid %s record%s: %s", kind, f" at {key}" if key else "", why)
+        try:
+            self.on_refuse(kind)
+        except Exception:  # noqa: BLE001 - counting must never break reading
+            pass
+
+    def clear(self, kind: str, key: str) -> None:
+        """The key now holds a valid record (or none)."""
+        if (kind, key) in self.refused:
+            with self._lock:
+                self.refused.pop((kind, key), None)
+
+    def snapshot(self) -> list[tuple[str, str, str]]:
+        with self._lock:
+            return sorted((k, key, why) for (k, key), why in self.refused.items())
+
+
+QUARANTINE = Quarantine()
+
+
+def _why(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors()[:3]:
+        where = ".".join(str(x) for x in e["loc"]) or "record"
+        parts.append(f"{where}: {e['msg']}")
+    return "; ".join(parts)[:300]
 
 
 class Record(BaseModel):
@@ -15,106 +147,168 @@ class Record(BaseModel):
     def dump(self) -> bytes:
         return self.model_dump_json(exclude_none=True).encode()
 
+    def key_tail(self) -> tuple[str, ...]:
+        """The last segments of the etcd key this record must be stored at (empty: not checked)."""
+        return ()
+
     @classmethod
-    def load(cls: type[R], raw: bytes) -> R:
-        return cls.model_validate_json(raw)
+    def load(cls: type[R], raw: bytes, key: str = "") -> R:
+        """Parse and validate; raises InvalidRecord (a ValueError) and notes it in QUARANTINE."""
+        kind = cls.__name__
+        if len(raw) > MAX_RECORD_BYTES:
+            why = f"{len(raw)} bytes, more than {MAX_RECORD_BYTES}"
+        else:
+            try:
+                rec = cls.model_validate_json(raw)
+            except ValidationError as err:
+                why = _why(err)
+            else:
+                tail = "/" + "/".join(rec.key_tail())
+                if not key or tail == "/" or key.endswith(tail):
+                    if key:
+                        QUARANTINE.clear(kind, key)
+                    return rec
+                why = f"it names {tail.lstrip('/')}, which is not its key"  # a record may not speak for another
+        QUARANTINE.note(kind, key, why)
+        QUARANTINE.note(kind, key, why)
+        raise InvalidRecord(f"invalid {kind} record{f' at {key}' if key else ''}: {why}")
+
+    @classmethod
+    def load_valid(cls: type[R], kvs: Iterable[Stored]) -> dict[str, R]:
+        """etcd key -> record for every valid record among kvs; invalid ones are noted and skipped."""
+        out = {}
+        for kv in kvs:
+            try:
+                out[kv.key] = cls.load(kv.value, kv.key)
+            except InvalidRecord:
+                continue
+        return out
 
 
 class HostRecord(Record):
-    host: str
-    vtep: str
-    port: int
-    version: str
+    host: HostName
+    vtep: IP
+    port: Port
+    version: Version
     started: float
-    public_keys: dict[int, str] = Field(default_factory=dict)  # X25519 public key per held epoch
-    key_epoch: int | None = None                               # the newest of them
-    key_mac: str | None = None    # HMAC of host, vtep and public_keys with PYOVERLAY_CLUSTER_SECRET
-    seen: dict[str, int] = Field(default_factory=dict)         # peer -> its newest epoch we can receive
+    public_keys: dict[Epoch, PublicKey] = Field(default_factory=dict, max_length=8)  # per held epoch
+    key_epoch: Epoch | None = None                               # the newest of them
+    key_mac: HexMac | None = None    # HMAC of host, vtep and public_keys with PYOVERLAY_CLUSTER_SECRET
+    seen: dict[HostName, Epoch] = Field(default_factory=dict, max_length=10000)  # peer -> newest epoch
+
+    def key_tail(self) -> tuple[str, ...]:
+        return (self.host,)
 
 
 class NetworkRecord(Record):
-    key: str                      # cluster-wide identity: the subnet, or -o pyoverlay.network=ID
-    vni: int
-    subnets: list[str]            # IPv4 and/or IPv6 pools, CIDR
-    gateway: str | None = None    # as Docker reported it (CIDR), IPv4
-    gateway6: str | None = None
+    key: NetworkKey               # cluster-wide identity: the subnet, or -o pyoverlay.network=ID
+    vni: Annotated[int, Field(ge=0, le=VNI_MAX)]  # 0 only in a record being built (never stored)
+    subnets: list[Cidr] = Field(max_length=2)     # IPv4 and/or IPv6 pools
+    gateway: Interface | None = None    # as Docker reported it (CIDR), IPv4
+    gateway6: Interface | None = None
     encrypted: bool = False
-    port: int
-    mtu: int | None = None        # user override (-o com.docker.network.driver.mtu)
+    port: Annotated[int, Field(ge=0, le=65535)]
+    mtu: Annotated[int, Field(ge=576, le=65535)] | None = None  # user override (-o ...driver.mtu)
     internal: bool = False
-    options: dict[str, str] = Field(default_factory=dict)  # the --opt values, for propagation
-    created_by: str
+    options: dict[OptKey, OptValue] = Field(default_factory=dict, max_length=32)  # --opt, for propagation
+    created_by: Annotated[str, StringConstraints(pattern=r"^([A-Za-z0-9][A-Za-z0-9_.-]{0,62})?$")]
+
+    def key_tail(self) -> tuple[str, ...]:
+        return (self.key,)
 
 
 class DepartureRecord(Record):
-    host: str
+    host: HostName
     since: float                  # wall clock of the host that first saw it gone
-    seen_by: str
+    seen_by: HostName
+
+    def key_tail(self) -> tuple[str, ...]:
+        return (self.host,)
 
 
 class MemberRecord(Record):
-    host: str
-    docker_network_id: str
+    host: HostName
+    docker_network_id: ObjectID
+
+    def key_tail(self) -> tuple[str, ...]:
+        return (self.host,)
 
 
 class EndpointRecord(Record):
-    endpoint_id: str
-    network_key: str
-    docker_network_id: str
-    host: str
-    vtep: str
-    mac: str
-    address: str | None = None    # CIDR
-    address6: str | None = None   # CIDR
-    name: str | None = None       # container name when known
+    endpoint_id: ObjectID
+    network_key: NetworkKey
+    docker_network_id: ObjectID
+    host: HostName
+    vtep: IP
+    mac: Mac
+    address: Interface | None = None    # CIDR
+    address6: Interface | None = None   # CIDR
+    name: DnsName | None = None         # container name when known
+
+    def key_tail(self) -> tuple[str, ...]:
+        return (self.network_key, self.endpoint_id)
 
 
 class PoolRecord(Record):
-    pool_id: str
-    cidr: str
+    pool_id: PoolID
+    cidr: Cidr
     family: Literal[4, 6]
     explicit: bool                # keyed by --ipam-opt pyoverlay.network: may overlap other pools
-    ip_range: str | None = None
-    gateway: str | None = None    # plain address once assigned
-    refs: dict[str, int] = Field(default_factory=dict)  # host -> RequestPool count
+    ip_range: Cidr | None = None
+    gateway: IP | None = None     # plain address once assigned
+    refs: dict[HostName, Annotated[int, Field(ge=0)]] = Field(default_factory=dict)  # host -> RequestPool count
+
+    def key_tail(self) -> tuple[str, ...]:
+        return (self.pool_id,)
 
 
 class AddressRecord(Record):
-    address: str
+    address: IP
     kind: Literal["endpoint", "gateway", "reserved"]
-    host: str
-    owner: str | None = None      # container name, when Docker says it
-    endpoint: str | None = None   # the endpoint holding it, once CreateEndpoint ran
-    claims: list[str] = Field(default_factory=list)  # hosts sharing a gateway/reserved address
+    host: HostName
+    owner: DnsName | None = None      # container name, when Docker says it
+    endpoint: ObjectID | None = None  # the endpoint holding it, once CreateEndpoint ran
+    claims: list[HostName] = Field(default_factory=list, max_length=10000)  # hosts sharing a gateway/reserved
+    request: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")] | None = None  # the allocating call
+
+    def key_tail(self) -> tuple[str, ...]:
+        return (self.address,)
 
 
 class PoolConfig(Record):
-    subnet: str
-    gateway: str | None = None
-    ip_range: str | None = None
-    aux: dict[str, str] = Field(default_factory=dict)
+    subnet: Cidr
+    gateway: IP | None = None
+    ip_range: Cidr | None = None
+    aux: dict[OptKey, IP] = Field(default_factory=dict, max_length=256)
 
 
 class NetDefRecord(Record):
     """A Docker network as the user created it on one host, for every other host to create too."""
-    name: str
-    uid: str                      # this definition (a re-created network with the same name has another)
-    origin_host: str
-    origin_id: str                # its Docker NetworkID on the origin host
-    options: dict[str, str] = Field(default_factory=dict)       # --opt
-    pools: list[PoolConfig] = Field(default_factory=list)      # --subnet/--gateway/--ip-range/--aux-address
-    ipam_options: dict[str, str] = Field(default_factory=dict)  # --ipam-opt
-    ipam_driver: str = "pyoverlay"  # "pyoverlay": each host's own pyoverlay, whatever Docker calls it there
+    name: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")]
+    uid: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,128}$")]  # this definition
+    origin_host: HostName
+    origin_id: ObjectID           # its Docker NetworkID on the origin host
+    options: dict[OptKey, OptValue] = Field(default_factory=dict, max_length=32)        # --opt
+    pools: list[PoolConfig] = Field(default_factory=list, max_length=4)                 # --subnet/--gateway/...
+    ipam_options: dict[OptKey, OptValue] = Field(default_factory=dict, max_length=32)   # --ipam-opt
+    # "pyoverlay": each host's own pyoverlay, whatever Docker calls it there
+    ipam_driver: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,127}$")] = "pyoverlay"
     internal: bool = False
     ipv6: bool = False
     attachable: bool = False
-    labels: dict[str, str] = Field(default_factory=dict)
+    labels: dict[OptKey, OptValue] = Field(default_factory=dict, max_length=64)
+
+    def key_tail(self) -> tuple[str, ...]:
+        return (self.name,)
 
 
 class AliasRecord(Record):
     """Names of one endpoint as Docker knows them (container name, --network-alias, short ID)."""
-    endpoint_id: str
-    network_key: str
-    host: str
-    container: str
-    names: list[str]
+    endpoint_id: ObjectID
+    network_key: NetworkKey
+    host: HostName
+    container: DnsName
+    names: list[DnsName] = Field(max_length=64)
+
+    def key_tail(self) -> tuple[str, ...]:
+        return (self.network_key, self.endpoint_id)

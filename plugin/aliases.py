@@ -16,7 +16,7 @@ from typing import Any
 import docker.errors
 
 from kvstore import Keys, KVStore
-from kvstore.records import AliasRecord
+from kvstore.records import AliasRecord, dns_name
 from plugin.dockerapi import DockerAPI
 from plugin.state import LocalState
 
@@ -31,7 +31,7 @@ def names_of(container: dict[str, Any], network: dict[str, Any]) -> list[str]:
     names = [container.get("Name", "").lstrip("/"), *(network.get("Aliases") or []), *(network.get("DNSNames") or [])]
     out: list[str] = []
     for n in names:
-        if n and n.lower() not in out:
+        if dns_name(n) and n.lower() not in out:  # other hosts refuse a record with anything else in it
             out.append(n.lower())
     return out
 

@@ -13,14 +13,16 @@ from collections.abc import Callable
 from typing import Any
 
 from flask import Flask, Response, request
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from plugin import metrics
 from plugin import protocol as p
-from plugin.errors import MethodNotFound, PluginError
+from plugin.errors import InvalidRequest, MethodNotFound, PluginError
 from plugin.runtime import Runtime
 
 log = logging.getLogger("pyoverlay.calls")
 CONTENT_TYPE = "application/vnd.docker.plugins.v1+json"
+MAX_BODY = 1 << 20
 
 Handler = Callable[[Runtime, Any], dict[str, Any]]
 
@@ -61,6 +63,16 @@ def _reply(body: dict[str, Any], status: int = 200) -> Response:
     return Response(json.dumps(body), status=status, content_type=CONTENT_TYPE)
 
 
+def _body() -> bytes:
+    """The request body, refused past MAX_BODY (Docker's largest calls are a few KiB)."""
+    if (request.content_length or 0) > MAX_BODY:
+        raise InvalidRequest(f"request body of {request.content_length} bytes; pyoverlay takes at most {MAX_BODY}")
+    try:
+        return request.get_data(cache=False)  # a chunked body is cut at MAX_CONTENT_LENGTH too
+    except RequestEntityTooLarge:
+        raise InvalidRequest(f"request body larger than {MAX_BODY} bytes") from None
+
+
 def _ids(req: Any) -> str:
     out = []
     for field, label in (("NetworkID", "network"), ("EndpointID", "endpoint"), ("PoolID", "pool"),
@@ -76,7 +88,7 @@ def _view(rt: Runtime, call: str, model: type[p.Request], handler: Handler) -> C
         start = time.perf_counter()
         req: Any = None
         try:
-            raw = request.get_data(cache=False)
+            raw = _body()
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("call=%s body=%s", call, raw[:2000].decode(errors="replace"))
             req = p.parse(model, raw, call)
@@ -103,6 +115,7 @@ def _view(rt: Runtime, call: str, model: type[p.Request], handler: Handler) -> C
 
 def create_app(rt: Runtime) -> Flask:
     app = Flask("pyoverlay")
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     for call, (model, handler) in ROUTES.items():
         app.add_url_rule(f"/{call}", endpoint=call, view_func=_view(rt, call, model, handler), methods=["POST"])
 

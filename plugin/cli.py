@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         from plugin.server import serve
 
-        serve(settings)
+        return serve(settings)
     else:
         from plugin import operator
 

@@ -29,7 +29,7 @@ def resolve(name: str, store: KVStore, keys: Keys, state: LocalState, docker: Do
     for candidate in (name, name.replace("/", "_")):
         kv = store.get(keys.network(candidate))
         if kv is not None:
-            return NetworkRecord.load(kv.value)
+            return NetworkRecord.load(kv.value, kv.key)
     raise NotFound(f"no pyoverlay network {name!r}: give a Docker network name or ID on this host, or a cluster "
                    f"key such as 10.20.0.0_24 (pyoverlay status lists them)")
 
@@ -39,27 +39,27 @@ def inspect(name: str, store: KVStore, keys: Keys, state: LocalState, docker: Do
     hosts = {}
     for kv in store.range(keys.hosts())[0]:
         try:
-            h = HostRecord.load(kv.value)
+            h = HostRecord.load(kv.value, kv.key)
         except ValueError:
             continue
         hosts[h.host] = h
     members = {}
     for kv in store.range(keys.members(rec.key))[0]:
-        m = MemberRecord.load(kv.value)
+        m = MemberRecord.load(kv.value, kv.key)
         live = hosts.get(m.host)
         members[m.host] = {"docker_network_id": m.docker_network_id[:12], "live": live is not None,
                            "vtep": live.vtep if live else None, "key_epoch": live.key_epoch if live else None}
     names = {}
     for kv in store.range(keys.all_aliases() + rec.key + "/")[0]:
         try:
-            a = AliasRecord.load(kv.value)
+            a = AliasRecord.load(kv.value, kv.key)
             names[a.endpoint_id] = a.container
         except ValueError:
             continue
     endpoints = []
     for kv in store.range(keys.endpoints(rec.key))[0]:
         try:
-            ep = EndpointRecord.load(kv.value)
+            ep = EndpointRecord.load(kv.value, kv.key)
         except ValueError:
             continue
         endpoints.append({"endpoint_id": ep.endpoint_id[:12], "host": ep.host, "vtep": ep.vtep, "mac": ep.mac,
@@ -74,7 +74,7 @@ def inspect(name: str, store: KVStore, keys: Keys, state: LocalState, docker: Do
         pools[pid] = {"cidr": cidr, "used": len(kvs), "usable": last - first + 1}
         for kv in kvs:
             try:
-                held = AddressRecord.load(kv.value)
+                held = AddressRecord.load(kv.value, kv.key)
             except ValueError:
                 continue
             addresses.append({"pool": pid, "address": held.address, "kind": held.kind, "host": held.host,

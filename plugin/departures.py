@@ -41,7 +41,7 @@ class Departures:
         marks = {}
         for kv in self.store.range(self.keys.departed())[0]:
             try:
-                marks[Keys.last(kv.key)] = (kv, DepartureRecord.load(kv.value))
+                marks[Keys.last(kv.key)] = (kv, DepartureRecord.load(kv.value, kv.key))
             except ValueError:
                 self.store.delete(kv.key)
         now = self.clock()

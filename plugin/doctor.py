@@ -19,6 +19,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from kvstore import KVStore, StoreError
+from kvstore.records import QUARANTINE
 from plugin.config import Settings
 from plugin.datapath import VXLAN6_EXTRA, VXLAN_OVERHEAD, DataPath
 from plugin.dockerapi import API_ERRORS, DockerAPI
@@ -217,6 +218,17 @@ def check_peers(counts: dict[int, tuple[int, int]]) -> Finding:
     return Finding("peers", "ok", f"{total} remote endpoints programmed on {len(counts)} networks")
 
 
+def check_records(refused: list[tuple[str, str, str]]) -> Finding:
+    """Records in etcd this plugin refused (kvstore/records.py): forged, corrupt or from a newer writer."""
+    if not refused:
+        return Finding("etcd records", "ok", "every record read from etcd was valid")
+    shown = "; ".join(f"{kind} at {key or '?'}: {why}" for kind, key, why in refused[:5])
+    more = f" (and {len(refused) - 5} more)" if len(refused) > 5 else ""
+    return Finding("etcd records", "warn", f"{len(refused)} invalid records ignored: {shown}{more}",
+                   "find out who wrote them (only pyoverlay hosts should write under the prefix: etcd auth, "
+                   "PYOVERLAY_CLUSTER_SECRET); delete or rewrite them with etcdctl")
+
+
 def run_all(settings: Settings, store: KVStore | None, datapath: DataPath, state: LocalState,
             docker: DockerAPI | None, vtep_filter: VtepFilter | None,
             peer_counts: Callable[[], dict[int, tuple[int, int]]] | None) -> list[dict[str, Any]]:
@@ -234,4 +246,5 @@ def run_all(settings: Settings, store: KVStore | None, datapath: DataPath, state
     ]
     if peer_counts is not None:
         findings.append(check_peers(peer_counts()))
+        findings.append(check_records(QUARANTINE.snapshot()))  # only the serving plugin has read etcd
     return [asdict(f) for f in findings]

@@ -115,6 +115,13 @@ class NetworkDriver:
                 f"No network was created and no clear-text path was set up; use a kernel with IPsec ESP and "
                 f"AES-GCM, or create the network without --opt encrypted only if clear text is acceptable"
             )
+        if encrypted and not self.settings.cluster_secret:
+            # Without a secret anyone who writes etcd can substitute a host's public keys (man in the middle).
+            raise InvalidRequest(
+                "--opt encrypted needs a cluster secret: set PYOVERLAY_CLUSTER_SECRET to the same random value "
+                "on every host (for example from `openssl rand -hex 32`; managed plugin: docker plugin set "
+                "pyoverlay PYOVERLAY_CLUSTER_SECRET=...), restart the plugin, and create the network again"
+            )
         # Swarm hands every node the same NetworkID for a network: that is its cluster identity there.
         swarm = self.settings.scope == "global"
         nkey = f"swarm.{nid}" if swarm else network_key(subnets[0], explicit)
@@ -221,11 +228,11 @@ class NetworkDriver:
         for _ in range(32):
             kv = self.store.get(self.keys.network(wanted.key))
             if kv is not None:
-                record = NetworkRecord.load(kv.value)
+                record = NetworkRecord.load(kv.value, kv.key)
                 self._check_same(record, wanted)
                 mine = self.store.get(member_key)
                 if mine is not None:
-                    other = MemberRecord.load(mine.value).docker_network_id
+                    other = MemberRecord.load(mine.value, mine.key).docker_network_id
                     if other != nid and self.state.network(other) is not None:
                         raise Conflict(
                             f"network {record.key} already exists on this host as Docker network {_short(other)}"
@@ -277,7 +284,7 @@ class NetworkDriver:
             members, _ = self.store.range(self.keys.members(nkey), keys_only=True)
             if members:
                 return
-            current = NetworkRecord.load(kv.value)
+            current = NetworkRecord.load(kv.value, kv.key)
             txn = (Txn().unchanged(kv.key, kv.mod_revision).delete(kv.key)
                    .delete(self.keys.vni(current.vni)).delete_prefix(self.keys.endpoints(nkey)))
             if self.store.commit(txn):
@@ -289,7 +296,7 @@ class NetworkDriver:
         kvs, _ = self.store.range(self.keys.all_endpoints())
         for kv in kvs:
             try:
-                rec = EndpointRecord.load(kv.value)
+                rec = EndpointRecord.load(kv.value, kv.key)
             except ValueError:
                 continue
             if rec.host == host and self.store.commit(Txn().unchanged(kv.key, kv.mod_revision).delete(kv.key)):
@@ -399,7 +406,7 @@ class NetworkDriver:
         kv = self.store.get(key)
         if kv is None:
             return None
-        held = AddressRecord.load(kv.value)
+        held = AddressRecord.load(kv.value, kv.key)
         if held.kind == "endpoint" and held.host == self.host and held.endpoint is None:
             held.endpoint = endpoint_id
             self.store.swap(key, held.dump(), kv.mod_revision)
@@ -520,7 +527,7 @@ class NetworkDriver:
         for ep in list(self.state.data.endpoints.values()):
             key = self.keys.endpoint(ep.record.network_key, ep.record.endpoint_id)
             kv = self.store.get(key)
-            if kv is None or EndpointRecord.load(kv.value) != ep.record:
+            if kv is None or EndpointRecord.load(kv.value, kv.key) != ep.record:
                 self.store.put(key, ep.record.dump())
 
     def _reclaim_addresses(self, local: LocalNetwork) -> None:

@@ -118,7 +118,7 @@ class Encryption:
         """Install the guard for these encrypted VNIs before any of their devices exist (fail closed)."""
         with self._lock:
             if vnis != self._guarded:
-                self.ipsec.set_guard(vnis, self.port)
+                self.ipsec.set_guard(sorted(vnis), self.port)
                 self._guarded = dict(vnis)
             self.vnis = dict(vnis)
 

@@ -1,7 +1,8 @@
 """Kernel programming for encrypted networks: xfrm ESP states and policies, and the nftables guard.
 
 pyroute2 has no xfrm support, so xfrm goes through iproute2's `ip xfrm` (the narrowest well-tested
-alternative), and the guard through `nft -f` (one atomic ruleset per change).
+alternative, fed through stdin so keys never reach argv), and the guard through nftables' JSON interface
+(one atomic transaction per change).
 
 How VXLAN of an encrypted network, and only of it, ends up in ESP:
 - nftables marks outgoing VXLAN datagrams whose VNI belongs to an encrypted network (a `route` chain, so
@@ -17,12 +18,14 @@ nftables table its name. Stale ones are found by those tags.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import re
 import subprocess
 import threading
 from dataclasses import dataclass
 
+from plugin import nftjson
 from plugin.errors import Unavailable
 from plugin.keys import SAKey
 
@@ -82,7 +85,7 @@ def missing_features() -> list[str]:
 def guard_backend() -> str | None:
     """nft when nftables takes our ruleset here, else iptables (u32 + policy matches, as Docker's overlay
     does) when it has what the guard needs; None when neither does."""
-    if run(["nft", "-c", "-f", "-"], _ruleset({1: "probe"}, 4800)).returncode == 0:
+    if nftjson.run(_ruleset([1], 4800), check_only=True).returncode == 0:
         return "nft"
     probe = ["iptables", "-w", "-t", "filter", "-C", "INPUT", "-p", "udp", "--dport", "1", "-m", "u32", "--u32",
              _u32(1), "-m", "policy", "--dir", "in", "--pol", "none", "-j", "DROP"]
@@ -98,32 +101,31 @@ def _u32(vni: int) -> str:
     return f"0>>22&0x3C@12&0xFFFFFF00={vni << 8:#x}"
 
 
-def _ruleset(vnis: dict[int, str], port: int) -> str:
-    """The guard for the encrypted VNIs (vni -> network key, for the comments)."""
-    mark_rules, in_rules = [], []
-    for vni, nkey in sorted(vnis.items()):
-        match = f"udp dport {port} @th,96,24 {vni}"
-        note = f'comment "pyoverlay:enc:{nkey}"'
-        mark_rules.append(f"    {match} meta mark set {MARK:#x} {note}")
-        in_rules.append(f"    {match} meta ipsec missing counter drop {note}")
-    return "\n".join([
-        f"table ip {TABLE} {{",
-        "  chain esp_mark {",
-        "    type route hook output priority mangle; policy accept;",
-        *mark_rules,
-        "  }",
-        "  chain esp_out_guard {",
-        "    type filter hook output priority 10; policy accept;",
-        # udp dport: the ESP packet that leaves the transform keeps the mark and has no bundle left
-        f"    udp dport {port} meta mark {MARK:#x} rt ipsec missing counter drop "
-        "comment \"pyoverlay: no SA, never clear text\"",
-        "  }",
-        "  chain esp_in_guard {",
-        "    type filter hook input priority -10; policy accept;",
-        *in_rules,
-        "  }",
-        "}",
-    ]) + "\n"
+def _ruleset(vnis: list[int], port: int) -> list[nftjson.Cmd]:
+    """The guard for the encrypted VNIs, as nftables JSON (numbers only: nothing from etcd is text here)."""
+    fam = "ip"
+    cmds = [*nftjson.replace_table(fam, TABLE),
+            nftjson.chain(fam, TABLE, "esp_mark", "route", "output", -150),
+            nftjson.chain(fam, TABLE, "esp_out_guard", "filter", "output", 10),
+            nftjson.chain(fam, TABLE, "esp_in_guard", "filter", "input", -10)]
+    for vni in sorted(vnis):
+        match = [nftjson.udp_dport(port), nftjson.vxlan_vni(vni)]
+        note = f"pyoverlay:enc:vni{int(vni)}"
+        cmds.append(nftjson.rule(fam, TABLE, "esp_mark", [*match, {"mangle": {"key": nftjson.meta("mark"),
+                                                                             "value": MARK}}], note))
+        cmds.append(nftjson.rule(fam, TABLE, "esp_in_guard", [*match, nftjson.match(nftjson.meta("ipsec"), False),
+                                                                 {"counter": None}, {"drop": None}], note))
+    # udp dport: the ESP packet that leaves the transform keeps the mark and has no bundle left
+    cmds.append(nftjson.rule(fam, TABLE, "esp_out_guard", [
+        nftjson.udp_dport(port), nftjson.match(nftjson.meta("mark"), MARK),
+        nftjson.match({"rt": {"key": "ipsec"}}, False), {"counter": None}, {"drop": None}],
+        "pyoverlay: no SA, never clear text"))
+    return cmds
+
+
+def _addr(value: str) -> str:
+    """A canonical IP address, or ValueError: the only form of address that reaches an xfrm line."""
+    return str(ipaddress.ip_address(value))
 
 
 class IPsec:
@@ -138,7 +140,7 @@ class IPsec:
 
     # -- the nftables guard -----------------------------------------------------------------------------
 
-    def set_guard(self, vnis: dict[int, str], port: int) -> None:
+    def set_guard(self, vnis: list[int], port: int) -> None:
         """Install (or replace atomically) the guard for these VNIs; no VNIs removes the table."""
         with self._lock:
             if not vnis:
@@ -147,18 +149,17 @@ class IPsec:
             if self.backend() == "iptables":
                 self._set_iptables(vnis, port)
                 return
-            script = f"table ip {TABLE}\ndelete table ip {TABLE}\n" + _ruleset(vnis, port)
-            res = run(["nft", "-f", "-"], script)
+            res = nftjson.run(_ruleset(vnis, port))
             if res.returncode != 0:
                 raise Unavailable(f"could not install the encryption guard (nftables): {res.stderr.strip()}")
 
-    def _set_iptables(self, vnis: dict[int, str], port: int) -> None:
+    def _set_iptables(self, vnis: list[int], port: int) -> None:
         """Same guard with iptables: our chains are replaced whole (iptables-restore --noflush), then
-        hooked into OUTPUT/INPUT once."""
+        hooked into OUTPUT/INPUT once. Only integers (VNIs, the port, our mark) are formatted into it."""
         mark, out, inp = [], [], []
-        for vni, nkey in sorted(vnis.items()):
-            match = f"-p udp --dport {port} -m u32 --u32 {_u32(vni)}"
-            note = f'-m comment --comment "pyoverlay:enc:{nkey}"'
+        for vni in sorted(int(v) for v in vnis):
+            match = f"-p udp --dport {int(port)} -m u32 --u32 {_u32(vni)}"
+            note = f"-m comment --comment pyoverlay:enc:vni{vni}"
             mark.append(f"-A {CHAIN_MARK} {match} {note} -j MARK --set-mark {MARK:#x}")
             inp.append(f"-A {CHAIN_IN} {match} -m policy --dir in --pol none {note} -j DROP")
         # -p udp: the ESP packet that leaves the transform keeps the mark and has no bundle left
@@ -195,16 +196,28 @@ class IPsec:
                 res = run(["iptables", "-w", "-t", "filter", "-L", chain, "-n", "-v", "-x"])
                 counts[key] = sum(int(line.split()[0]) for line in res.stdout.splitlines()[2:] if line.strip())
             return counts
-        res = run(["nft", "list", "table", "ip", TABLE])
-        out = {"out": 0, "in": 0}
-        chain = ""
-        for line in res.stdout.splitlines():
-            if "chain " in line:
-                chain = "out" if "esp_out_guard" in line else ("in" if "esp_in_guard" in line else "")
-            m = re.search(r"counter packets (\d+)", line)
-            if m and chain:
-                out[chain] += int(m.group(1))
-        return out
+        table = nftjson.listing("table", "ip", TABLE)
+        return {"out": nftjson.counter_packets(table, "esp_out_guard"),
+                "in": nftjson.counter_packets(table, "esp_in_guard")}
+
+    def guard_present(self, vnis: list[int]) -> bool:
+        """Whether the kernel still has the guard for exactly these VNIs (a firewall reload removes it)."""
+        if not vnis:
+            return True
+        if self.backend() == "iptables":
+            hooked = all(run(["iptables", "-w", "-t", t, "-C", hook, "-j", chain]).returncode == 0
+                         for t, hook, chain in (("mangle", "OUTPUT", CHAIN_MARK), ("filter", "OUTPUT", CHAIN_OUT),
+                                                ("filter", "INPUT", CHAIN_IN)))
+            if not hooked:
+                return False
+            res = run(["iptables", "-w", "-t", "mangle", "-S", CHAIN_MARK])
+            have = {int(m) for m in re.findall(r"pyoverlay:enc:vni(\d+)", res.stdout)}
+            return have == {int(v) for v in vnis} and bool(run(["iptables", "-w", "-S", CHAIN_OUT]).stdout.count(
+                "-j DROP"))
+        table = nftjson.listing("table", "ip", TABLE)
+        notes = {r["rule"].get("comment", "") for r in table if "rule" in r}
+        want = {f"pyoverlay:enc:vni{int(v)}" for v in vnis} | {"pyoverlay: no SA, never clear text"}
+        return want <= notes
 
     # -- xfrm -------------------------------------------------------------------------------------------
 
@@ -222,22 +235,25 @@ class IPsec:
                 out.append(State(src, dst, int(m.group(1), 16)))
         return out
 
+    # Every xfrm line is built from canonical addresses (_addr) and integers only, so nothing read from etcd
+    # can end a line or add a word: the ip -batch text has exactly the shape written here.
+
     @staticmethod
     def _state_add(sa: SAKey) -> str:
-        return (f"xfrm state add src {sa.src} dst {sa.dst} proto esp spi {sa.spi:#x} reqid {REQID} mode transport "
-                f"replay-window 128 flag esn aead {ALGO} 0x{sa.key.hex()} 128")
+        return (f"xfrm state add src {_addr(sa.src)} dst {_addr(sa.dst)} proto esp spi {int(sa.spi):#x} "
+                f"reqid {REQID} mode transport replay-window 128 flag esn aead {ALGO} 0x{bytes(sa.key).hex()} 128")
 
     @staticmethod
     def _state_del(st: State) -> str:
-        return f"xfrm state delete src {st.src} dst {st.dst} proto esp spi {st.spi:#x}"
+        return f"xfrm state delete src {_addr(st.src)} dst {_addr(st.dst)} proto esp spi {int(st.spi):#x}"
 
     @staticmethod
     def _policy(verb: str, pol: Policy) -> str:
-        where = (f"xfrm policy {verb} src {pol.src}/32 dst {pol.dst}/32 proto udp dport {pol.port} dir out "
-                 f"mark {MARK:#x} mask 0xffffffff")
+        where = (f"xfrm policy {verb} src {_addr(pol.src)}/32 dst {_addr(pol.dst)}/32 proto udp "
+                 f"dport {int(pol.port)} dir out mark {MARK:#x} mask 0xffffffff")
         if verb == "delete":
             return where
-        return f"{where} tmpl src {pol.src} dst {pol.dst} proto esp reqid {REQID} mode transport"
+        return f"{where} tmpl src {_addr(pol.src)} dst {_addr(pol.dst)} proto esp reqid {REQID} mode transport"
 
     def apply(self, add: list[SAKey], set_policies: list[Policy], del_policies: list[Policy],
               del_states: list[State]) -> None:
@@ -245,18 +261,18 @@ class IPsec:
 
         One process for all of it: with many peers a rotation touches hundreds of states, and every fork of
         `ip` counts. `ip xfrm` exits at its first failure, batch or not, so when the batch fails each line
-        is run alone: a state that exists already, or one that is gone already, is what we wanted; failing
-        to add a state or set a policy is an error.
+        is run alone, still through stdin (a key in argv would show in /proc/*/cmdline): a state that is
+        gone already is what we wanted; failing to add a state or set a policy is an error.
         """
         lines = ([self._state_add(sa) for sa in add] + [self._policy("update", p) for p in set_policies]
                  + [self._policy("delete", p) for p in del_policies] + [self._state_del(st) for st in del_states])
         if not lines or run(["ip", "-batch", "-"], "\n".join(lines) + "\n").returncode == 0:
             return
         for line in lines:
-            res = run(["ip", *line.split()])
+            res = run(["ip", "-batch", "-"], line + "\n")
             adding = " add " in line or " update " in line
-            if res.returncode != 0 and adding and "exists" not in res.stderr.lower():
-                raise Unavailable(f"{line.split(' aead ')[0]}: {res.stderr.strip()}")
+            if res.returncode != 0 and adding:
+                raise Unavailable(f"{line.split(' aead ')[0]}: {res.stderr.strip()[:300]}")
 
     def policies(self) -> list[Policy]:
         """Our outbound policies (tagged with MARK)."""

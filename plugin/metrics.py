@@ -25,6 +25,9 @@ IPAM_USED = Gauge("pyoverlay_ipam_addresses_used", "Addresses allocated in a poo
 IPAM_SIZE = Gauge("pyoverlay_ipam_addresses_usable", "Usable addresses of a pool", ["pool"])
 VXLAN_STRANGERS = Gauge("pyoverlay_vxlan_dropped_unregistered_total",
                         "VXLAN datagrams dropped because their source is no host registered in etcd")
+INVALID_RECORDS = Counter("pyoverlay_invalid_records_total",
+                          "Records read from etcd and refused (forged, corrupt, or not what pyoverlay writes)",
+                          ["kind"])
 
 
 def serve(address: str) -> None:

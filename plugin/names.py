@@ -12,7 +12,7 @@ import threading
 
 from kvstore import KV, Keys, KVStore, WatchEvent
 from kvstore.client import PrefixWatch
-from kvstore.records import AliasRecord, EndpointRecord, HostRecord
+from kvstore.records import AliasRecord, EndpointRecord, HostRecord, InvalidRecord
 from plugin.datapath import DataPath
 from plugin.dns import NameServer, build_zones
 from plugin.state import LocalState
@@ -48,7 +48,7 @@ class NameService:
         with self._lock:
             self.aliases = {}
             for kv in kvs:
-                rec = _load(kv.value)
+                rec = _load(kv.value, kv.key)
                 if rec is not None:
                     self.aliases[kv.key] = rec
         self._rebuild()
@@ -56,7 +56,7 @@ class NameService:
     def _events(self, events: list[WatchEvent]) -> None:
         with self._lock:
             for ev in events:
-                rec = _load(ev.value) if ev.kind == "put" else None
+                rec = _load(ev.value, ev.key) if ev.kind == "put" else None
                 if rec is None:
                     self.aliases.pop(ev.key, None)
                 else:
@@ -94,8 +94,8 @@ class NameService:
                 "queries": self.server.queries, "upstreams": self.server.upstreams}
 
 
-def _load(raw: bytes) -> AliasRecord | None:
+def _load(raw: bytes, key: str) -> AliasRecord | None:
     try:
-        return AliasRecord.load(raw)
-    except ValueError:
-        return None
+        return AliasRecord.load(raw, key)
+    except InvalidRecord:
+        return None  # noted in the quarantine

@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 from kvstore import KV, Keys, KVStore, WatchEvent
 from kvstore.client import PrefixWatch
-from kvstore.records import EndpointRecord, HostRecord
+from kvstore.records import EndpointRecord, HostRecord, InvalidRecord
 from plugin import metrics
 from plugin.datapath import DataPath
 from plugin.encryption import Encryption
@@ -75,7 +75,7 @@ class PeerSync:
 
     def _host_snapshot(self, kvs: list[KV], revision: int) -> None:
         with self._lock:
-            self.hosts = {rec.host: rec for rec in _load_all(HostRecord, kvs).values()}
+            self.hosts = {rec.host: rec for rec in HostRecord.load_valid(kvs).values()}
             self._hosts_changed()
             self.reconcile()
 
@@ -87,9 +87,10 @@ class PeerSync:
                     log.info("host %s left the cluster (lease expired or host stopped)", name)
                     self.hosts.pop(name, None)
                 else:
-                    rec = _load(HostRecord, ev.value)
-                    if rec is not None:
-                        self.hosts[rec.host] = rec
+                    try:
+                        self.hosts[name] = HostRecord.load(ev.value, ev.key)
+                    except InvalidRecord:
+                        continue  # noted in the quarantine; the host's last valid record stays
             self._hosts_changed()
             self.reconcile()
 
@@ -101,7 +102,7 @@ class PeerSync:
 
     def _endpoint_snapshot(self, kvs: list[KV], revision: int) -> None:
         with self._lock:
-            self.endpoints = _load_all(EndpointRecord, kvs)
+            self.endpoints = EndpointRecord.load_valid(kvs)
             self.reconcile()
 
     def _endpoint_events(self, events: list[WatchEvent]) -> None:
@@ -110,9 +111,10 @@ class PeerSync:
                 if ev.kind == "delete":
                     self.endpoints.pop(ev.key, None)
                 else:
-                    rec = _load(EndpointRecord, ev.value)
-                    if rec is not None:
-                        self.endpoints[ev.key] = rec
+                    try:
+                        self.endpoints[ev.key] = EndpointRecord.load(ev.value, ev.key)
+                    except InvalidRecord:
+                        continue  # noted in the quarantine; the last valid record stays
             self.reconcile()
 
     # -- desired vs programmed --------------------------------------------------------------------------
@@ -248,21 +250,3 @@ class PeerSync:
         with self._lock:
             want = self.desired()
             return {vni: (len(want.get(vni, {})), len(self.programmed.get(vni, {}))) for vni in want}
-
-
-def _load_all(cls, kvs: list[KV]) -> dict:  # type: ignore[no-untyped-def, type-arg]
-    """Key -> record for every readable record of a snapshot."""
-    out = {}
-    for kv in kvs:
-        rec = _load(cls, kv.value)
-        if rec is not None:
-            out[kv.key] = rec
-    return out
-
-
-def _load(cls, raw: bytes):  # type: ignore[no-untyped-def]
-    try:
-        return cls.load(raw)
-    except ValueError as err:
-        log.warning("ignoring an unreadable %s record: %s", cls.__name__, err)
-        return None

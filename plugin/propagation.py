@@ -23,7 +23,7 @@ import docker.types
 
 from kvstore import KV, Keys, KVStore, StoreError, Txn, WatchEvent
 from kvstore.client import PrefixWatch
-from kvstore.records import NetDefRecord, PoolConfig
+from kvstore.records import InvalidRecord, NetDefRecord, PoolConfig
 from plugin.dockerapi import DockerAPI, DockerWatch
 from plugin.state import LocalState
 
@@ -85,7 +85,7 @@ class Propagation:
         with self._lock:
             self.defs = {}
             for kv in kvs:
-                rec = _load(kv.value)
+                rec = _load(kv.value, kv.key)
                 if rec is not None:
                     self.defs[rec.name] = (rec, kv.mod_revision)
         self._kick()
@@ -97,7 +97,7 @@ class Propagation:
                 if ev.kind == "delete":
                     self.defs.pop(name, None)
                 else:
-                    rec = _load(ev.value)
+                    rec = _load(ev.value, ev.key)
                     if rec is not None:
                         self.defs[name] = (rec, ev.mod_revision)
         self._kick()
@@ -255,9 +255,8 @@ class Propagation:
                     "conflicts": dict(self.conflicts)}
 
 
-def _load(raw: bytes) -> NetDefRecord | None:
+def _load(raw: bytes, key: str) -> NetDefRecord | None:
     try:
-        return NetDefRecord.load(raw)
-    except ValueError as err:
-        log.warning("ignoring an unreadable network definition: %s", err)
-        return None
+        return NetDefRecord.load(raw, key)
+    except InvalidRecord:
+        return None  # noted in the quarantine

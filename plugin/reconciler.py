@@ -173,7 +173,7 @@ class Reconciler:
             if pid not in pools:
                 continue
             try:
-                rec = AddressRecord.load(kv.value)
+                rec = AddressRecord.load(kv.value, kv.key)
             except ValueError:
                 continue
             if rec.kind != "endpoint" or rec.host != self.host or f"{pid}/{rec.address}" in held:
@@ -260,7 +260,7 @@ class Reconciler:
         used = Counter(kv.key.split("/")[-2] for kv in addrs)
         for kv in self.store.range(self.keys.pools())[0]:
             try:
-                rec = PoolRecord.load(kv.value)
+                rec = PoolRecord.load(kv.value, kv.key)
             except ValueError:
                 continue
             first, last = usable(ipaddress.ip_network(rec.cidr),

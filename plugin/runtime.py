@@ -15,7 +15,7 @@ from typing import Any
 
 from ipam.allocator import DefaultPools, Ipam
 from kvstore import Keys, KVStore, StoreError
-from kvstore.records import HostRecord
+from kvstore.records import QUARANTINE, HostRecord
 from plugin import __version__, cluster_view, doctor, metrics
 from plugin.aliases import AliasPublisher
 from plugin.config import Settings
@@ -99,6 +99,7 @@ class Runtime:
                 metrics.serve(self.settings.metrics_addr)
             except OSError as err:  # a second instance on this address, say: serve the plugin anyway
                 log.error("metrics on %s: %s", self.settings.metrics_addr, err)
+        QUARANTINE.on_refuse = lambda kind: metrics.INVALID_RECORDS.labels(kind).inc()
         metrics.KEY_EPOCH_AGE.set_function(lambda: time.time() - self.encryption.rotated_at)
         if self.vtep_filter is not None:
             metrics.VXLAN_STRANGERS.set_function(lambda: max(0, self.vtep_filter.dropped()) if self.vtep_filter else 0)

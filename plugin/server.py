@@ -7,9 +7,11 @@ the kernel, never only in a worker's memory).
 
 from __future__ import annotations
 
+import grp
 import logging
 import os
 import stat
+from pathlib import Path
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
@@ -17,6 +19,7 @@ from gunicorn.app.base import BaseApplication
 from kvstore.embedded import EmbeddedEtcd
 from plugin import netns
 from plugin.config import Settings
+from plugin.state import LocalState, StateUnreadable
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,11 @@ class PluginServer(BaseApplication):  # type: ignore[misc]
         self.cfg.set("accesslog", None)
         self.cfg.set("proc_name", "pyoverlay")
         self.cfg.set("control_socket_disable", True)  # one per user by default: instances would collide
+        # The socket is created 0660 (never a moment world-writable), then given to the docker group.
+        self.cfg.set("umask", 0o117)
+        self.cfg.set("when_ready", lambda arbiter: restrict_socket(s.socket))
+        self.cfg.set("limit_request_line", 4094)
+        self.cfg.set("limit_request_fields", 50)
         self.cfg.set("post_worker_init", self._post_worker_init)
         self.cfg.set("worker_exit", self._worker_exit)
 
@@ -61,6 +69,22 @@ class PluginServer(BaseApplication):  # type: ignore[misc]
         return create_app(self.runtime)
 
 
+def restrict_socket(path: os.PathLike[str] | str) -> None:
+    """root and the docker group (who may run containers, and so may create networks) only."""
+    try:
+        gid = grp.getgrnam("docker").gr_gid
+    except KeyError:
+        gid = 0
+    os.chown(path, 0, gid)
+    os.chmod(path, 0o660)
+
+
+def private_dir(path: Path) -> None:
+    """A directory of pyoverlay's that only root may enter (state, keys, the embedded etcd's socket)."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path, 0o700)
+
+
 def _clear_stale_socket(path: os.PathLike[str] | str) -> None:
     try:
         if stat.S_ISSOCK(os.lstat(path).st_mode):
@@ -69,9 +93,14 @@ def _clear_stale_socket(path: os.PathLike[str] | str) -> None:
         pass
 
 
-def serve(settings: Settings) -> None:
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
+def serve(settings: Settings) -> int:
+    private_dir(settings.state_dir)
     settings.socket.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        LocalState(settings.state_dir / "state.json")  # an unreadable state stops us here, before any change
+    except StateUnreadable as err:
+        log.error("%s", err)
+        return 1
     _clear_stale_socket(settings.socket)
     if netns.writable_proc_sys():
         log.info("/proc/sys was read-only (managed plugin): remounted writable in the plugin's mount namespace")
@@ -86,3 +115,4 @@ def serve(settings: Settings) -> None:
     finally:
         if embedded is not None:
             embedded.stop()
+    return 0

@@ -2,7 +2,8 @@
 
 etcd holds the cluster's records; this file lets the plugin restore its data path and keep answering for
 existing networks and endpoints after a restart, even when etcd is unreachable at that moment. Writes are
-atomic (temp file + rename) so a SIGKILL never leaves half a file.
+atomic (temp file + rename) so a SIGKILL never leaves half a file, and readable by root only. A file
+that exists but cannot be read stops the plugin (StateUnreadable) rather than being taken as empty.
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ class StateFile(BaseModel):
     originated: dict[str, str] = Field(default_factory=dict)  # Docker NetworkID -> uid of the definition
 
 
+class StateUnreadable(Exception):
+    """state.json exists but cannot be read: starting from nothing would tear this host's networks down."""
+
+
 class LocalState:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -49,16 +54,21 @@ class LocalState:
             return StateFile.model_validate_json(self.path.read_bytes())
         except FileNotFoundError:
             return StateFile()
-        except ValueError:
-            # A corrupt file must not stop the plugin: keep it for inspection, start from etcd.
-            self.path.rename(self.path.with_suffix(".corrupt"))
-            return StateFile()
+        except (OSError, ValueError) as err:
+            # Starting empty would remove every namespace of this host as stale: refuse, say what to do.
+            raise StateUnreadable(
+                f"{self.path} cannot be read ({str(err).splitlines()[0][:200]}). pyoverlay will not start on it: "
+                f"starting from an empty state would remove this host's networks from the kernel. Restore the "
+                f"file, or move it away to start afresh (running containers then lose their pyoverlay networks)"
+            ) from err
 
     def save(self) -> None:
         with self.lock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_suffix(".tmp")
-            with open(tmp, "w") as f:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # root's only: endpoints, keys
+            with os.fdopen(fd, "w") as f:
+                os.fchmod(f.fileno(), 0o600)
                 f.write(self.data.model_dump_json(exclude_none=True))
                 f.flush()
                 os.fsync(f.fileno())

@@ -4,7 +4,7 @@ VXLAN has no authentication: anyone who can reach the VXLAN port can inject fram
 network. One nftables table of pyoverlay's own holds a set of the registered VTEPs (kept in sync with the
 live host records) and drops, and counts, every datagram to the VXLAN port from any other source.
 
-The set changes in one `nft -f` transaction (flush + add), so there is never a moment with an empty set;
+The set changes in one nftables JSON transaction (flush + add), so there is never a moment with an empty set;
 the table and its counter survive plugin restarts (the kernel keeps them), and it is written only from a
 synced view of etcd, so an etcd outage leaves it as it was.
 """
@@ -12,11 +12,11 @@ synced view of etcd, so an etcd outage leaves it as it was.
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+from plugin import nftjson
 from plugin.ipsec import run
 
 log = logging.getLogger(__name__)
@@ -25,28 +25,30 @@ TABLE = "pyoverlay_vtep"
 COUNTER = "strangers"
 
 
-def _ruleset(port: int) -> str:
-    note = 'comment "pyoverlay: VXLAN from a host not registered in etcd"'
-    return "\n".join([
-        f"table inet {TABLE} {{",
-        f"  counter {COUNTER} {{ }}",
-        "  set vteps4 { type ipv4_addr; }",
-        "  set vteps6 { type ipv6_addr; }",
-        "  chain input {",
+def _ruleset(port: int) -> list[nftjson.Cmd]:
+    fam, note = "inet", "pyoverlay: VXLAN from a host not registered in etcd"
+    drop = [{"counter": COUNTER}, {"drop": None}]
+    return [
+        *nftjson.replace_table(fam, TABLE),
+        {"add": {"counter": {"family": fam, "table": TABLE, "name": COUNTER}}},
+        {"add": {"set": {"family": fam, "table": TABLE, "name": "vteps4", "type": "ipv4_addr"}}},
+        {"add": {"set": {"family": fam, "table": TABLE, "name": "vteps6", "type": "ipv6_addr"}}},
         # before conntrack and every other filter: a stranger's datagram is never looked at
-        "    type filter hook input priority -310; policy accept;",
-        f"    udp dport {port} ip saddr != @vteps4 counter name {COUNTER} drop {note}",
-        f"    udp dport {port} ip6 saddr != @vteps6 counter name {COUNTER} drop {note}",
-        "  }",
-        "}",
-    ]) + "\n"
+        nftjson.chain(fam, TABLE, "input", "filter", "input", -310),
+        nftjson.rule(fam, TABLE, "input", [nftjson.udp_dport(port), nftjson.match(
+            {"payload": {"protocol": "ip", "field": "saddr"}}, "@vteps4", "!="), *drop], note),
+        nftjson.rule(fam, TABLE, "input", [nftjson.udp_dport(port), nftjson.match(
+            {"payload": {"protocol": "ip6", "field": "saddr"}}, "@vteps6", "!="), *drop], note),
+    ]
 
 
-def _elements(name: str, addrs: list[str]) -> str:
-    lines = [f"flush set inet {TABLE} {name}"]
+def _elements(name: str, addrs: list[str]) -> list[nftjson.Cmd]:
+    """Replace a set's elements: addresses go in as JSON strings, each canonical (ipaddress) already."""
+    where = {"family": "inet", "table": TABLE, "name": name}
+    cmds: list[nftjson.Cmd] = [{"flush": {"set": where}}]
     if addrs:
-        lines.append(f"add element inet {TABLE} {name} {{ {', '.join(addrs)} }}")
-    return "\n".join(lines) + "\n"
+        cmds.append({"add": {"element": {**where, "elem": addrs}}})
+    return cmds
 
 
 class VtepFilter:
@@ -80,8 +82,8 @@ class VtepFilter:
         return self._applied is not None
 
     def present(self) -> bool:
-        res = run(["nft", "list", "chain", "inet", TABLE, "input"])
-        return res.returncode == 0 and f"udp dport {self.port} " in res.stdout
+        rules = [o["rule"] for o in nftjson.listing("chain", "inet", TABLE, "input") if "rule" in o]
+        return any(nftjson.udp_dport(self.port) in r.get("expr", []) for r in rules)
 
     def sync(self, vteps: set[str]) -> bool:
         """Make the kernel's set exactly these VTEPs; True when the kernel had to be changed."""
@@ -89,13 +91,11 @@ class VtepFilter:
         with self._lock:
             if self._applied == frozenset(clean) and self.present():
                 return False
-            script = ""
-            if not self.present():
-                # A new table (or one for another port): created whole, counter from zero.
-                script += f"table inet {TABLE}\ndelete table inet {TABLE}\n" + _ruleset(self.port)
-            script += _elements("vteps4", [a for a in clean if ":" not in a])
-            script += _elements("vteps6", [a for a in clean if ":" in a])
-            res = run(["nft", "-f", "-"], script)
+            # A new table (or one for another port) is created whole, counter from zero.
+            cmds = [] if self.present() else _ruleset(self.port)
+            cmds += _elements("vteps4", [a for a in clean if ":" not in a])
+            cmds += _elements("vteps6", [a for a in clean if ":" in a])
+            res = nftjson.run(cmds)
             if res.returncode != 0:
                 self.error = (f"nftables refused the VTEP filter ({res.stderr.strip()[:300]}): VXLAN from "
                               f"unregistered hosts is NOT dropped")
@@ -109,15 +109,11 @@ class VtepFilter:
 
     def dropped(self) -> int:
         """Datagrams dropped because their source is no registered VTEP (-1: no filter)."""
-        res = run(["nft", "-j", "list", "counter", "inet", TABLE, COUNTER])
-        if res.returncode != 0:
-            return -1
-        try:
-            for item in json.loads(res.stdout).get("nftables", []):
-                if "counter" in item:
-                    return int(item["counter"]["packets"])
-        except (ValueError, KeyError, TypeError):
-            pass
+        for item in nftjson.listing("counter", "inet", TABLE, COUNTER):
+            try:
+                return int(item["counter"]["packets"])
+            except (KeyError, TypeError, ValueError):
+                continue
         return -1
 
     def remove(self) -> None:
