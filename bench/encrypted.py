@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import statistics
 import sys
 
@@ -50,7 +51,7 @@ def handmade_esp_vxlan(rig: Rig) -> None:
 def measure(args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
     rig = Rig()
     try:
-        rig.up(2)
+        rig.up(2, PYOVERLAY_CLUSTER_SECRET=secrets.token_hex(32))  # encrypted networks need one
         h1, h2 = rig.hosts
         for h in (h1, h2):
             h.docker("network", "create", "-d", "pyoverlay", "--ipam-driver", "pyoverlay", "--opt", "encrypted",

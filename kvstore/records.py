@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import hmac
 import ipaddress
+import json
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable, Iterable
-from typing import Annotated, Literal, Protocol, TypeVar
+from typing import Annotated, ClassVar, Literal, Protocol, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
@@ -133,6 +137,74 @@ class Quarantine:
 QUARANTINE = Quarantine()
 
 
+class Authenticator:
+    """With a cluster secret: records that steer traffic carry {"auth": {writer, counter, mac}}.
+
+    The MAC (HMAC-SHA256 with the secret) covers the record kind, every field, the writer and the counter;
+    the record's own identity fields are bound to its etcd key by `key_tail`, so a record cannot be moved
+    to another key either. The counter grows with every write of a writer (nanoseconds, never repeating),
+    and a reader refuses a record older than the last it accepted at that key, or one at a key it saw
+    deleted (a replay). Without a secret nothing is signed or checked: whoever may write etcd is trusted.
+    """
+
+    def __init__(self) -> None:
+        self.secret: bytes | None = None
+        self.writer = ""
+        self._lock = threading.Lock()
+        self._counter = 0
+        self._last: dict[tuple[str, str], int] = {}    # (kind, key) -> newest counter accepted (+1: deleted)
+
+    def configure(self, secret: str | None, writer: str) -> None:
+        self.secret = secret.encode() if secret else None
+        self.writer = writer
+
+    def _mac(self, kind: str, body: dict[str, object], writer: str, counter: int) -> str:
+        assert self.secret is not None
+        text = json.dumps({"kind": kind, "body": body, "writer": writer, "counter": counter}, sort_keys=True,
+                          separators=(",", ":"))
+        return hmac.new(self.secret, text.encode(), hashlib.sha256).hexdigest()
+
+    def seal(self, kind: str, body: dict[str, object]) -> dict[str, object]:
+        if self.secret is None:
+            return body
+        with self._lock:
+            self._counter = max(self._counter + 1, time.time_ns())
+            counter = self._counter
+        return {**body, "auth": {"writer": self.writer, "counter": counter,
+                                 "mac": self._mac(kind, body, self.writer, counter)}}
+
+    def check(self, kind: str, key: str, body: dict[str, object], auth: object, writer_field: str | None) -> str:
+        """"" when acceptable, else why not."""
+        if self.secret is None:
+            return ""
+        if not isinstance(auth, dict):
+            return "it carries no authentication code, and PYOVERLAY_CLUSTER_SECRET is set"
+        writer, counter, mac = auth.get("writer"), auth.get("counter"), auth.get("mac")
+        if not isinstance(writer, str) or not isinstance(counter, int) or not isinstance(mac, str):
+            return "its authentication code is malformed"
+        if not hmac.compare_digest(mac, self._mac(kind, body, writer, counter)):
+            return "it fails authentication (forged or altered, or written with another PYOVERLAY_CLUSTER_SECRET)"
+        if writer_field is not None and body.get(writer_field) != writer:
+            return f"it was written by {writer}, not by the host it describes"
+        if key:
+            with self._lock:
+                last = self._last.get((kind, key), 0)
+                if counter < last:
+                    return "it is older than one already seen at this key (a replay)"
+                self._last[(kind, key)] = counter
+        return ""
+
+    def deleted(self, kind: str, key: str) -> None:
+        """The key was deleted: the record it held must not come back (a replay); a new write will."""
+        if self.secret is not None:
+            with self._lock:
+                if (kind, key) in self._last:
+                    self._last[(kind, key)] += 1
+
+
+AUTH = Authenticator()
+
+
 def _why(err: ValidationError) -> str:
     parts = []
     for e in err.errors()[:3]:
@@ -143,9 +215,23 @@ def _why(err: ValidationError) -> str:
 
 class Record(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=False)
+    # Records that steer traffic or names are authenticated when a cluster secret is set (AUTH).
+    signed: ClassVar[bool] = False
+    writer_field: ClassVar[str | None] = None   # the field that must name the writer
+
+    def content(self) -> bytes:
+        """The record without authentication: what to compare."""
+        return self.model_dump_json(exclude_none=True).encode()
 
     def dump(self) -> bytes:
-        return self.model_dump_json(exclude_none=True).encode()
+        """What to store: the content, sealed by AUTH for signed kinds."""
+        if not self.signed or AUTH.secret is None:
+            return self.content()
+        return json.dumps(AUTH.seal(type(self).__name__, json.loads(self.content()))).encode()
+
+    @classmethod
+    def deleted(cls, key: str) -> None:
+        AUTH.deleted(cls.__name__, key)
 
     def key_tail(self) -> tuple[str, ...]:
         """The last segments of the etcd key this record must be stored at (empty: not checked)."""
@@ -153,25 +239,38 @@ class Record(BaseModel):
 
     @classmethod
     def load(cls: type[R], raw: bytes, key: str = "") -> R:
-        """Parse and validate; raises InvalidRecord (a ValueError) and notes it in QUARANTINE."""
-        kind = cls.__name__
+        """Parse, validate and authenticate; raises InvalidRecord (a ValueError), noted in QUARANTINE."""
+        rec, why = cls._parse(raw, key)
+        if rec is not None:
+            if key:
+                QUARANTINE.clear(cls.__name__, key)
+            return rec
+        QUARANTINE.note(cls.__name__, key, why)
+        raise InvalidRecord(f"invalid {cls.__name__} record{f' at {key}' if key else ''}: {why}")
+
+    @classmethod
+    def _parse(cls: type[R], raw: bytes, key: str) -> tuple[R | None, str]:
         if len(raw) > MAX_RECORD_BYTES:
-            why = f"{len(raw)} bytes, more than {MAX_RECORD_BYTES}"
-        else:
-            try:
-                rec = cls.model_validate_json(raw)
-            except ValidationError as err:
-                why = _why(err)
-            else:
-                tail = "/" + "/".join(rec.key_tail())
-                if not key or tail == "/" or key.endswith(tail):
-                    if key:
-                        QUARANTINE.clear(kind, key)
-                    return rec
-                why = f"it names {tail.lstrip('/')}, which is not its key"  # a record may not speak for another
-        QUARANTINE.note(kind, key, why)
-        QUARANTINE.note(kind, key, why)
-        raise InvalidRecord(f"invalid {kind} record{f' at {key}' if key else ''}: {why}")
+            return None, f"{len(raw)} bytes, more than {MAX_RECORD_BYTES}"
+        try:
+            body = json.loads(raw)
+        except ValueError as err:
+            return None, f"not JSON: {str(err)[:100]}"
+        if not isinstance(body, dict):
+            return None, "not a JSON object"
+        auth = body.pop("auth", None)
+        try:
+            rec = cls.model_validate(body)
+        except ValidationError as err:
+            return None, _why(err)
+        tail = "/" + "/".join(rec.key_tail())
+        if key and tail != "/" and not key.endswith(tail):
+            return None, f"it names {tail.lstrip('/')}, which is not its key"  # no record speaks for another
+        if cls.signed:
+            why = AUTH.check(cls.__name__, key, body, auth, cls.writer_field)
+            if why:
+                return None, why
+        return rec, ""
 
     @classmethod
     def load_valid(cls: type[R], kvs: Iterable[Stored]) -> dict[str, R]:
@@ -186,6 +285,8 @@ class Record(BaseModel):
 
 
 class HostRecord(Record):
+    signed = True
+    writer_field = 'host'
     host: HostName
     vtep: IP
     port: Port
@@ -201,6 +302,8 @@ class HostRecord(Record):
 
 
 class NetworkRecord(Record):
+    signed = True
+    writer_field = None
     key: NetworkKey               # cluster-wide identity: the subnet, or -o pyoverlay.network=ID
     vni: Annotated[int, Field(ge=0, le=VNI_MAX)]  # 0 only in a record being built (never stored)
     subnets: list[Cidr] = Field(max_length=2)     # IPv4 and/or IPv6 pools
@@ -235,6 +338,8 @@ class MemberRecord(Record):
 
 
 class EndpointRecord(Record):
+    signed = True
+    writer_field = 'host'
     endpoint_id: ObjectID
     network_key: NetworkKey
     docker_network_id: ObjectID
@@ -284,6 +389,8 @@ class PoolConfig(Record):
 
 class NetDefRecord(Record):
     """A Docker network as the user created it on one host, for every other host to create too."""
+    signed = True
+    writer_field = 'origin_host'
     name: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")]
     uid: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,128}$")]  # this definition
     origin_host: HostName
@@ -304,6 +411,8 @@ class NetDefRecord(Record):
 
 class AliasRecord(Record):
     """Names of one endpoint as Docker knows them (container name, --network-alias, short ID)."""
+    signed = True
+    writer_field = 'host'
     endpoint_id: ObjectID
     network_key: NetworkKey
     host: HostName

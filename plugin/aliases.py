@@ -44,7 +44,7 @@ class AliasPublisher:
         self.keys = keys
         self.state = state
         self.host = host
-        self.published: dict[str, bytes] = {}          # etcd key -> value, what this host wrote
+        self.published: dict[str, AliasRecord] = {}    # etcd key -> record, what this host wrote
         self.by_container: dict[str, set[str]] = {}    # container id -> its alias keys
         self._full = 0.0
 
@@ -59,18 +59,18 @@ class AliasPublisher:
     def resync(self, api: DockerAPI) -> None:
         if time.monotonic() - self._full < FULL_RESYNC:
             return
-        want: dict[str, bytes] = {}
+        want: dict[str, AliasRecord] = {}
         by_container: dict[str, set[str]] = {}
         for c in api.client.containers.list():
             for key, value in self._records(c.attrs).items():
                 want[key] = value
                 by_container.setdefault(c.id, set()).add(key)
-        have = {key: rec.dump() for key, rec in self.current().items() if rec.host == self.host}
+        have = {key: rec for key, rec in self.current().items() if rec.host == self.host}
         for key in set(have) - set(want):
             self.store.delete(key)
-        for key, value in want.items():
-            if have.get(key) != value:
-                self.store.put(key, value)
+        for key, rec in want.items():
+            if have.get(key) != rec:
+                self.store.put(key, rec.dump())
         self.published, self.by_container = want, by_container
         self._full = time.monotonic()
 
@@ -84,16 +84,16 @@ class AliasPublisher:
         for key in old - set(want):
             self.store.delete(key)
             self.published.pop(key, None)
-        for key, value in want.items():
-            if self.published.get(key) != value:
-                self.store.put(key, value)
-                self.published[key] = value
+        for key, rec in want.items():
+            if self.published.get(key) != rec:
+                self.store.put(key, rec.dump())
+                self.published[key] = rec
         if want:
             self.by_container[container_id] = set(want)
         else:
             self.by_container.pop(container_id, None)
 
-    def _records(self, attrs: dict[str, Any]) -> dict[str, bytes]:
+    def _records(self, attrs: dict[str, Any]) -> dict[str, AliasRecord]:
         out = {}
         for net in ((attrs.get("NetworkSettings") or {}).get("Networks") or {}).values():
             local = self.state.network(net.get("NetworkID") or "")
@@ -102,5 +102,5 @@ class AliasPublisher:
                 continue  # not a pyoverlay network, or not joined (yet)
             rec = AliasRecord(endpoint_id=endpoint, network_key=local.record.key, host=self.host,
                               container=attrs["Id"], names=names_of(attrs, net))
-            out[self.keys.aliases(local.record.key, endpoint)] = rec.dump()
+            out[self.keys.aliases(local.record.key, endpoint)] = rec
         return out

@@ -10,7 +10,14 @@ container started with `--dns <gateway of the network>` asks this server for nam
   (from the endpoint records) and their aliases (`--network-alias`, short IDs; AliasRecord, written by
   plugin/dockerapi.py), case-insensitively, with a short TTL so a moved or removed name is not cached;
 - anything else is forwarded to this host's own resolvers (PYOVERLAY_DNS_UPSTREAMS, else the host's
-  /etc/resolv.conf), so other names resolve exactly as before.
+  /etc/resolv.conf), so other names resolve exactly as before; never from an `--internal` network, whose
+  containers must have no way out (REFUSED).
+
+Containers are not trusted: the work they can cause is bounded. One selector thread reads every socket; a
+fixed pool of workers answers (forwarding blocks on upstreams), at most MAX_PENDING queries wait, each
+source address gets RATE queries a second (BURST at once), at most MAX_TCP connections are served at a
+time, each closed after TCP_IDLE seconds of silence. What exceeds a bound is dropped (UDP: the client
+retries) or closed, and counted. UDP answers larger than the client takes are truncated (TC set).
 """
 
 from __future__ import annotations
@@ -21,10 +28,13 @@ import selectors
 import socket
 import struct
 import threading
+import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import dns.exception
 import dns.flags
 import dns.message
 import dns.name
@@ -44,6 +54,47 @@ log = logging.getLogger(__name__)
 TTL = 1                # seconds: names follow containers that move; resolvers must not keep them long
 UPSTREAM_TIMEOUT = 2.0
 PORT = 53
+WORKERS = 8            # threads answering queries (all networks together)
+MAX_PENDING = 512      # queries accepted but not yet answered; more are dropped
+PER_SOURCE = 64        # of those, from one source address (a flooder cannot take every place)
+RATE, BURST = 200.0, 400.0  # per source address: queries a second, and at once
+MAX_TCP = 16           # TCP connections served at once; more are closed at accept
+TCP_IDLE = 5.0         # seconds a TCP connection may stay silent
+MAX_SOURCES = 4096     # rate-limit buckets kept; the oldest go first
+
+
+class RateLimit:
+    """A token bucket per source address, in bounded memory."""
+
+    def __init__(self, rate: float = RATE, burst: float = BURST, sources: int = MAX_SOURCES) -> None:
+        self.rate, self.burst, self.sources = rate, burst, sources
+        self._buckets: dict[str, tuple[float, float]] = {}   # source -> (tokens, at); insertion order = age
+
+    def allow(self, source: str, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        tokens, at = self._buckets.pop(source, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - at) * self.rate)
+        allowed = tokens >= 1.0
+        self._buckets[source] = (tokens - 1.0 if allowed else tokens, now)
+        if len(self._buckets) > self.sources:
+            self._buckets.pop(next(iter(self._buckets)))
+        return allowed
+
+
+def udp_payload(query: dns.message.Message) -> int:
+    """How large a UDP answer the client takes: 512, or its EDNS payload size (at most 4096)."""
+    return max(512, min(4096, query.payload)) if query.edns >= 0 else 512
+
+
+def to_wire(reply: dns.message.Message, query: dns.message.Message, limit: int) -> bytes:
+    """The reply in at most limit bytes; one that does not fit goes out empty with TC set (retry over TCP)."""
+    try:
+        return reply.to_wire(max_size=limit)
+    except dns.exception.TooBig:
+        short = dns.message.make_response(query, recursion_available=True)
+        short.set_rcode(reply.rcode())
+        short.flags |= dns.flags.TC
+        return short.to_wire(max_size=limit)
 
 
 @dataclass
@@ -122,6 +173,7 @@ class _Listener:
     address: str
     udp: socket.socket
     tcp: socket.socket
+    internal: bool = False   # an --internal network: no forwarding
 
 
 class NameServer:
@@ -131,6 +183,14 @@ class NameServer:
         self.upstreams = upstreams if upstreams else upstreams_from_host()
         self.zones: dict[str, Zone] = {}
         self.queries = 0
+        self.dropped = 0                     # queries refused by a bound (rate, pending, TCP slots)
+        self._workers = ThreadPoolExecutor(WORKERS, thread_name_prefix="dns")
+        self._pending = threading.BoundedSemaphore(MAX_PENDING)
+        self._tcp_slots = threading.BoundedSemaphore(MAX_TCP)
+        self._tcp_workers = ThreadPoolExecutor(MAX_TCP, thread_name_prefix="dns-tcp")
+        self._rate = RateLimit()
+        self._in_flight: dict[str, int] = {}   # source -> its queries accepted, not yet answered
+        self._in_flight_lock = threading.Lock()
         self._listeners: dict[tuple[str, str], _Listener] = {}   # (netns path, address) -> sockets
         self._lock = threading.Lock()
         self._selector = selectors.DefaultSelector()
@@ -146,6 +206,8 @@ class NameServer:
         self._stop.set()
         self._wake_w.send(b"x")
         self._thread.join(timeout=5)
+        self._workers.shutdown(wait=False, cancel_futures=True)
+        self._tcp_workers.shutdown(wait=False, cancel_futures=True)
         for key in list(self._listeners):
             self._close(key)
 
@@ -154,23 +216,24 @@ class NameServer:
 
     # -- sockets ----------------------------------------------------------------------------------------
 
-    def serve_networks(self, wanted: dict[tuple[str, str], str]) -> None:
-        """Listen on exactly these (namespace path, gateway address) -> network key; idempotent."""
+    def serve_networks(self, wanted: dict[tuple[str, str], tuple[str, bool]]) -> None:
+        """Listen on exactly these (namespace path, gateway address) -> (network key, internal); idempotent."""
         with self._lock:
             for key in set(self._listeners) - set(wanted):
                 self._close(key)
-            for key, nkey in wanted.items():
+            for key, (nkey, internal) in wanted.items():
                 if key in self._listeners:
                     self._listeners[key].nkey = nkey
+                    self._listeners[key].internal = internal
                     continue
                 try:
-                    self._open(key, nkey)
+                    self._open(key, nkey, internal)
                 except OSError as err:
                     log.error("DNS for network %s on %s: %s; names on other hosts will not resolve there",
                               nkey, key[1], err)
         self._wake_w.send(b"x")
 
-    def _open(self, key: tuple[str, str], nkey: str) -> None:
+    def _open(self, key: tuple[str, str], nkey: str, internal: bool) -> None:
         path, address = key
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
 
@@ -187,7 +250,7 @@ class NameServer:
             return udp, tcp
 
         udp, tcp = netns.run_in(Path(path), make)
-        listener = _Listener(nkey, address, udp, tcp)
+        listener = _Listener(nkey, address, udp, tcp, internal)
         self._listeners[key] = listener
         self._selector.register(udp, selectors.EVENT_READ, listener)
         self._selector.register(tcp, selectors.EVENT_READ, listener)
@@ -224,50 +287,106 @@ class NameServer:
                 sock = sel_key.fileobj
                 try:
                     if sock is listener.udp:
-                        data, peer = listener.udp.recvfrom(4096)
-                        threading.Thread(target=self._udp, args=(listener, data, peer), daemon=True).start()
+                        self._take_udp(listener)
                     else:
-                        conn, _ = listener.tcp.accept()
-                        threading.Thread(target=self._tcp, args=(listener, conn), daemon=True).start()
-                except OSError:
+                        self._take_tcp(listener)
+                except (OSError, RuntimeError):  # RuntimeError: the pools were shut down (stopping)
                     continue
 
+    def _drop(self) -> None:
+        self.dropped += 1
+        metrics.DNS_DROPPED.inc()
+
+    def _admit(self, source: str) -> bool:
+        with self._in_flight_lock:
+            if self._in_flight.get(source, 0) >= PER_SOURCE or not self._pending.acquire(blocking=False):
+                return False
+            self._in_flight[source] = self._in_flight.get(source, 0) + 1
+            return True
+
+    def _done(self, source: str) -> None:
+        with self._in_flight_lock:
+            left = self._in_flight.pop(source, 1) - 1
+            if left > 0:
+                self._in_flight[source] = left
+            self._pending.release()
+
+    def _take_udp(self, listener: _Listener) -> None:
+        data, peer = listener.udp.recvfrom(4096)
+        if not self._rate.allow(peer[0]) or not self._admit(peer[0]):
+            self._drop()
+            return
+        try:
+            self._workers.submit(self._udp, listener, data, peer)
+        except RuntimeError:
+            self._done(peer[0])
+            raise
+
+    def _take_tcp(self, listener: _Listener) -> None:
+        conn, peer = listener.tcp.accept()
+        if not self._rate.allow(peer[0]) or not self._tcp_slots.acquire(blocking=False):
+            self._drop()
+            conn.close()
+            return
+        try:
+            self._tcp_workers.submit(self._tcp, listener, conn)
+        except RuntimeError:
+            self._tcp_slots.release()
+            conn.close()
+            raise
+
     def _udp(self, listener: _Listener, data: bytes, peer: tuple[str, int]) -> None:
-        reply = self.resolve(data, listener.nkey, tcp=False)
-        if reply is not None:
-            try:
+        try:
+            reply = self.resolve(data, listener.nkey, tcp=False, internal=listener.internal)
+            if reply is not None:
                 listener.udp.sendto(reply, peer)
-            except OSError as err:
-                log.debug("DNS reply to %s: %s", peer, err)
+        except OSError as err:
+            log.debug("DNS reply to %s: %s", peer, err)
+        except Exception:  # noqa: BLE001 - one bad query must not cost a worker
+            log.exception("DNS query from %s", peer)
+        finally:
+            self._done(peer[0])
 
     def _tcp(self, listener: _Listener, conn: socket.socket) -> None:
-        with conn:
-            conn.settimeout(5)
-            try:
+        try:
+            with conn:
+                conn.settimeout(TCP_IDLE)
                 while True:
                     head = _recv_exact(conn, 2)
                     if not head:
                         return
                     data = _recv_exact(conn, struct.unpack("!H", head)[0])
-                    reply = self.resolve(data, listener.nkey, tcp=True)
+                    reply = self.resolve(data, listener.nkey, tcp=True, internal=listener.internal)
                     if reply is None:
                         return
                     conn.sendall(struct.pack("!H", len(reply)) + reply)
-            except OSError:
-                return
+        except OSError:
+            return
+        except Exception:  # noqa: BLE001
+            log.exception("DNS over TCP")
+        finally:
+            self._tcp_slots.release()
 
-    def resolve(self, data: bytes, nkey: str, tcp: bool) -> bytes | None:
+    def resolve(self, data: bytes, nkey: str, tcp: bool, internal: bool = False) -> bytes | None:
         """Wire query in, wire reply out (None: unparseable, dropped)."""
         self.queries += 1
         try:
             query = dns.message.from_wire(data)
         except Exception:  # noqa: BLE001 - anything malformed is dropped, as resolvers do
             return None
+        limit = 65535 if tcp else udp_payload(query)
         mine = answer(query, self.zones.get(nkey))
-        metrics.DNS_QUERIES.labels("network" if mine is not None else "forwarded").inc()
         if mine is not None:
-            return mine.to_wire(max_size=65535 if tcp else 512)
-        return self._forward(query, tcp).to_wire(max_size=65535 if tcp else 4096)
+            metrics.DNS_QUERIES.labels("network").inc()
+            return to_wire(mine, query, limit)
+        if internal:
+            # An --internal network has no way out, names included.
+            metrics.DNS_QUERIES.labels("refused").inc()
+            refused = dns.message.make_response(query, recursion_available=False)
+            refused.set_rcode(dns.rcode.REFUSED)
+            return to_wire(refused, query, limit)
+        metrics.DNS_QUERIES.labels("forwarded").inc()
+        return to_wire(self._forward(query, tcp), query, limit)
 
     def _forward(self, query: dns.message.Message, tcp: bool) -> dns.message.Message:
         for upstream in self.upstreams:

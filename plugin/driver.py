@@ -17,8 +17,8 @@ from typing import Any
 
 from ipam.allocator import Ipam
 from ipam.subnets import NETWORK_OPT, check_network_id, mac_from_ip, network_key, parse_cidr, pool_id
-from kvstore import Keys, KVStore, StoreError, StoreUnavailable, Txn
-from kvstore.records import AddressRecord, EndpointRecord, MemberRecord, NetworkRecord
+from kvstore import KV, Keys, KVStore, StoreError, StoreUnavailable, Txn
+from kvstore.records import AddressRecord, EndpointRecord, InvalidRecord, MemberRecord, NetworkRecord, R
 from plugin import protocol as p
 from plugin.config import Settings
 from plugin.datapath import DataPath, NetworkPlan, validate_mtu
@@ -36,6 +36,14 @@ VNI_OPT = "pyoverlay.vni"
 ENCRYPTED = "encrypted"
 KNOWN_OPTS = {ENCRYPTED, NETWORK_OPT, VNI_OPT, DRIVER_MTU}
 VNI_MIN, VNI_MAX = 4096, (1 << 24) - 1  # below 4096 would collide with 802.1Q VLAN ids on some platforms
+
+
+def _loads_as(cls: type[R], kv: KV) -> R | None:
+    """The record at kv, or None when it is invalid (ours then replaces it)."""
+    try:
+        return cls.load(kv.value, kv.key)
+    except InvalidRecord:
+        return None
 
 
 def _short(docker_id: str) -> str:
@@ -527,7 +535,7 @@ class NetworkDriver:
         for ep in list(self.state.data.endpoints.values()):
             key = self.keys.endpoint(ep.record.network_key, ep.record.endpoint_id)
             kv = self.store.get(key)
-            if kv is None or EndpointRecord.load(kv.value, kv.key) != ep.record:
+            if kv is None or _loads_as(EndpointRecord, kv) != ep.record:
                 self.store.put(key, ep.record.dump())
 
     def _reclaim_addresses(self, local: LocalNetwork) -> None:

@@ -16,6 +16,8 @@ PEERS = Gauge("pyoverlay_peers_programmed", "Remote endpoints programmed into th
 KEY_EPOCH_AGE = Gauge("pyoverlay_key_epoch_age_seconds", "Age of this host's current key pair")
 DNS_QUERIES = Counter("pyoverlay_dns_queries_total", "Queries to the DNS servers on the network gateways",
                       ["answer"])
+DNS_DROPPED = Counter("pyoverlay_dns_dropped_total",
+                      "DNS queries and connections dropped by a bound (per-source rate, queue, TCP slots)")
 PROPAGATION_WAITING = Gauge("pyoverlay_propagation_pending_removals",
                             "Networks removed in the cluster that containers here still use")
 RECONCILE_RUNS = Counter("pyoverlay_reconcile_runs_total", "Reconciler passes", ["outcome"])

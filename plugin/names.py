@@ -57,6 +57,8 @@ class NameService:
         with self._lock:
             for ev in events:
                 rec = _load(ev.value, ev.key) if ev.kind == "put" else None
+                if ev.kind == "delete":
+                    AliasRecord.deleted(ev.key)
                 if rec is None:
                     self.aliases.pop(ev.key, None)
                 else:
@@ -84,14 +86,15 @@ class NameService:
         for local in list(self.state.data.networks.values()):
             for gw in (local.record.gateway, local.record.gateway6):
                 if gw:
-                    wanted[(str(self.datapath.ns_path(local.record.vni)), gw.split("/")[0])] = local.record.key
+                    wanted[(str(self.datapath.ns_path(local.record.vni)), gw.split("/")[0])] = (
+                        local.record.key, local.record.internal)
         self.server.serve_networks(wanted)
 
     def status(self) -> dict[str, object]:
         zones = self.server.zones
         return {"serving": [f"{n} on {a}:53" for n, a in self.server.serving()],
                 "names": {nkey: sorted(z.forward) for nkey, z in sorted(zones.items())},
-                "queries": self.server.queries, "upstreams": self.server.upstreams}
+                "queries": self.server.queries, "dropped": self.server.dropped, "upstreams": self.server.upstreams}
 
 
 def _load(raw: bytes, key: str) -> AliasRecord | None:

@@ -86,6 +86,7 @@ class PeerSync:
                 if ev.kind == "delete":
                     log.info("host %s left the cluster (lease expired or host stopped)", name)
                     self.hosts.pop(name, None)
+                    HostRecord.deleted(ev.key)
                 else:
                     try:
                         self.hosts[name] = HostRecord.load(ev.value, ev.key)
@@ -110,6 +111,7 @@ class PeerSync:
             for ev in events:
                 if ev.kind == "delete":
                     self.endpoints.pop(ev.key, None)
+                    EndpointRecord.deleted(ev.key)
                 else:
                     try:
                         self.endpoints[ev.key] = EndpointRecord.load(ev.value, ev.key)
@@ -121,13 +123,18 @@ class PeerSync:
 
     def desired(self) -> dict[int, dict[str, Peer]]:
         local = {n.record.key: n.record.vni for n in list(self.state.data.networks.values())}
+        # An address of one of this host's own endpoints is never sent elsewhere, whatever a record claims.
+        mine = {(e.record.network_key, a.split("/")[0]) for e in list(self.state.data.endpoints.values())
+                for a in (e.record.address, e.record.address6) if a}
         want: dict[int, dict[str, Peer]] = {vni: {} for vni in local.values()}
         for key, ep in self.endpoints.items():
             vni = local.get(ep.network_key)
-            if vni is None or ep.host == self.host or ep.host not in self.hosts:
+            host = self.hosts.get(ep.host)
+            # Only through the VTEP its host registered: a record cannot point traffic anywhere else.
+            if vni is None or ep.host == self.host or host is None or host.vtep != ep.vtep:
                 continue
             for addr in (ep.address, ep.address6):
-                if addr:
+                if addr and (ep.network_key, addr.split("/")[0]) not in mine:
                     want[vni][f"{key}#{addr}"] = Peer(addr.split("/")[0], ep.mac, ep.vtep)
         return want
 

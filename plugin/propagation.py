@@ -96,6 +96,7 @@ class Propagation:
                 name = Keys.last(ev.key)
                 if ev.kind == "delete":
                     self.defs.pop(name, None)
+                    NetDefRecord.deleted(ev.key)
                 else:
                     rec = _load(ev.value, ev.key)
                     if rec is not None:

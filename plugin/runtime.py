@@ -15,7 +15,7 @@ from typing import Any
 
 from ipam.allocator import DefaultPools, Ipam
 from kvstore import Keys, KVStore, StoreError
-from kvstore.records import QUARANTINE, HostRecord
+from kvstore.records import AUTH, QUARANTINE, HostRecord
 from plugin import __version__, cluster_view, doctor, metrics
 from plugin.aliases import AliasPublisher
 from plugin.config import Settings
@@ -41,6 +41,7 @@ class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.keys = Keys(settings.etcd_prefix)
+        AUTH.configure(settings.cluster_secret, settings.host)  # records this host writes and reads
         self.store = KVStore(settings.etcd(), observe=metrics.observe_etcd, health_key=self.keys.health())
         self.state = LocalState(settings.state_dir / "state.json")
         self.datapath = DataPath(settings.netns_dir, settings.host, settings.vtep)
@@ -256,10 +257,10 @@ class Runtime:
         record = self.encryption.stamp(HostRecord(host=self.settings.host, vtep=underlay.address,
                                                   port=self.settings.vxlan_port, version=__version__,
                                                   started=self.started))
-        raw = record.dump()
-        if fresh or raw != self._published:
-            self.store.put(self.keys.host(self.settings.host), raw, lease=self.lease)
-            self._published = raw
+        content = record.content()  # compared unsigned: every signature differs (its counter)
+        if fresh or content != self._published:
+            self.store.put(self.keys.host(self.settings.host), record.dump(), lease=self.lease)
+            self._published = content
         if fresh:
             # A new lease after an outage: etcd may have lost our records meanwhile.
             self.synced = False
