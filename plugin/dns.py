@@ -205,7 +205,8 @@ class NameServer:
     def stop(self) -> None:
         self._stop.set()
         self._wake_w.send(b"x")
-        self._thread.join(timeout=5)
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
         self._workers.shutdown(wait=False, cancel_futures=True)
         self._tcp_workers.shutdown(wait=False, cancel_futures=True)
         for key in list(self._listeners):

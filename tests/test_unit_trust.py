@@ -1,0 +1,263 @@
+"""Untrusted input, unit level: records from etcd, the text fed to ip/nft, DNS bounds, the state file.
+
+Every string a hostile etcd writer could put in a record is refused before use, and what reaches the
+kernel's parsers is built from canonical addresses and integers only. The end-to-end counterparts (real
+etcd, dockerd, a non-root user, a DNS flood) are in tests/test_trust.py.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import dns.flags
+import dns.message
+import dns.rcode
+import pytest
+
+from kvstore.records import (
+    AUTH,
+    QUARANTINE,
+    AliasRecord,
+    EndpointRecord,
+    HostRecord,
+    InvalidRecord,
+    NetDefRecord,
+    NetworkRecord,
+)
+from plugin import ipsec, nftjson, vtepfilter
+from plugin.dns import NameServer, RateLimit, Zone, to_wire
+from plugin.keys import SAKey
+from plugin.state import LocalState, StateUnreadable
+
+HOSTILE = [
+    "10.99.0.2\nnetns exec x sh -c 'touch /tmp/pwned'",
+    "10.99.0.2; touch /tmp/pwned",
+    "$(touch /tmp/pwned)",
+    "`touch /tmp/pwned`",
+    '10.99.0.2" } ; flush ruleset ; table ip x {',
+    "../../../../etc/passwd",
+    "a" * 70_000,
+    "zz:zz:zz:zz:zz:zz",
+    "300.1.2.3",
+    "",
+    " 10.99.0.2",
+]
+
+DANGEROUS = set("\n\r\t ;$`\"'{}()|&<>\\")
+PUB = base64.b64encode(bytes(range(32))).decode()
+GOOD: dict[type, tuple[str, dict[str, Any]]] = {
+    HostRecord: ("/p/hosts/h2", {"host": "h2", "vtep": "10.99.0.2", "port": 4800, "version": "0.1.0",
+                                 "started": 1.5, "public_keys": {"1": PUB}, "key_epoch": 1, "seen": {"h1": 1}}),
+    EndpointRecord: ("/p/endpoints/10.50.0.0_24/" + "e" * 64,
+                     {"endpoint_id": "e" * 64, "network_key": "10.50.0.0_24", "docker_network_id": "d" * 64,
+                      "host": "h2", "vtep": "10.99.0.2", "mac": "02:42:0a:32:00:0c", "address": "10.50.0.12/24",
+                      "name": "web-1"}),
+    NetworkRecord: ("/p/networks/10.50.0.0_24",
+                    {"key": "10.50.0.0_24", "vni": 5000, "subnets": ["10.50.0.0/24"], "gateway": "10.50.0.1/24",
+                     "encrypted": True, "port": 4800, "options": {"encrypted": ""}, "created_by": "h2"}),
+    NetDefRecord: ("/p/netdefs/appnet", {"name": "appnet", "uid": "u" * 32, "origin_host": "h2",
+                                         "origin_id": "d" * 64, "options": {"encrypted": ""},
+                                         "pools": [{"subnet": "10.50.0.0/24"}], "labels": {"team": "blue"}}),
+    AliasRecord: ("/p/aliases/10.50.0.0_24/" + "e" * 64,
+                  {"endpoint_id": "e" * 64, "network_key": "10.50.0.0_24", "host": "h2", "container": "c" * 64,
+                   "names": ["web", "web-1"]}),
+}
+
+
+def _string_fields(body: dict[str, Any], prefix: str = "") -> Iterator[tuple[list[str], str]]:
+    for k, v in body.items():
+        if isinstance(v, str):
+            yield [*prefix.split("/")[1:], k] if prefix else [k], v
+        elif isinstance(v, dict):
+            yield from _string_fields(v, f"{prefix}/{k}")
+
+
+def _with(body: dict[str, Any], path: list[str], value: Any) -> dict[str, Any]:
+    out = json.loads(json.dumps(body))
+    node = out
+    for k in path[:-1]:
+        node = node[k]
+    node[path[-1]] = value
+    return out
+
+
+@pytest.fixture
+def quarantine() -> Iterator[None]:
+    QUARANTINE.refused.clear()
+    yield
+    QUARANTINE.refused.clear()
+
+
+@pytest.fixture
+def secret() -> Iterator[None]:
+    AUTH.configure("unit-secret", "h2")
+    try:
+        yield
+    finally:
+        AUTH.configure(None, "")
+        AUTH._last.clear()
+
+
+@pytest.mark.parametrize("cls", list(GOOD), ids=lambda c: c.__name__)
+def test_every_string_field_refuses_hostile_values(cls: type, quarantine: None) -> None:
+    key, body = GOOD[cls]
+    cls.load(json.dumps(body).encode(), key)  # the genuine record is fine
+    counted = QUARANTINE.counts.get(cls.__name__, 0)
+    for path, _ in _string_fields(body):
+        free_text = path[0] in ("options", "labels")  # --opt and label values: any printable text
+        for value in HOSTILE:
+            raw = json.dumps(_with(body, path, value)).encode()
+            try:
+                cls.load(raw, key)
+            except InvalidRecord:
+                continue
+            # Accepted only where the value can steer nothing: printable free text, or a plain word.
+            if free_text:
+                assert "\n" not in value and len(value) <= 1024, (cls.__name__, path, value[:40])
+            else:
+                assert not set(value) & DANGEROUS and ".." not in value, (cls.__name__, path, value[:40])
+    assert QUARANTINE.counts[cls.__name__] - counted >= len(HOSTILE)  # each refusal counted
+
+
+def test_a_record_must_sit_at_its_own_key(quarantine: None) -> None:
+    key, body = GOOD[HostRecord]
+    with pytest.raises(InvalidRecord, match="not its key"):
+        HostRecord.load(json.dumps(body).encode(), "/p/hosts/h1")  # h2's record planted as h1's
+    with pytest.raises(InvalidRecord, match="bytes, more than"):
+        HostRecord.load(b"{" + b" " * 70_000 + b"}", key)
+    with pytest.raises(InvalidRecord, match="not a JSON object"):
+        HostRecord.load(b"[1]", key)
+
+
+def test_signed_records_refuse_forgery_alteration_and_replay(secret: None, quarantine: None) -> None:
+    key, body = GOOD[EndpointRecord]
+    rec = EndpointRecord.model_validate(body)
+    first = rec.dump()
+    assert EndpointRecord.load(first, key) == rec
+    assert EndpointRecord.load(first, key) == rec  # the same record again (a resync) is fine
+    # unsigned, as someone without the secret would write it
+    with pytest.raises(InvalidRecord, match="no authentication code"):
+        EndpointRecord.load(json.dumps(body).encode(), key)
+    # altered: another VTEP, the code kept
+    altered = json.loads(first)
+    altered["vtep"] = "10.99.0.66"
+    with pytest.raises(InvalidRecord, match="fails authentication"):
+        EndpointRecord.load(json.dumps(altered).encode(), key)
+    # written by a host other than the one it describes
+    AUTH.configure("unit-secret", "h3")
+    with pytest.raises(InvalidRecord, match="written by h3"):
+        EndpointRecord.load(rec.dump(), key)
+    AUTH.configure("unit-secret", "h2")
+    # replay: a newer record seen, then the older one put back
+    newer = rec.model_copy(update={"name": "web-2"}).dump()
+    assert EndpointRecord.load(newer, key).name == "web-2"
+    with pytest.raises(InvalidRecord, match="replay"):
+        EndpointRecord.load(first, key)
+    # deleted, then its last record put back
+    EndpointRecord.deleted(key)
+    with pytest.raises(InvalidRecord, match="replay"):
+        EndpointRecord.load(newer, key)
+    assert EndpointRecord.load(rec.dump(), key) == rec  # a fresh write by the host is accepted
+    # another secret
+    AUTH.configure("another-secret", "h2")
+    with pytest.raises(InvalidRecord, match="fails authentication"):
+        EndpointRecord.load(first, key)
+
+
+def test_unsigned_kinds_and_no_secret_stay_unsigned() -> None:
+    key, body = GOOD[HostRecord]
+    rec = HostRecord.model_validate(body)
+    assert "auth" not in json.loads(rec.dump())
+    assert HostRecord.load(rec.dump(), key) == rec
+
+
+def test_guard_and_filter_rulesets_are_json_with_numbers_only() -> None:
+    cmds = ipsec._ruleset([5000, 6000], 4800)
+    text = json.dumps({"nftables": cmds})
+    for obj in json.loads(text)["nftables"]:
+        for rule in [obj["add"]["rule"]] if "rule" in obj.get("add", {}) else []:
+            values = [m["match"]["right"] for m in rule["expr"] if "match" in m]
+            assert all(isinstance(v, (int, bool)) for v in values), values
+            assert rule["comment"].startswith("pyoverlay")
+    assert nftjson.vxlan_vni(5000)["match"]["right"] == 5000
+    elems = vtepfilter._elements("vteps4", ["10.99.0.1", "10.99.0.2"])
+    assert elems[1]["add"]["element"]["elem"] == ["10.99.0.1", "10.99.0.2"]
+
+
+def test_xfrm_lines_take_canonical_addresses_only() -> None:
+    good = SAKey(0x1234, bytes(20), "10.99.0.1", "10.99.0.2", 1, 1)
+    line = ipsec.IPsec._state_add(good)
+    assert line.count("\n") == 0 and " src 10.99.0.1 dst 10.99.0.2 " in line
+    for bad in HOSTILE:
+        with pytest.raises(ValueError):
+            ipsec.IPsec._state_add(SAKey(0x1234, bytes(20), bad, "10.99.0.2", 1, 1))
+        with pytest.raises(ValueError):
+            ipsec.IPsec._policy("update", ipsec.Policy("10.99.0.1", bad, 4800))
+
+
+def test_keys_never_reach_argv_even_when_the_batch_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[list[str], str | None]] = []
+
+    class Done:
+        returncode, stdout, stderr = 1, "", "RTNETLINK answers: File exists"
+
+    def fake_run(args: list[str], stdin: str | None = None) -> Done:
+        calls.append((args, stdin))
+        return Done()
+
+    monkeypatch.setattr(ipsec, "run", fake_run)
+    key = bytes(range(20))
+    with pytest.raises(Exception, match="File exists"):  # an SPI already taken is an error, never "fine"
+        ipsec.IPsec().apply([SAKey(0x4321, key, "10.99.0.1", "10.99.0.2", 1, 1)], [], [], [])
+    assert len(calls) >= 2
+    for args, stdin in calls:
+        assert key.hex() not in " ".join(args)
+        assert args == ["ip", "-batch", "-"] and stdin is not None and key.hex() in stdin
+
+
+def test_dns_rate_limit_is_per_source_and_bounded() -> None:
+    rl = RateLimit(rate=10, burst=20, sources=100)
+    assert sum(rl.allow("10.0.0.2", now=0.0) for _ in range(100)) == 20
+    assert rl.allow("10.0.0.3", now=0.0)       # another source is not affected
+    assert sum(rl.allow("10.0.0.2", now=1.0) for _ in range(100)) == 10  # refilled at the rate
+    for i in range(1000):
+        rl.allow(f"10.1.{i // 250}.{i % 250}", now=2.0)
+    assert len(rl._buckets) <= 100
+
+
+def test_dns_truncates_instead_of_failing_and_refuses_forwarding_on_internal_networks() -> None:
+    zone = Zone()
+    for i in range(200):
+        zone.add("big", f"10.50.{i // 250}.{i % 250 + 1}")
+    query = dns.message.make_query("big", "A")
+    server = NameServer(["127.0.0.1"])
+    try:
+        server.zones = {"n": zone}
+        wire = server.resolve(query.to_wire(), "n", tcp=False)
+        assert wire is not None and len(wire) <= 512
+        reply = dns.message.from_wire(wire)
+        assert reply.flags & dns.flags.TC and not reply.answer
+        full = dns.message.from_wire(server.resolve(query.to_wire(), "n", tcp=True) or b"")
+        assert len(full.answer[0]) == 200
+        outside = dns.message.make_query("example.org", "A").to_wire()
+        refused = dns.message.from_wire(server.resolve(outside, "n", tcp=False, internal=True) or b"")
+        assert refused.rcode() == dns.rcode.REFUSED
+    finally:
+        server.stop()
+    short = to_wire(dns.message.make_response(query), query, 512)
+    assert dns.message.from_wire(short).rcode() == dns.rcode.NOERROR
+
+
+def test_an_unreadable_state_file_stops_instead_of_starting_empty(tmp_path: Path) -> None:
+    path = tmp_path / "state.json"
+    path.write_text('{"networks": {"x": ')
+    with pytest.raises(StateUnreadable, match="will not start"):
+        LocalState(path)
+    assert path.read_text() == '{"networks": {"x": '  # left for the operator
+    ok = LocalState(tmp_path / "fresh.json")
+    ok.save()
+    assert (tmp_path / "fresh.json").stat().st_mode & 0o777 == 0o600
