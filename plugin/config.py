@@ -96,6 +96,7 @@ class Settings:
     host: str
     vtep: str | None                 # IP or interface name; None = source address of the default route
     vxlan_port: int
+    esp_port: int                    # VXLAN of encrypted networks: only ever leaves inside ESP
     scope: str
     mtu: int | None                  # default MTU override for every network on this host
     etcd_endpoints: list[str]        # empty = embedded single-host etcd
@@ -152,12 +153,18 @@ def load() -> Settings:
     pool6 = _pool("PYOVERLAY_DEFAULT_POOL6", "fd75:7079:6f76::/48/64")
     if pool4[0].version != 4 or pool6[0].version != 6:
         raise ConfigError("PYOVERLAY_DEFAULT_POOL must be IPv4 and PYOVERLAY_DEFAULT_POOL6 IPv6")
+    vxlan_port = _int("PYOVERLAY_VXLAN_PORT", DEFAULT_VXLAN_PORT, 1, 65535)
+    esp_port = _int("PYOVERLAY_ESP_PORT", vxlan_port + 1 if vxlan_port < 65535 else vxlan_port - 1, 1, 65535)
+    if esp_port == vxlan_port:
+        raise ConfigError(f"PYOVERLAY_ESP_PORT={esp_port} must differ from PYOVERLAY_VXLAN_PORT: the kernel "
+                          f"encrypts everything sent to the encrypted networks' port, and only that")
     return Settings(
         socket=Path(_env("PYOVERLAY_SOCKET", DEFAULT_SOCKET) or DEFAULT_SOCKET),
         state_dir=Path(_env("PYOVERLAY_STATE_DIR", DEFAULT_STATE_DIR) or DEFAULT_STATE_DIR),
         host=_env("PYOVERLAY_HOST", socket.gethostname()) or socket.gethostname(),
         vtep=_env("PYOVERLAY_VTEP"),
-        vxlan_port=_int("PYOVERLAY_VXLAN_PORT", DEFAULT_VXLAN_PORT, 1, 65535),
+        vxlan_port=vxlan_port,
+        esp_port=esp_port,
         scope=scope,
         mtu=_int("PYOVERLAY_MTU", 0, 576, 65535) if mtu else None,
         etcd_endpoints=endpoints,

@@ -327,6 +327,16 @@ class DataPath:
             os.close(fd)
 
     @kernel
+    def set_vxlan_up(self, vni: int, up: bool) -> bool:
+        """Bring a network's VXLAN device up or down; False when there is none. Down flushes its neighbours."""
+        ipr = self._ipr(vni)
+        vx = ipr.link_lookup(ifname=VXLAN)
+        if not vx:
+            return False
+        ipr.link("set", index=vx[0], state="up" if up else "down")
+        return True
+
+    @kernel
     def port_is_ours(self, port: int) -> bool:
         """Is the UDP port held by a VXLAN device of one of our network namespaces?"""
         for vni in self.list_networks():

@@ -13,11 +13,13 @@ container started with `--dns <gateway of the network>` asks this server for nam
   /etc/resolv.conf), so other names resolve exactly as before; never from an `--internal` network, whose
   containers must have no way out (REFUSED).
 
-Containers are not trusted: the work they can cause is bounded. One selector thread reads every socket; a
-fixed pool of workers answers (forwarding blocks on upstreams), at most MAX_PENDING queries wait, each
-source address gets RATE queries a second (BURST at once), at most MAX_TCP connections are served at a
-time, each closed after TCP_IDLE seconds of silence. What exceeds a bound is dropped (UDP: the client
-retries) or closed, and counted. UDP answers larger than the client takes are truncated (TC set).
+Containers are not trusted: the work they can cause is bounded. One selector thread reads every socket and
+answers the network's own names itself (a dictionary look-up, so names keep answering during a flood);
+only forwarding, which blocks on upstreams, goes to a fixed pool of workers. Each source address gets RATE
+queries a second (BURST at once) and at most PER_SOURCE queries waiting upstream, MAX_PENDING in all; at
+most MAX_TCP connections are served at a time, each closed after TCP_IDLE seconds of silence. What exceeds
+a bound is dropped (UDP: the client retries) or closed, and counted. UDP answers larger than the client
+takes are truncated (TC set).
 """
 
 from __future__ import annotations
@@ -54,9 +56,9 @@ log = logging.getLogger(__name__)
 TTL = 1                # seconds: names follow containers that move; resolvers must not keep them long
 UPSTREAM_TIMEOUT = 2.0
 PORT = 53
-WORKERS = 8            # threads answering queries (all networks together)
-MAX_PENDING = 512      # queries accepted but not yet answered; more are dropped
-PER_SOURCE = 64        # of those, from one source address (a flooder cannot take every place)
+WORKERS = 16           # threads forwarding queries upstream (all networks together)
+MAX_PENDING = 256      # queries waiting for an upstream; more are dropped
+PER_SOURCE = 4         # of those, from one source address: a flooder holds at most this many workers
 RATE, BURST = 200.0, 400.0  # per source address: queries a second, and at once
 MAX_TCP = 16           # TCP connections served at once; more are closed at accept
 TCP_IDLE = 5.0         # seconds a TCP connection may stay silent
@@ -314,11 +316,21 @@ class NameServer:
 
     def _take_udp(self, listener: _Listener) -> None:
         data, peer = listener.udp.recvfrom(4096)
-        if not self._rate.allow(peer[0]) or not self._admit(peer[0]):
+        if not self._rate.allow(peer[0]):
+            self._drop()
+            return
+        query = self._parse(data)
+        if query is None:
+            return
+        reply = self._local(query, listener.nkey, False, listener.internal)
+        if reply is not None:
+            listener.udp.sendto(reply, peer)
+            return
+        if not self._admit(peer[0]):
             self._drop()
             return
         try:
-            self._workers.submit(self._udp, listener, data, peer)
+            self._workers.submit(self._udp_forward, listener, query, peer)
         except RuntimeError:
             self._done(peer[0])
             raise
@@ -336,11 +348,10 @@ class NameServer:
             conn.close()
             raise
 
-    def _udp(self, listener: _Listener, data: bytes, peer: tuple[str, int]) -> None:
+    def _udp_forward(self, listener: _Listener, query: dns.message.Message, peer: tuple[str, int]) -> None:
         try:
-            reply = self.resolve(data, listener.nkey, tcp=False, internal=listener.internal)
-            if reply is not None:
-                listener.udp.sendto(reply, peer)
+            metrics.DNS_QUERIES.labels("forwarded").inc()
+            listener.udp.sendto(to_wire(self._forward(query, False), query, udp_payload(query)), peer)
         except OSError as err:
             log.debug("DNS reply to %s: %s", peer, err)
         except Exception:  # noqa: BLE001 - one bad query must not cost a worker
@@ -368,13 +379,15 @@ class NameServer:
         finally:
             self._tcp_slots.release()
 
-    def resolve(self, data: bytes, nkey: str, tcp: bool, internal: bool = False) -> bytes | None:
-        """Wire query in, wire reply out (None: unparseable, dropped)."""
+    def _parse(self, data: bytes) -> dns.message.Message | None:
         self.queries += 1
         try:
-            query = dns.message.from_wire(data)
+            return dns.message.from_wire(data)
         except Exception:  # noqa: BLE001 - anything malformed is dropped, as resolvers do
             return None
+
+    def _local(self, query: dns.message.Message, nkey: str, tcp: bool, internal: bool) -> bytes | None:
+        """The answer from the network's own names (or REFUSED on an --internal network); None: forward."""
         limit = 65535 if tcp else udp_payload(query)
         mine = answer(query, self.zones.get(nkey))
         if mine is not None:
@@ -386,8 +399,18 @@ class NameServer:
             refused = dns.message.make_response(query, recursion_available=False)
             refused.set_rcode(dns.rcode.REFUSED)
             return to_wire(refused, query, limit)
+        return None
+
+    def resolve(self, data: bytes, nkey: str, tcp: bool, internal: bool = False) -> bytes | None:
+        """Wire query in, wire reply out (None: unparseable, dropped); forwards in the calling thread."""
+        query = self._parse(data)
+        if query is None:
+            return None
+        local = self._local(query, nkey, tcp, internal)
+        if local is not None:
+            return local
         metrics.DNS_QUERIES.labels("forwarded").inc()
-        return to_wire(self._forward(query, tcp), query, limit)
+        return to_wire(self._forward(query, tcp), query, 65535 if tcp else udp_payload(query))
 
     def _forward(self, query: dns.message.Message, tcp: bool) -> dns.message.Message:
         for upstream in self.upstreams:

@@ -135,7 +135,8 @@ class NetworkDriver:
         nkey = f"swarm.{nid}" if swarm else network_key(subnets[0], explicit)
         wanted = NetworkRecord(
             key=nkey, vni=vni_opt or 0, subnets=[str(s) for s in subnets], gateway=gateway, gateway6=gateway6,
-            encrypted=encrypted, port=self.settings.vxlan_port, mtu=mtu_opt, internal=internal,
+            encrypted=encrypted, port=self.settings.esp_port if encrypted else self.settings.vxlan_port,
+            mtu=mtu_opt, internal=internal,
             options={k: v for k, v in generic.items()}, created_by=self.host,
         )
 
@@ -494,6 +495,13 @@ class NetworkDriver:
             if local.record.vni in known_vnis:
                 continue
             known_vnis.add(local.record.vni)
+            if local.record.encrypted and local.record.port == self.settings.vxlan_port:
+                # Made by a pyoverlay that encrypted by firewall mark on the clear port: the kernel's policies
+                # now encrypt by port, so this network would leave in clear text. Fail closed.
+                log.error("network %s is encrypted but uses the clear VXLAN port %d (made by an older pyoverlay); "
+                          "it stays down: remove and re-create it", local.record.key, local.record.port)
+                self.datapath.remove_network(local.record.vni)
+                continue
             try:
                 self.datapath.ensure_network(self.plan(local.record, local.mtu))
             except Exception as err:  # noqa: BLE001 - keep restoring the others

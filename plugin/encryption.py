@@ -48,6 +48,7 @@ class Encryption:
         self._synced: object = None             # what the kernel was last programmed from
         self._missing: list[str] | None = None
         self._hosts: dict[str, HostRecord] = {}     # the live hosts the last sync saw
+        self._want_policies: set[Policy] = set()   # the per-peer policies the last sync installed
         self._waiting_for: list[str] = []
 
     # -- what this host publishes -----------------------------------------------------------------------
@@ -115,12 +116,38 @@ class Encryption:
     # -- kernel state -----------------------------------------------------------------------------------
 
     def guard(self, vnis: dict[int, str]) -> None:
-        """Install the guard for these encrypted VNIs before any of their devices exist (fail closed)."""
+        """Install the guard for these encrypted VNIs before any of their devices exist (fail closed): the
+        kernel's catch-all xfrm policies for the encrypted port, and the firewall guard of the VNIs."""
         with self._lock:
             if vnis != self._guarded:
+                if vnis:
+                    self.ipsec.set_catchall(self.port)
                 self.ipsec.set_guard(sorted(vnis), self.port)
+                if not vnis:
+                    self.ipsec.set_catchall(None, old=self.port)
                 self._guarded = dict(vnis)
             self.vnis = dict(vnis)
+
+    def guard_missing(self) -> list[str]:
+        """The parts of the guard the kernel lost (a firewall reload, an `ip xfrm policy flush`)."""
+        with self._lock:
+            if not self.vnis:
+                return []
+            missing = []
+            if not self.ipsec.catchall_present(self.port):
+                missing.append("the xfrm catch-all policies")
+            if not self.ipsec.guard_present(sorted(self.vnis)):
+                missing.append(f"the {self.ipsec.backend()} guard")
+            if self._want_policies and not set(self.ipsec.policies()) >= self._want_policies:
+                missing.append("per-peer xfrm policies")
+            return missing
+
+    def repair_guard(self) -> None:
+        """Install every part of the guard again, and the peers' policies and states (they may be gone too)."""
+        with self._lock:
+            self._guarded = None
+            self._synced = None
+            self.guard(dict(self.vnis))
 
     def sync(self, hosts: dict[str, HostRecord], vnis: dict[int, str]) -> bool:
         """Bring states and policies in line with the live hosts; returns whether `seen` changed."""
@@ -156,6 +183,7 @@ class Encryption:
                 want_policies.add(Policy(me, rec.vtep, self.port))
                 seen[name] = max(peer_keys)
             self._apply(want_states, want_policies)
+            self._want_policies = want_policies
             self.seen = seen
             self._synced = fingerprint
             return before != self.seen

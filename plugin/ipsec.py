@@ -5,15 +5,18 @@ alternative, fed through stdin so keys never reach argv), and the guard through 
 (one atomic transaction per change).
 
 How VXLAN of an encrypted network, and only of it, ends up in ESP:
-- nftables marks outgoing VXLAN datagrams whose VNI belongs to an encrypted network (a `route` chain, so
-  the kernel re-routes the marked packet and the xfrm policy applies);
-- one xfrm policy per peer matches (our VTEP -> peer VTEP, UDP to the VXLAN port, that mark) and requires
-  ESP in transport mode; states carry AES-GCM keys derived per direction (plugin/keys.py);
-- fail closed: a marked datagram whose route has no xfrm bundle (no policy or no SA for that peer) is
-  dropped in OUTPUT, and an incoming clear-text datagram with an encrypted VNI (no IPsec secpath) is
-  dropped in INPUT. Both counted.
-Every object carries pyoverlay's tag: states and policies the reqid REQID, policies the mark MARK, the
-nftables table its name. Stale ones are found by those tags.
+- encrypted networks have a VXLAN port of their own (PYOVERLAY_ESP_PORT), so the kernel's own xfrm policies
+  tell them apart by port, with no firewall involved;
+- one xfrm policy per peer matches (our VTEP -> peer VTEP, UDP to that port) and requires ESP in transport
+  mode; states carry AES-GCM keys derived per direction (plugin/keys.py);
+- fail closed in the kernel: catch-all policies of lower priority block every other datagram to that port
+  (no peer policy, no SA: dropped) and accept an incoming one only if it arrived inside ESP (the policy
+  check runs before the VXLAN socket sees it). A firewall reload changes none of this;
+- belt and braces: an nftables (or iptables) guard marks outgoing datagrams of the encrypted VNIs and drops
+  those that leave without a transform, and drops incoming clear text with an encrypted VNI; both counted.
+  It would hold alone if the xfrm policies were flushed; the reconciler checks both every pass.
+Every object carries pyoverlay's tag: states and per-peer policies the reqid REQID, catch-alls the priority
+CATCHALL_PRIORITY, the nftables table its name. Stale ones are found by those tags.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ log = logging.getLogger(__name__)
 
 REQID = 0x70790E5A        # "py" + tag: every pyoverlay xfrm state and policy template
 MARK = 0x70790E00         # fwmark of datagrams that must travel inside ESP
+CATCHALL_PRIORITY = 0x70790  # catch-all xfrm policies: below every per-peer policy (priority 0)
 TABLE = "pyoverlay"        # nftables table; the iptables chains below where nftables cannot do it
 CHAIN_MARK, CHAIN_OUT, CHAIN_IN = "PYOVERLAY-ESP-MARK", "PYOVERLAY-ESP-OUT", "PYOVERLAY-ESP-IN"
 ESP_OVERHEAD = 40         # ESP header 8 + IV 8 + pad <= 3 + trailer 2 + ICV 16, rounded up
@@ -250,7 +254,7 @@ class IPsec:
     @staticmethod
     def _policy(verb: str, pol: Policy) -> str:
         where = (f"xfrm policy {verb} src {_addr(pol.src)}/32 dst {_addr(pol.dst)}/32 proto udp "
-                 f"dport {int(pol.port)} dir out mark {MARK:#x} mask 0xffffffff")
+                 f"dport {int(pol.port)} dir out")
         if verb == "delete":
             return where
         return f"{where} tmpl src {_addr(pol.src)} dst {_addr(pol.dst)} proto esp reqid {REQID} mode transport"
@@ -275,11 +279,45 @@ class IPsec:
                 raise Unavailable(f"{line.split(' aead ')[0]}: {res.stderr.strip()[:300]}")
 
     def policies(self) -> list[Policy]:
-        """Our outbound policies (tagged with MARK)."""
+        """Our per-peer outbound policies (a /32 pair with a template tagged REQID)."""
         res = run(["ip", "xfrm", "policy", "list", "dir", "out"])
         out = []
         for block in re.split(r"\n(?=src )", res.stdout):
-            m = re.match(r"src (\S+?)(?:/32)? dst (\S+?)(?:/32)? proto udp dport (\d+)", block)
-            if m and f"mark {MARK:#x}" in block:
+            m = re.match(r"src (\S+)/32 dst (\S+)/32 proto udp dport (\d+)", block)
+            if m and f"reqid {REQID} " in block + " ":
                 out.append(Policy(m.group(1), m.group(2), int(m.group(3))))
         return out
+
+    # -- the kernel's own fail-closed policies -------------------------------------------------------------
+
+    @staticmethod
+    def _catchalls(verb: str, port: int) -> list[str]:
+        lines = []
+        for any_ in ("0.0.0.0/0", "::/0"):
+            where = f"xfrm policy {verb} src {any_} dst {any_} proto udp dport {int(port)}"
+            if verb == "delete":
+                lines += [f"{where} dir out", f"{where} dir in"]
+                continue
+            lines.append(f"{where} dir out priority {CATCHALL_PRIORITY} action block")
+            lines.append(f"{where} dir in priority {CATCHALL_PRIORITY} tmpl proto esp reqid {REQID} mode transport")
+        return lines
+
+    def set_catchall(self, port: int | None, old: int | None = None) -> None:
+        """Block clear text to/from the encrypted networks' port (None: remove the catch-alls of old)."""
+        if old is not None and old != port:
+            run(["ip", "-force", "-batch", "-"], "\n".join(self._catchalls("delete", old)) + "\n")
+        if port is None:
+            return
+        res = run(["ip", "-batch", "-"], "\n".join(self._catchalls("update", port)) + "\n")
+        if res.returncode != 0:
+            raise Unavailable(f"could not install the xfrm catch-all policies for port {port}: "
+                              f"{res.stderr.strip()[:300]}")
+
+    def catchall_present(self, port: int) -> bool:
+        res = run(["ip", "xfrm", "policy", "list"])
+        found = 0
+        for block in re.split(r"\n(?=src )", res.stdout):
+            if (re.match(rf"src (0\.0\.0\.0|::)/0 dst (0\.0\.0\.0|::)/0 proto udp dport {int(port)}\b", block)
+                    and f"priority {CATCHALL_PRIORITY} " in block + " "):
+                found += 1
+        return found >= 4

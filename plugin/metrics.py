@@ -27,6 +27,8 @@ IPAM_USED = Gauge("pyoverlay_ipam_addresses_used", "Addresses allocated in a poo
 IPAM_SIZE = Gauge("pyoverlay_ipam_addresses_usable", "Usable addresses of a pool", ["pool"])
 VXLAN_STRANGERS = Gauge("pyoverlay_vxlan_dropped_unregistered_total",
                         "VXLAN datagrams dropped because their source is no host registered in etcd")
+GUARD_LOST = Counter("pyoverlay_encryption_guard_lost_total",
+                     "Times the reconciler found part of the encryption guard gone (encrypted networks down)")
 INVALID_RECORDS = Counter("pyoverlay_invalid_records_total",
                           "Records read from etcd and refused (forged, corrupt, or not what pyoverlay writes)",
                           ["kind"])

@@ -52,8 +52,9 @@ def match(left: dict[str, Any], right: Any, op: str = "==") -> dict[str, Any]:
     return {"match": {"op": op, "left": left, "right": right}}
 
 
-def udp_dport(port: int) -> dict[str, Any]:
-    return match({"payload": {"protocol": "udp", "field": "dport"}}, int(port))
+def udp_dport(port: int | dict[str, list[int]]) -> dict[str, Any]:
+    """udp dport PORT, or with {"set": [ports]} one of them."""
+    return match({"payload": {"protocol": "udp", "field": "dport"}}, port if isinstance(port, dict) else int(port))
 
 
 def vxlan_vni(vni: int) -> dict[str, Any]:

@@ -172,8 +172,9 @@ def _doctor_here(settings: Settings) -> list[dict[str, Any]]:
     docker = DockerAPI(settings.docker_host, socket_name(settings.socket), settings.docker_name) \
         if settings.scope == "local" else None
     try:
+        vtep_filter = VtepFilter([settings.vxlan_port, settings.esp_port]) if settings.vtep_filter else None
         return checks.run_all(settings, store, datapath, LocalState(settings.state_dir / "state.json"), docker,
-                              VtepFilter(settings.vxlan_port) if settings.vtep_filter else None, None)
+                              vtep_filter, None)
     finally:
         datapath.close()
 

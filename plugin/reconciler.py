@@ -38,6 +38,7 @@ from plugin import protocol as p
 from plugin.datapath import DataPath
 from plugin.dockerapi import API_ERRORS, DockerAPI
 from plugin.driver import NetworkDriver
+from plugin.encryption import Encryption
 from plugin.peers import PeerSync
 from plugin.state import LocalState
 from plugin.vtepfilter import VtepFilter
@@ -56,7 +57,7 @@ class Garbage:
 class Reconciler:
     def __init__(self, driver: NetworkDriver, datapath: DataPath, peers: PeerSync, state: LocalState,
                  store: KVStore, keys: Keys, host: str, docker: DockerAPI | None, vtep_filter: VtepFilter | None,
-                 vteps: Callable[[], set[str]], grace: float) -> None:
+                 vteps: Callable[[], set[str]], grace: float, encryption: Encryption) -> None:
         self.driver = driver
         self.datapath = datapath
         self.peers = peers
@@ -68,14 +69,42 @@ class Reconciler:
         self.vtep_filter = vtep_filter
         self.vteps = vteps
         self.grace = grace
+        self.encryption = encryption
         self._suspects: dict[Garbage, float] = {}
         self._lock = threading.Lock()  # one pass at a time (periodic and `pyoverlay gc`)
         self.last: dict[str, Any] = {}
 
     # -- repairs ----------------------------------------------------------------------------------------
 
+    def repair_guard(self) -> list[str]:
+        """Encrypted networks fail closed: while any part of the guard is missing their VXLAN devices are down;
+        the guard is put back, checked, and only then are they up again (and their peers re-programmed)."""
+        missing = self.encryption.guard_missing()
+        if not missing:
+            return []
+        vnis = sorted(self.encryption.vnis)
+        log.error("encryption guard: %s missing (a firewall reload?); VXLAN of encrypted networks %s down "
+                  "until it is back", ", ".join(missing), vnis)
+        metrics.GUARD_LOST.inc()
+        for vni in vnis:
+            self.datapath.set_vxlan_up(vni, False)
+        try:
+            self.encryption.repair_guard()
+        except Exception as err:  # noqa: BLE001 - they stay down; retried next pass
+            log.error("encryption guard: could not re-install it (%s); encrypted networks stay down", err)
+            return [f"encryption guard missing ({', '.join(missing)}); re-installing failed: {err}"]
+        still = self.encryption.guard_missing()
+        if still:
+            return [f"encryption guard still missing after re-installing: {', '.join(still)}"]
+        for vni in vnis:
+            self.datapath.set_vxlan_up(vni, True)
+        self.peers.reconcile()  # a device taken down loses its neighbour entries; states and policies again
+        self.peers.verify_kernel()
+        metrics.RECONCILE_REPAIRS.labels("encryption-guard").inc()
+        return [f"encryption guard re-installed ({', '.join(missing)} had gone); encrypted networks up again"]
+
     def repair(self) -> list[str]:
-        done = []
+        done = self.repair_guard()
         for local in list(self.state.data.networks.values()):
             vni = local.record.vni
             if not self.datapath.has_network(vni):

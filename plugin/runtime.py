@@ -50,7 +50,7 @@ class Runtime:
         self.ipam = Ipam(self.store, self.keys, settings.host, defaults, self.datapath.host_routes,
                          swarm=settings.scope == "global")
         self.encryption = Encryption(KeyRing(settings.state_dir / "keys"), IPsec(), settings.host,
-                                     lambda: self.datapath.underlay().address, settings.vxlan_port,
+                                     lambda: self.datapath.underlay().address, settings.esp_port,
                                      settings.cluster_secret, settings.key_rotation, settings.key_bits)
         self.driver = NetworkDriver(settings, self.store, self.keys, self.datapath, self.state, self.ipam,
                                     self.encryption)
@@ -73,14 +73,14 @@ class Runtime:
         if self.propagation is not None:
             self.propagation.watcher = self.docker
         self.driver.on_network_change = self._network_changed
-        self.vtep_filter = VtepFilter(settings.vxlan_port) if settings.vtep_filter else None
+        self.vtep_filter = VtepFilter([settings.vxlan_port, settings.esp_port]) if settings.vtep_filter else None
         self.peers.on_hosts = self._hosts_changed
         # Its own Docker client: the reconciler's calls must not queue behind the event worker's.
         reconcile_docker = DockerAPI(settings.docker_host, socket_name(settings.socket), settings.docker_name) \
             if settings.scope == "local" else None
         self.reconciler = Reconciler(self.driver, self.datapath, self.peers, self.state, self.store, self.keys,
                                      settings.host, reconcile_docker, self.vtep_filter, self._vteps,
-                                     settings.reconcile_grace)
+                                     settings.reconcile_grace, self.encryption)
         self.departures = Departures(self.store, self.keys, settings.host, settings.dead_host_grace,
                                      [self.driver.forget_host, self.ipam.forget_host])
         self.ready = threading.Event()

@@ -25,9 +25,10 @@ TABLE = "pyoverlay_vtep"
 COUNTER = "strangers"
 
 
-def _ruleset(port: int) -> list[nftjson.Cmd]:
+def _ruleset(ports: list[int]) -> list[nftjson.Cmd]:
     fam, note = "inet", "pyoverlay: VXLAN from a host not registered in etcd"
     drop = [{"counter": COUNTER}, {"drop": None}]
+    port = {"set": sorted(int(p) for p in ports)}
     return [
         *nftjson.replace_table(fam, TABLE),
         {"add": {"counter": {"family": fam, "table": TABLE, "name": COUNTER}}},
@@ -52,8 +53,8 @@ def _elements(name: str, addrs: list[str]) -> list[nftjson.Cmd]:
 
 
 class VtepFilter:
-    def __init__(self, port: int) -> None:
-        self.port = port
+    def __init__(self, ports: list[int]) -> None:
+        self.ports = sorted(set(ports))   # the clear and the encrypted networks' VXLAN ports
         self._lock = threading.Lock()
         self._applied: frozenset[str] | None = None
         self._requested: frozenset[str] | None = None
@@ -83,7 +84,7 @@ class VtepFilter:
 
     def present(self) -> bool:
         rules = [o["rule"] for o in nftjson.listing("chain", "inet", TABLE, "input") if "rule" in o]
-        return any(nftjson.udp_dport(self.port) in r.get("expr", []) for r in rules)
+        return any(nftjson.udp_dport({"set": self.ports}) in r.get("expr", []) for r in rules)
 
     def sync(self, vteps: set[str]) -> bool:
         """Make the kernel's set exactly these VTEPs; True when the kernel had to be changed."""
@@ -92,7 +93,7 @@ class VtepFilter:
             if self._applied == frozenset(clean) and self.present():
                 return False
             # A new table (or one for another port) is created whole, counter from zero.
-            cmds = [] if self.present() else _ruleset(self.port)
+            cmds = [] if self.present() else _ruleset(self.ports)
             cmds += _elements("vteps4", [a for a in clean if ":" not in a])
             cmds += _elements("vteps6", [a for a in clean if ":" in a])
             res = nftjson.run(cmds)

@@ -22,6 +22,7 @@ import pytest
 from tests.rig import Rig, cleanup_stale, sh, wait_for
 
 PY = ("-d", "pyoverlay", "--ipam-driver", "pyoverlay")
+CLEAR_PORT, ESP_PORT = 4800, 4801   # PYOVERLAY_VXLAN_PORT and PYOVERLAY_ESP_PORT (defaults)
 ROTATION = 12
 SECRET = "guest-test-secret"
 
@@ -34,7 +35,7 @@ def rig2() -> Iterator[Rig]:
         rig.up(2, plugin=False)
         for h in rig.hosts:
             h.start_plugin(PYOVERLAY_KEY_ROTATION=str(ROTATION), PYOVERLAY_CLUSTER_SECRET=SECRET,
-                           PYOVERLAY_LEASE_TTL="6")
+                           PYOVERLAY_LEASE_TTL="6", PYOVERLAY_RECONCILE_INTERVAL="3")
         for h in rig.hosts:
             h.docker("network", "create", *PY, "--opt", "encrypted", "--subnet", "10.50.0.0/24", "enc")
             h.docker("network", "create", *PY, "--subnet", "10.51.0.0/24", "clr")
@@ -85,7 +86,8 @@ class Capture:
         self.proc.wait()
         esp = sh("tcpdump", "-nn", "-r", str(self.file), "esp", check=False).stdout.count("ESP(")
         per_vni: dict[int, int] = {}
-        text = sh("tcpdump", "-nn", "-T", "vxlan", "-r", str(self.file), "udp port 4800", check=False).stdout
+        ports = f"udp port {CLEAR_PORT} or udp port {ESP_PORT}"
+        text = sh("tcpdump", "-nn", "-T", "vxlan", "-r", str(self.file), ports, check=False).stdout
         for m in re.finditer(r"vni (\d+)", text):
             per_vni[int(m.group(1))] = per_vni.get(int(m.group(1)), 0) + 1
         return esp, per_vni
@@ -142,8 +144,9 @@ def test_forged_clear_vxlan_with_the_encrypted_vni_never_arrives(rig2: Rig) -> N
                                  "udp port 9999"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         time.sleep(2)
         frame = _forged_vxlan(vni(rig2, key), mac, target_ip, 9999, b"forged")
+        port = ESP_PORT if net == "enc" else CLEAR_PORT  # where each network's VXLAN listens
         script = ("import socket,sys; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
-                  f"[s.sendto(bytes.fromhex(sys.argv[1]), ('{h2.ip}', 4800)) for _ in range(5)]")
+                  f"[s.sendto(bytes.fromhex(sys.argv[1]), ('{h2.ip}', {port})) for _ in range(5)]")
         sh("ip", "netns", "exec", rig2.underlay_ns, "python3", "-c", script, frame.hex())
         time.sleep(2)
         dump.terminate()
@@ -232,3 +235,52 @@ def test_substituted_public_key_is_refused(rig2: Rig) -> None:
     h2.kill_plugin()
     h2.start_plugin()
     reachable(rig2, "enc")
+
+
+def _clear_on_esp_port(cap: Capture) -> int:
+    """Datagrams to the encrypted networks' VXLAN port seen on the underlay: clear text, every one."""
+    time.sleep(1)
+    cap.proc.terminate()
+    cap.proc.wait()
+    return sh("tcpdump", "-nn", "-r", str(cap.file), f"udp port {ESP_PORT}", check=False).stdout.count(" > ")
+
+
+@pytest.mark.parametrize("flush", ["firewall", "xfrm"])
+def test_guard_loss_never_lets_clear_text_out(rig2: Rig, flush: str) -> None:
+    """A firewall reload (iptables -F, nft flush ruleset) or an `ip xfrm policy flush` under ping and TCP:
+    the other layer holds, so nothing leaves in clear text; the reconciler puts the guard back and the
+    encrypted network works again."""
+    h1, h2 = rig2.hosts
+    target = reachable(rig2, "enc")
+    h2.exec("e-h2", "sh", "-c", "mkdir -p /tmp/www && dd if=/dev/urandom of=/tmp/www/g bs=65536 count=16")
+    h2.docker("exec", "-d", "e-h2", "httpd", "-f", "-p", "8082", "-h", "/tmp/www")
+    cap = Capture(rig2)
+    pinger = subprocess.Popen(["nsenter", "-t", pid_of(h1, "e-h1"), "-n", "ping", "-i", "0.1", "-c", "200", target],
+                              stdout=subprocess.PIPE, text=True)
+    time.sleep(2)
+    for h in rig2.hosts:  # what a firewall reload or an IKE daemon's restart does
+        if flush == "firewall":
+            for table in ("filter", "mangle"):
+                h.ns("iptables", "-t", table, "-F", check=False)
+            h.ns("nft", "flush", "ruleset", check=False)
+        else:
+            h.ns("ip", "xfrm", "policy", "flush")
+    end = time.monotonic() + 8
+    transfers = 0
+    while time.monotonic() < end:   # TCP while the guard is gone and while it is repaired
+        h1.exec("e-h1", "sh", "-c", f"wget -q -O /tmp/g http://{target}:8082/g", check=False, timeout=60)
+        transfers += 1
+    wait_for("guard repaired", lambda: "encryption guard re-installed" in h1.plugin_log()
+             and "encryption guard re-installed" in h2.plugin_log(), timeout=60, interval=0.5)
+    reachable(rig2, "enc")
+    res = h1.exec("e-h1", "sh", "-c", f"wget -q -O /tmp/g http://{target}:8082/g && md5sum /tmp/g", check=False)
+    assert res.returncode == 0 and res.stdout.split()[0] == h2.exec("e-h2", "md5sum", "/tmp/www/g").stdout.split()[0]
+    out, _ = pinger.communicate(timeout=120)
+    clear = _clear_on_esp_port(cap)
+    print(f"{flush} flush under ping+TCP: {clear} clear datagrams on the encrypted port; {transfers} transfers "
+          f"tried; ping: {out.strip().splitlines()[-2]}")
+    assert clear == 0, "no clear-text VXLAN of the encrypted network on the underlay, ever"
+    for h in rig2.hosts:
+        missing = sh("ip", "netns", "exec", h.netns, sys.executable, "-c",
+                     "from plugin.ipsec import IPsec; i = IPsec(); print(i.catchall_present(4801))").stdout
+        assert missing.strip() == "True"
