@@ -30,6 +30,46 @@ def etcd_pids(state: Path) -> list[int]:
     return [int(p) for p in out.stdout.split()]
 
 
+def assert_root_only(state: Path, pids: list[int]) -> None:
+    """The embedded etcd: no TCP port at all, Unix sockets in a directory only root may enter."""
+    listening = subprocess.run(["ss", "-Htlnp"], capture_output=True, text=True).stdout
+    assert not any(f"pid={pid}," in listening for pid in pids), listening
+    sockets = list((state / "etcd").glob("*:*"))
+    assert sockets and all(p.is_socket() for p in sockets)
+    for d in (state, state / "etcd"):
+        assert d.stat().st_mode & 0o777 == 0o700, (d, oct(d.stat().st_mode))
+    # Even with the way to it open, a user other than root cannot write to it.
+    opened = [state.parent, state]
+    saved = {p: p.stat().st_mode & 0o777 for p in opened}
+    try:
+        for p in opened:
+            os.chmod(p, 0o755)
+        probe = ("import socket,sys\ns=socket.socket(socket.AF_UNIX)\n"
+                 "try:\n s.connect(sys.argv[1]); print('connected')\nexcept OSError as e: print(type(e).__name__)")
+        res = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c", probe,
+                              str(sockets[0])], capture_output=True, text=True)
+        assert res.stdout.strip() == "PermissionError", res.stdout + res.stderr
+    finally:
+        for p, m in saved.items():
+            os.chmod(p, m)
+
+
+def test_an_unreadable_state_file_stops_the_plugin_with_a_clear_error() -> None:
+    work = Path(tempfile.mkdtemp(prefix="pyoverlay-solo-"))
+    state = work / "state"
+    state.mkdir()
+    (state / "state.json").write_text('{"networks": {')
+    env = {"PATH": os.environ["PATH"], "PYOVERLAY_SOCKET": str(work / "s.sock"), "PYOVERLAY_STATE_DIR": str(state),
+           "PYOVERLAY_HOST": "solo"}
+    try:
+        res = subprocess.run([PYOVERLAY, "serve"], env=env, capture_output=True, text=True, timeout=60)
+        assert res.returncode == 1 and "will not start on it" in res.stderr, res.stderr[-2000:]
+        assert (state / "state.json").read_text() == '{"networks": {', "left as it was"
+        assert not etcd_pids(state) and not (work / "s.sock").exists()
+    finally:
+        subprocess.run(["rm", "-rf", str(work)])
+
+
 def test_embedded_etcd_serves_and_survives_restart() -> None:
     work = Path(tempfile.mkdtemp(prefix="pyoverlay-solo-"))
     state, sock = work / "state", work / "pyoverlay.sock"
@@ -40,6 +80,7 @@ def test_embedded_etcd_serves_and_survives_restart() -> None:
         status, addr = call(sock, "IpamDriver.RequestAddress", {"PoolID": pool["PoolID"], "Address": ""})
         assert status == 200 and addr["Address"] == "10.55.0.1/24"
         assert etcd_pids(state), "the embedded etcd runs"
+        assert_root_only(state, etcd_pids(state))
         os.killpg(proc.pid, signal.SIGKILL)  # the plugin dies: its etcd must not linger
         proc.wait()
         wait_for("embedded etcd to exit", lambda: not etcd_pids(state), timeout=15)

@@ -176,7 +176,7 @@ def test_a_local_user_cannot_use_the_socket(rig2: Rig) -> None:
             os.chmod(p, 0o755)
         probe = ("import socket,sys\ns=socket.socket(socket.AF_UNIX)\n"
                  "try:\n s.connect(sys.argv[1]); print('connected')\nexcept OSError as e: print(type(e).__name__)")
-        res = sh("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "python3", "-c", probe, str(sock))
+        res = sh("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c", probe, str(sock))
         assert res.stdout.strip() == "PermissionError", res.stdout
         # root still can
         assert call(sock, "Plugin.Activate")[0] == 200
