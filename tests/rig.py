@@ -46,6 +46,15 @@ def sh(*cmd: str, check: bool = True, timeout: float = 60, capture: bool = True,
     return res
 
 
+def connect_as_nobody(path: Path | str) -> str:
+    """Try a Unix socket as an unprivileged user (uid/gid 65534, no groups): "connected" or the error's name."""
+    probe = ("import socket,sys\ns=socket.socket(socket.AF_UNIX)\n"
+             "try:\n s.connect(sys.argv[1]); print('connected')\nexcept OSError as e: print(type(e).__name__)")
+    # Debian's python3: the one on root's PATH may live where nobody can read it.
+    return sh("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c", probe,
+              str(path)).stdout.strip()
+
+
 def wait_for(what: str, fn, timeout: float = 30, interval: float = 0.1):  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     last: Exception | None = None

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.plugin_client import call
-from tests.rig import PYOVERLAY, wait_for
+from tests.rig import PYOVERLAY, connect_as_nobody, wait_for
 
 pytestmark = pytest.mark.etcd
 
@@ -44,11 +44,7 @@ def assert_root_only(state: Path, pids: list[int]) -> None:
     try:
         for p in opened:
             os.chmod(p, 0o755)
-        probe = ("import socket,sys\ns=socket.socket(socket.AF_UNIX)\n"
-                 "try:\n s.connect(sys.argv[1]); print('connected')\nexcept OSError as e: print(type(e).__name__)")
-        res = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c", probe,
-                              str(sockets[0])], capture_output=True, text=True)
-        assert res.stdout.strip() == "PermissionError", res.stdout + res.stderr
+        assert connect_as_nobody(sockets[0]) == "PermissionError"
     finally:
         for p, m in saved.items():
             os.chmod(p, m)
