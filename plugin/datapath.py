@@ -221,6 +221,13 @@ class DataPath:
     def _tag(self, *parts: str) -> str:
         return ":".join([TAG, self.instance, *parts])
 
+    def _owned(self, link: Any, kind: str) -> str | None:
+        """The id in the link's tag when this instance made it as a `kind`, else None (not ours)."""
+        parts = (_attr(link, "IFLA_IFALIAS") or "").split(":")
+        if len(parts) == 4 and parts[0] == TAG and parts[1] == self.instance and parts[2] == kind:
+            return parts[3]
+        return None
+
     @kernel
     def ensure_network(self, plan: NetworkPlan) -> None:
         """Make the namespace, bridge and VXLAN device of a network exist as planned (idempotent)."""
@@ -317,6 +324,7 @@ class DataPath:
                 ) from None
             raise
         idx = self._host.link_lookup(ifname=temp)[0]
+        self._host.link("set", index=idx, ifalias=self._tag("vx", str(plan.vni)))  # a leftover is found by this
         fd = os.open(self.ns_path(plan.vni), os.O_RDONLY | os.O_CLOEXEC)
         try:
             self._host.link("set", index=idx, net_ns_fd=fd, ifname=VXLAN)
@@ -405,11 +413,15 @@ class DataPath:
         br = ipr.link_lookup(ifname=BRIDGE)
         if not br:
             raise Unavailable(f"network namespace {ns_name(vni)} has no bridge; restart the plugin to repair it")
-        # A leftover from an earlier, interrupted Join: start clean.
-        for old in ipr.link_lookup(ifname=inner):
-            ipr.link("del", index=old)
-        for old in self._host.link_lookup(ifname=outer):
-            self._host.link("del", index=old)
+        # A leftover from an earlier, interrupted Join of this endpoint: start clean. A link of that name that
+        # is not this endpoint's (another endpoint whose ID starts alike, or not ours at all) stays.
+        for handle, name in ((ipr, inner), (self._host, outer)):
+            for old in handle.link_lookup(ifname=name):
+                owner = self._owned(handle.link("get", index=old)[0], "ep")
+                if owner != endpoint_id:
+                    raise Conflict(f"EndpointID: interface {name} already belongs to "
+                                   f"{'endpoint ' + owner[:12] if owner else 'something that is not pyoverlay'}")
+                handle.link("del", index=old)
         host_fd = netns.open_host()
         try:
             ipr.link("add", ifname=inner, kind="veth", mtu=mtu,
@@ -419,6 +431,8 @@ class DataPath:
         try:
             idx = ipr.link_lookup(ifname=inner)[0]
             ipr.link("set", index=idx, master=br[0], ifalias=self._tag("ep", endpoint_id), state="up")
+            for out_idx in self._host.link_lookup(ifname=outer):  # tagged too: found by tag if Docker never takes it
+                self._host.link("set", index=out_idx, ifalias=self._tag("ep", endpoint_id))
         except Exception:
             self.remove_endpoint(vni, endpoint_id)
             raise
@@ -452,31 +466,24 @@ class DataPath:
 
     @kernel
     def endpoint_links(self, vni: int) -> list[str]:
-        """Endpoint ids (12-char prefixes) of the veths on a network's bridge, from their tags."""
-        out = []
+        """Endpoint ids of the veths on a network's bridge, from their tags (this instance's only)."""
         try:
-            ipr = self._ipr(vni)
-            for link in ipr.get_links():
-                alias = _attr(link, "IFLA_IFALIAS") or ""
-                parts = alias.split(":")
-                if len(parts) == 4 and parts[0] == TAG and parts[2] == "ep":
-                    out.append(parts[3])
+            return [eid for link in self._ipr(vni).get_links() if (eid := self._owned(link, "ep"))]
         except (OSError, NetlinkError):
             return []
-        return out
 
     @kernel
     def stale_host_links(self, known_endpoints: set[str]) -> list[str]:
-        """Host-side veth ends of ours that no known endpoint owns (a Join Docker never completed)."""
-        prefixes = {host_ifname(e) for e in known_endpoints}
+        """Host-side veth ends that no known endpoint owns (a Join Docker never completed) and VXLAN devices
+        left in the host namespace by an interrupted network create: ours by their tag, never by their name."""
         out = []
         for link in self._host.get_links():
-            name = _attr(link, "IFLA_IFNAME") or ""
             kind, _ = _info(link)
-            ours_unowned = name.startswith("pyo") and kind == "veth" and name not in prefixes
-            if ours_unowned or (name.startswith("pyovx") and kind == "vxlan"):
-                out.append(name)
-        return out
+            eid = self._owned(link, "ep")
+            if (kind == "veth" and eid is not None and eid not in known_endpoints) or (
+                    kind == "vxlan" and self._owned(link, "vx") is not None):
+                out.append(_attr(link, "IFLA_IFNAME") or "")
+        return [name for name in out if name]
 
     @kernel
     def delete_host_link(self, name: str) -> None:

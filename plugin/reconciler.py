@@ -136,14 +136,14 @@ class Reconciler:
             networks = dict(self.state.data.networks)
             endpoints = dict(self.state.data.endpoints)
         vnis = {n.record.vni for n in networks.values()}
-        joined = {e.record.endpoint_id[:11] for e in endpoints.values() if e.joined}
+        joined = {e.record.endpoint_id for e in endpoints.values() if e.joined}
         for vni in self.datapath.list_networks():
             if vni not in vnis:
                 out.append(Garbage("namespace", f"network namespace of vni {vni}", "no network of this host uses it",
                                    ("namespace", str(vni))))
                 continue
             for eid in self.datapath.endpoint_links(vni):
-                if eid[:11] not in joined:
+                if eid not in joined:
                     out.append(Garbage("veth", f"veth of endpoint {eid[:12]} (vni {vni})",
                                        "no joined endpoint owns it", ("veth", str(vni), eid)))
         for name in self.datapath.stale_host_links(set(endpoints)):

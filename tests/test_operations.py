@@ -153,7 +153,10 @@ def test_reconciler_repairs_the_kernel_and_gc_removes_what_nothing_owns(rig3: Ri
     ghost = EndpointRecord(endpoint_id="e" * 64, network_key="10.53.0.0_24", docker_network_id="d" * 64, host="h1",
                            vtep=h1.ip, mac="02:42:0a:35:00:c9", address="10.53.0.201/24")
     rig3.etcd.ctl("put", f"{prefix}/endpoints/10.53.0.0_24/{'e' * 64}", ghost.dump().decode())
+    # A veth tagged as one of h1's endpoints that h1 does not have, and one merely named like ours.
     h1.ns("ip", "link", "add", "pyoabcdef01234", "type", "veth", "peer", "name", "pyoabcdef01235")
+    h1.ns("ip", "link", "set", "pyoabcdef01234", "alias", "pyoverlay:h1:ep:" + "abcdef0123" * 6 + "abcd")
+    h1.ns("ip", "link", "add", "pyoforeign0001", "type", "veth", "peer", "name", "pyoforeign0002")
     h1.cli("gc")  # a first look starts their clocks; nothing goes yet
     plan = h1.cli_json("gc")
     kinds = {g["kind"]: g for g in plan["waiting"]}
@@ -170,7 +173,10 @@ def test_reconciler_repairs_the_kernel_and_gc_removes_what_nothing_owns(rig3: Ri
     assert "removed: address" in done and "removed: endpoint-record" in done and "removed: host-link" in done
     assert rig3.etcd.get_json(f"{prefix}/addrs/cidr.10.53.0.0_24/10.53.0.200") is None
     assert rig3.etcd.get_json(f"{prefix}/endpoints/10.53.0.0_24/{'e' * 64}") is None
-    assert "pyoabcdef" not in h1.ns("ip", "-o", "link").stdout
+    links = h1.ns("ip", "-o", "link").stdout
+    assert "pyoabcdef" not in links
+    assert "pyoforeign0001" in links, "a link merely named like ours is not ours"
+    h1.ns("ip", "link", "del", "pyoforeign0001")
     assert "nothing to remove" in h1.cli("gc", check=True).stdout
     ping(h2, "gc-2", ip1)  # what is owned stayed
 
