@@ -130,6 +130,12 @@ class NetworkDriver:
                 "on every host (for example from `openssl rand -hex 32`; managed plugin: docker plugin set "
                 "pyoverlay PYOVERLAY_CLUSTER_SECRET=...), restart the plugin, and create the network again"
             )
+        if encrypted and self.datapath.underlay().version == 6:
+            raise InvalidRequest(
+                "--opt encrypted needs an IPv4 underlay: this host's VTEP is IPv6, for which pyoverlay has no "
+                "fail-closed ESP path (its kernel policies block encrypted VXLAN over IPv6). Set PYOVERLAY_VTEP to "
+                "an IPv4 address of this host, or create the network without --opt encrypted"
+            )
         # Swarm hands every node the same NetworkID for a network: that is its cluster identity there.
         swarm = self.settings.scope == "global"
         nkey = f"swarm.{nid}" if swarm else network_key(subnets[0], explicit)

@@ -49,15 +49,17 @@ class Encryption:
         self._missing: list[str] | None = None
         self._hosts: dict[str, HostRecord] = {}     # the live hosts the last sync saw
         self._want_policies: set[Policy] = set()   # the per-peer policies the last sync installed
+        self._ready: set[int] = set()   # our epochs whose inbound states are in for every accepted peer
         self._waiting_for: list[str] = []
 
     # -- what this host publishes -----------------------------------------------------------------------
 
     def stamp(self, record: HostRecord) -> HostRecord:
-        """This host's record with its public keys (authenticated with the cluster secret) and `seen`."""
-        keys = self.keyring.public()
+        """This host's record with its public keys and `seen`: only keys whose inbound states are installed
+        for every peer (a peer may send with a key the moment it sees it)."""
+        keys = {e: k for e, k in self.keyring.public().items() if e in self._ready}
         record.public_keys = keys
-        record.key_epoch = self.keyring.epoch
+        record.key_epoch = max(keys) if keys else None
         record.seen = dict(self.seen)
         record.key_mac = mac_of(self.secret, record.host, record.vtep, keys) if self.secret else None
         return record
@@ -150,14 +152,16 @@ class Encryption:
             self.guard(dict(self.vnis))
 
     def sync(self, hosts: dict[str, HostRecord], vnis: dict[int, str]) -> bool:
-        """Bring states and policies in line with the live hosts; returns whether `seen` changed."""
+        """Bring states and policies in line with the live hosts; returns whether what this host publishes
+        (`seen`, or the keys it may publish) changed."""
         with self._lock:
             self.guard(vnis)
             self._hosts = hosts
-            before = dict(self.seen)
+            before = (dict(self.seen), set(self._ready))
             if not vnis:
                 self._clear()
-                return before != self.seen
+                self._ready = set(self.keyring.pairs)  # nothing to install before publishing
+                return before != (self.seen, self._ready)
             fingerprint = (sorted((n, r.vtep, sorted(r.public_keys.items()), r.key_mac, r.seen.get(self.host))
                                   for n, r in hosts.items()), sorted(self.keyring.pairs), self.vtep())
             if fingerprint == self._synced:
@@ -182,11 +186,20 @@ class Encryption:
                     want_states[State(sa.src, sa.dst, sa.spi)] = sa
                 want_policies.add(Policy(me, rec.vtep, self.port))
                 seen[name] = max(peer_keys)
-            self._apply(want_states, want_policies)
+            failed = self._apply(want_states, want_policies)
+            for name, rec in hosts.items():
+                if rec.vtep in failed:
+                    # Only this peer is affected: its encrypted traffic is blocked (catch-all), the others go on.
+                    problem = f"installing its SAs or policy failed ({failed[rec.vtep]})"
+                    if self.refused.get(name) != problem:
+                        log.error("host %s: %s; encrypted traffic to and from it is dropped", name, problem)
+                    self.refused[name] = problem
+                    seen.pop(name, None)
             self._want_policies = want_policies
             self.seen = seen
-            self._synced = fingerprint
-            return before != self.seen
+            self._ready = set(self.keyring.pairs)
+            self._synced = None if failed else fingerprint  # a failed peer is retried at the next sync
+            return before != (self.seen, self._ready)
 
     def _peer_states(self, me: str, rec: HostRecord, peer_keys: dict[int, str]) -> list[SAKey]:
         out = []
@@ -201,20 +214,24 @@ class Encryption:
         out.append(derive(self.keyring.shared(send, peer_keys[newest]), me, rec.vtep, send, newest, self.key_bits))
         return out
 
-    def _apply(self, want_states: dict[State, SAKey], want_policies: set[Policy]) -> None:
+    def _apply(self, want_states: dict[State, SAKey], want_policies: set[Policy]) -> dict[str, str]:
+        """Program states and policies; returns peer VTEP -> what failed for it (nothing else stops)."""
         self._clean = False
         have_states = set(self.ipsec.states())
         have_policies = set(self.ipsec.policies())
         add = [sa for st, sa in want_states.items() if st not in have_states]
         gone = sorted(have_states - set(want_states), key=lambda st: (st.src, st.dst, st.spi))
         # One batch, new states first: make before break.
-        self.ipsec.apply(add, sorted(want_policies - have_policies, key=str), sorted(have_policies - want_policies,
-                         key=str), gone)
+        me = self.vtep()
+        failures = self.ipsec.apply(add, sorted(want_policies - have_policies, key=str),
+                                    sorted(have_policies - want_policies, key=str), gone)
+        failed = {(dst if src == me else src): why for src, dst, why in failures}
         for sa in add:
             if sa.src == self.vtep():
                 log.info("sending to %s with epochs %d>%d (spi %#x)", sa.dst, sa.src_epoch, sa.dst_epoch, sa.spi)
         if gone:
             log.info("removed %d ESP states: %s", len(gone), ", ".join(f"{s.src}>{s.dst} {s.spi:#x}" for s in gone))
+        return failed
 
     def _clear(self) -> None:
         if self._clean:

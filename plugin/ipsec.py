@@ -260,23 +260,29 @@ class IPsec:
         return f"{where} tmpl src {_addr(pol.src)} dst {_addr(pol.dst)} proto esp reqid {REQID} mode transport"
 
     def apply(self, add: list[SAKey], set_policies: list[Policy], del_policies: list[Policy],
-              del_states: list[State]) -> None:
+              del_states: list[State]) -> list[tuple[str, str, str]]:
         """One `ip -batch` in this order (make before break): new states, policies, then removals.
 
         One process for all of it: with many peers a rotation touches hundreds of states, and every fork of
         `ip` counts. `ip xfrm` exits at its first failure, batch or not, so when the batch fails each line
         is run alone, still through stdin (a key in argv would show in /proc/*/cmdline): a state that is
-        gone already is what we wanted; failing to add a state or set a policy is an error.
+        gone already is what we wanted; a state that could not be added (an SPI taken, say) or a policy that
+        could not be set is returned as (src, dst, why), and every other line still runs.
         """
+        pairs = ([(sa.src, sa.dst) for sa in add] + [(p.src, p.dst) for p in set_policies]
+                 + [(p.src, p.dst) for p in del_policies] + [(st.src, st.dst) for st in del_states])
         lines = ([self._state_add(sa) for sa in add] + [self._policy("update", p) for p in set_policies]
                  + [self._policy("delete", p) for p in del_policies] + [self._state_del(st) for st in del_states])
         if not lines or run(["ip", "-batch", "-"], "\n".join(lines) + "\n").returncode == 0:
-            return
-        for line in lines:
+            return []
+        failed = []
+        for (src, dst), line in zip(pairs, lines, strict=True):
             res = run(["ip", "-batch", "-"], line + "\n")
-            adding = " add " in line or " update " in line
-            if res.returncode != 0 and adding:
-                raise Unavailable(f"{line.split(' aead ')[0]}: {res.stderr.strip()[:300]}")
+            if res.returncode != 0 and (" add " in line or " update " in line):
+                why = f"{line.split(' aead ')[0]}: {res.stderr.strip()[:200]}"
+                log.error("xfrm: %s", why)
+                failed.append((src, dst, why))
+        return failed
 
     def policies(self) -> list[Policy]:
         """Our per-peer outbound policies (a /32 pair with a template tagged REQID)."""

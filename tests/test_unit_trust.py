@@ -211,8 +211,12 @@ def test_keys_never_reach_argv_even_when_the_batch_fails(monkeypatch: pytest.Mon
 
     monkeypatch.setattr(ipsec, "run", fake_run)
     key = bytes(range(20))
-    with pytest.raises(Exception, match="File exists"):  # an SPI already taken is an error, never "fine"
-        ipsec.IPsec().apply([SAKey(0x4321, key, "10.99.0.1", "10.99.0.2", 1, 1)], [], [], [])
+    # An SPI already taken is a failure of that peer's state (never "fine"), and the other peer's still runs.
+    failed = ipsec.IPsec().apply([SAKey(0x4321, key, "10.99.0.1", "10.99.0.2", 1, 1),
+                                  SAKey(0x4322, key, "10.99.0.1", "10.99.0.3", 1, 1)], [], [], [])
+    assert [(src, dst) for src, dst, _ in failed] == [("10.99.0.1", "10.99.0.2"), ("10.99.0.1", "10.99.0.3")]
+    assert all("File exists" in why and key.hex() not in why for _, _, why in failed)
+    assert len(calls) == 3  # the batch, then each line alone
     assert len(calls) >= 2
     for args, stdin in calls:
         assert key.hex() not in " ".join(args)
@@ -261,3 +265,64 @@ def test_an_unreadable_state_file_stops_instead_of_starting_empty(tmp_path: Path
     ok = LocalState(tmp_path / "fresh.json")
     ok.save()
     assert (tmp_path / "fresh.json").stat().st_mode & 0o777 == 0o600
+
+
+class FakeIPsec:
+    """The kernel's xfrm as a dictionary; adding a state towards/from one VTEP fails (an SPI taken, say)."""
+
+    def __init__(self, broken: str) -> None:
+        self.broken = broken
+        self.st: set[ipsec.State] = set()
+        self.pol: set[ipsec.Policy] = set()
+
+    def set_guard(self, vnis: list[int], port: int) -> None:
+        pass
+
+    def set_catchall(self, port: int | None, old: int | None = None) -> None:
+        pass
+
+    def states(self) -> list[ipsec.State]:
+        return list(self.st)
+
+    def policies(self) -> list[ipsec.Policy]:
+        return list(self.pol)
+
+    def apply(self, add: list[SAKey], set_policies: list[ipsec.Policy], del_policies: list[ipsec.Policy],
+              del_states: list[ipsec.State]) -> list[tuple[str, str, str]]:
+        failed = []
+        for sa in add:
+            if self.broken in (sa.src, sa.dst):
+                failed.append((sa.src, sa.dst, "File exists"))
+            else:
+                self.st.add(ipsec.State(sa.src, sa.dst, sa.spi))
+        self.pol |= set(set_policies)
+        self.pol -= set(del_policies)
+        self.st -= set(del_states)
+        return failed
+
+
+def test_one_bad_peer_affects_only_itself_and_keys_are_published_once_installed(tmp_path: Path) -> None:
+    from plugin.encryption import Encryption
+    from plugin.keys import KeyRing
+
+    fake = FakeIPsec(broken="10.0.0.3")
+    enc = Encryption(KeyRing(tmp_path / "h1"), fake, "h1", lambda: "10.0.0.1", 4801, None, 60, 128)  # type: ignore[arg-type]
+    record = HostRecord(host="h1", vtep="10.0.0.1", port=4800, version="t", started=0.0)
+    assert enc.stamp(record).public_keys == {}, "no key is published before its inbound states are in"
+
+    def peer(name: str, vtep: str) -> HostRecord:
+        ring = KeyRing(tmp_path / name)
+        return HostRecord(host=name, vtep=vtep, port=4800, version="t", started=0.0, public_keys=ring.public(),
+                          key_epoch=ring.epoch)
+
+    hosts = {"h2": peer("h2", "10.0.0.2"), "h3": peer("h3", "10.0.0.3")}
+    assert enc.sync(hosts, {5000: "k"}) is True
+    assert "h3" in enc.refused and "h2" not in enc.refused
+    assert enc.seen == {"h2": hosts["h2"].key_epoch}
+    assert {s.dst for s in fake.st} == {"10.0.0.1", "10.0.0.2"} and {s.src for s in fake.st} == {"10.0.0.1", "10.0.0.2"}
+    assert enc.stamp(record).public_keys == enc.keyring.public()
+    # A new epoch is not published until a sync has put its inbound states in.
+    enc.rotate()
+    assert max(enc.stamp(record).public_keys) < enc.keyring.epoch
+    enc.sync(hosts, {5000: "k"})
+    assert max(enc.stamp(record).public_keys) == enc.keyring.epoch
