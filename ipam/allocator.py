@@ -30,7 +30,7 @@ from ipam.subnets import (
     usable,
 )
 from kvstore import Keys, KVStore, StoreError, StoreUnavailable, Txn
-from kvstore.records import AddressRecord, PoolRecord, dns_name
+from kvstore.records import AddressRecord, InvalidRecord, PoolRecord, dns_name
 from plugin.errors import Conflict, InvalidRequest, NotFound, Unavailable
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,8 @@ def _store_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise Unavailable(f"IPAM: cluster store unavailable, nothing was changed: {err}") from err
         except StoreError as err:
             raise Unavailable(f"IPAM: cluster store error, nothing was changed: {err}") from err
+        except InvalidRecord as err:
+            raise Conflict(f"IPAM: {err}; nothing was changed (pyoverlay doctor lists such records)") from err
 
     wrapped.__name__ = fn.__name__
     wrapped.__doc__ = fn.__doc__

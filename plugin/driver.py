@@ -162,6 +162,8 @@ class NetworkDriver:
                 raise Unavailable(f"cluster store unavailable, network not created: {err}") from err
             except StoreError as err:
                 raise Unavailable(f"cluster store error, network not created: {err}") from err
+            except InvalidRecord as err:
+                raise Conflict(f"{err}; network not created (pyoverlay doctor lists such records)") from err
             mtu = self._mtu(record)
             local = LocalNetwork(docker_network_id=nid, record=record, mtu=mtu)
             try:
