@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -22,6 +22,8 @@ import grpc
 from etcd3 import transactions as tx
 from etcd3.etcdrpc import rpc_pb2 as rpc
 from etcd3.etcdrpc import rpc_pb2_grpc as rpc_grpc
+
+from kvstore.config import EtcdConfig
 
 log = logging.getLogger(__name__)
 
@@ -51,17 +53,6 @@ class Compacted(StoreError):
     def __init__(self, revision: int) -> None:
         super().__init__(f"revision compacted (oldest available {revision})")
         self.revision = revision
-
-
-@dataclass(frozen=True)
-class EtcdConfig:
-    endpoints: Sequence[str]
-    cacert: str | None = None
-    cert: str | None = None
-    key: str | None = None
-    username: str | None = None
-    password: str | None = None
-    timeout: float = 2.0
 
 
 @dataclass(frozen=True)

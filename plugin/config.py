@@ -8,7 +8,7 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvstore import EtcdConfig
+from kvstore.config import EtcdConfig
 
 DEFAULT_SOCKET = "/run/docker/plugins/pyoverlay.sock"
 DEFAULT_STATE_DIR = "/var/lib/pyoverlay"

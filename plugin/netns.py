@@ -15,9 +15,10 @@ import socket
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-from pyroute2 import IPRoute
+if TYPE_CHECKING:
+    from pyroute2 import IPRoute
 
 T = TypeVar("T")
 
@@ -120,6 +121,8 @@ def remove(path: Path) -> None:
 
 def iproute(path: Path) -> IPRoute:
     """A pyroute2 IPRoute whose netlink socket lives in the namespace pinned at path."""
+    from pyroute2 import IPRoute  # here: `pyoverlay serve` imports this module before its socket is bound
+
 
     def run() -> socket.socket:
         _enter(path)

@@ -8,6 +8,7 @@ the kernel, never only in a worker's memory).
 from __future__ import annotations
 
 import grp
+import json
 import logging
 import os
 import stat
@@ -19,7 +20,6 @@ from gunicorn.app.base import BaseApplication
 from kvstore.embedded import EmbeddedEtcd
 from plugin import netns
 from plugin.config import Settings
-from plugin.state import LocalState, StateUnreadable
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,21 @@ def private_dir(path: Path) -> None:
     os.chmod(path, 0o700)
 
 
+def unreadable_state(path: Path) -> str:
+    """Why the state file cannot be used ("" when it can, or is absent). JSON only: this runs before the
+    socket is bound, so nothing slow to import (pydantic) may run here."""
+    try:
+        if isinstance(json.loads(path.read_bytes()), dict):
+            return ""
+        problem = "not a JSON object"
+    except FileNotFoundError:
+        return ""
+    except (OSError, ValueError) as err:
+        problem = str(err).splitlines()[0][:200]
+    return (f"{path} cannot be read ({problem}). pyoverlay will not start on it: starting from an empty state "
+            f"would remove this host's networks from the kernel. Restore the file, or move it away to start afresh")
+
+
 def _clear_stale_socket(path: os.PathLike[str] | str) -> None:
     try:
         if stat.S_ISSOCK(os.lstat(path).st_mode):
@@ -96,10 +111,9 @@ def _clear_stale_socket(path: os.PathLike[str] | str) -> None:
 def serve(settings: Settings) -> int:
     private_dir(settings.state_dir)
     settings.socket.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        LocalState(settings.state_dir / "state.json")  # an unreadable state stops us here, before any change
-    except StateUnreadable as err:
-        log.error("%s", err)
+    problem = unreadable_state(settings.state_dir / "state.json")
+    if problem:  # stop here, before anything changes (the worker checks the file fully: LocalState)
+        log.error("%s", problem)
         return 1
     _clear_stale_socket(settings.socket)
     if netns.writable_proc_sys():

@@ -331,7 +331,9 @@ class DockerHost:
             stdin=subprocess.DEVNULL, stdout=open(self.dir / "plugin.log", "ab"), stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        wait_for(f"pyoverlay socket on {self.name}", lambda: self.plugin_sock.exists(), timeout=10, interval=0.05)
+        # Python runs 10-17x slower in the user-mode-linux guest than on a host.
+        wait_for(f"pyoverlay socket on {self.name}", lambda: self.plugin_sock.exists(),
+                 timeout=60 if os.environ.get("PYOVERLAY_IN_UML") else 10, interval=0.05)
 
     def cli(self, *args: str, check: bool = False, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         """`pyoverlay ARGS` on this host, with the environment its plugin runs with (as an operator would)."""
