@@ -1,13 +1,16 @@
 """Remote endpoints from etcd, programmed into each local network's VXLAN device.
 
-Two prefix watches feed one desired state: every endpoint record (IP, MAC, VTEP, host) and every live host
-(a record bound to that host's lease). A remote endpoint is programmed (permanent neighbour + FDB entry,
-nothing left to flooding or learning) when its network exists on this host and its host is alive.
+Two prefix watches feed one desired state: every endpoint record (IP, MAC, VTEP, host) and every host record
+(bound to that host's lease). A remote endpoint is programmed (permanent neighbour + FDB entry, nothing left to
+flooding or learning) when its network exists on this host and its host is known: live, or once live and
+not yet departed. A missed lease (a plugin down, stopped or slow; its kernel keeps forwarding) removes
+nothing: a host's endpoints go when their records go, which happens when the host is declared departed after
+PYOVERLAY_DEAD_HOST_GRACE (plugin/departures.py) or when it removes them itself. Liveness decides what is
+shown and when the grace clock starts, not what is programmed.
 Programming is a diff between desired and programmed, so it is idempotent, batched after a snapshot
 (reconnect, compaction), and removes entries whose endpoint or host went away.
 
-An etcd outage changes nothing here: the watches stop delivering and the kernel keeps what it has. Only a
-host record deleted by a healthy etcd (its lease expired) removes that host's entries.
+An etcd outage changes nothing here either: the watches stop delivering and the kernel keeps what it has.
 """
 
 from __future__ import annotations
@@ -46,14 +49,16 @@ class PeerSync:
         self.host = host
         self._lock = threading.RLock()
         self.endpoints: dict[str, EndpointRecord] = {}    # etcd key -> record
-        self.hosts: dict[str, HostRecord] = {}            # host name -> record
+        self.hosts: dict[str, HostRecord] = {}            # host name -> record, live hosts (lease held)
+        self.known: dict[str, HostRecord] = {}            # the last valid record of every host that is live
+        #                                                   or still has endpoint records (not departed)
         self.programmed: dict[int, dict[str, Peer]] = {}  # vni -> endpoint key -> peer
         self._watches: list[PrefixWatch] = []
         self._background = ThreadPoolExecutor(1, thread_name_prefix="peers")
         self.on_seen_change: Callable[[], None] = lambda: None
         # Endpoints and live hosts changed (the DNS names follow them).
         self.on_change: Callable[[list[EndpointRecord], dict[str, HostRecord]], None] = lambda e, h: None
-        # The live hosts changed (the VTEP filter follows them); only ever called from a synced watch.
+        # The known hosts changed (the VTEP filter follows them); only ever called from a synced watch.
         self.on_hosts: Callable[[dict[str, HostRecord]], None] = lambda h: None
 
     def start(self) -> None:
@@ -76,6 +81,8 @@ class PeerSync:
     def _host_snapshot(self, kvs: list[KV], revision: int) -> None:
         with self._lock:
             self.hosts = {rec.host: rec for rec in HostRecord.load_valid(kvs).values()}
+            self.known.update(self.hosts)
+            self._prune_known()
             self._hosts_changed()
             self.reconcile()
 
@@ -84,26 +91,35 @@ class PeerSync:
             for ev in events:
                 name = Keys.last(ev.key)
                 if ev.kind == "delete":
-                    log.info("host %s left the cluster (lease expired or host stopped)", name)
+                    log.info("host %s: lease expired or host stopped; its endpoints stay programmed until they "
+                             "are removed or it is declared departed", name)
                     self.hosts.pop(name, None)
                     HostRecord.deleted(ev.key)
                 else:
                     try:
-                        self.hosts[name] = HostRecord.load(ev.value, ev.key)
+                        self.hosts[name] = self.known[name] = HostRecord.load(ev.value, ev.key)
                     except InvalidRecord:
                         continue  # noted in the quarantine; the host's last valid record stays
+            self._prune_known()
             self._hosts_changed()
             self.reconcile()
 
+    def _prune_known(self) -> None:
+        """Forget hosts that are neither live nor hold endpoint records (departed, or never had any)."""
+        holding = {ep.host for ep in self.endpoints.values()}
+        for name in [n for n in self.known if n not in self.hosts and n not in holding]:
+            del self.known[name]
+
     def _hosts_changed(self) -> None:
         try:
-            self.on_hosts(dict(self.hosts))
+            self.on_hosts(dict(self.known))
         except Exception:  # noqa: BLE001 - the next change retries
             log.exception("following the live hosts")
 
     def _endpoint_snapshot(self, kvs: list[KV], revision: int) -> None:
         with self._lock:
             self.endpoints = EndpointRecord.load_valid(kvs)
+            self._prune_known()
             self.reconcile()
 
     def _endpoint_events(self, events: list[WatchEvent]) -> None:
@@ -117,6 +133,11 @@ class PeerSync:
                         self.endpoints[ev.key] = EndpointRecord.load(ev.value, ev.key)
                     except InvalidRecord:
                         continue  # noted in the quarantine; the last valid record stays
+            if len(self.known) > len(self.hosts):
+                before = set(self.known)
+                self._prune_known()
+                if set(self.known) != before:
+                    self._hosts_changed()
             self.reconcile()
 
     # -- desired vs programmed --------------------------------------------------------------------------
@@ -129,7 +150,7 @@ class PeerSync:
         want: dict[int, dict[str, Peer]] = {vni: {} for vni in local.values()}
         for key, ep in self.endpoints.items():
             vni = local.get(ep.network_key)
-            host = self.hosts.get(ep.host)
+            host = self.known.get(ep.host)
             # Only through the VTEP its host registered: a record cannot point traffic anywhere else.
             if vni is None or ep.host == self.host or host is None or host.vtep != ep.vtep:
                 continue
@@ -166,11 +187,11 @@ class PeerSync:
             for vni, have in self.programmed.items():
                 metrics.PEERS.labels(str(vni)).set(len(have))
             try:
-                self.on_change(list(self.endpoints.values()), dict(self.hosts))
+                self.on_change(list(self.endpoints.values()), dict(self.known))
             except Exception:  # noqa: BLE001
                 log.exception("updating names")
             try:
-                if self.encryption.sync(dict(self.hosts), self.state.encrypted_vnis()):
+                if self.encryption.sync(dict(self.known), self.state.encrypted_vnis()):
                     self.on_seen_change()  # peers switch their sending on our ack: publish it now
             except Exception as err:  # noqa: BLE001 - retried at the next change; the guard stays closed
                 log.error("programming IPsec: %s", err)

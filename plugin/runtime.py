@@ -93,6 +93,10 @@ class Runtime:
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="runtime", daemon=True)
         self._reconcile_thread = threading.Thread(target=self._reconcile_loop, name="reconciler", daemon=True)
+        # The lease's keepalive alone on a thread of its own: rotation, republishing or a slow etcd call on
+        # the background thread must not let it expire (other hosts would see this one leave).
+        self._lease_thread = threading.Thread(target=self._lease_loop, name="lease", daemon=True)
+        self._lease_lock = threading.Lock()
 
     def start(self) -> None:
         if self.settings.metrics_addr:
@@ -106,10 +110,11 @@ class Runtime:
             metrics.VXLAN_STRANGERS.set_function(lambda: max(0, self.vtep_filter.dropped()) if self.vtep_filter else 0)
         self._thread.start()
         self._reconcile_thread.start()
+        self._lease_thread.start()
 
     def _vteps(self, hosts: dict[str, HostRecord] | None = None) -> set[str]:
-        """VTEPs that may send us VXLAN: every live host's, and ours."""
-        live = self.peers.hosts if hosts is None else hosts
+        """VTEPs that may send us VXLAN: every known host's (live, or not yet departed), and ours."""
+        live = self.peers.known if hosts is None else hosts
         return {h.vtep for h in live.values()} | {self.datapath.underlay().address}
 
     def _hosts_changed(self, hosts: dict[str, HostRecord]) -> None:
@@ -248,11 +253,30 @@ class Runtime:
         if self.peers.synced:  # judge other hosts only from a healthy, current view of etcd
             self.departures.sweep(self.peers.endpoint_hosts())
 
+    def _lease_loop(self) -> None:
+        """Refresh the lease every third of its TTL; an expired one wakes the background work to re-register."""
+        interval = max(1.0, self.settings.lease_ttl / 3)
+        while not self._stop.wait(interval):
+            with self._lease_lock:
+                lease = self.lease
+            if lease is None:
+                continue
+            try:
+                if self.store.refresh(lease) <= 0:
+                    log.warning("lease %x expired; registering again", lease)
+                    with self._lease_lock:
+                        if self.lease == lease:
+                            self.lease = None
+                    self.wake()
+            except StoreError as err:
+                log.debug("lease keepalive postponed: %s", err)
+
     def _keep_registered(self) -> None:
-        """This host's record, bound to a lease that other hosts watch for liveness."""
-        fresh = self.lease is None or self.store.refresh(self.lease) <= 0
-        if fresh:
-            self.lease = self.store.grant(self.settings.lease_ttl)
+        """This host's record, bound to a lease that other hosts watch for liveness (kept alive by _lease_loop)."""
+        with self._lease_lock:
+            fresh = self.lease is None
+            if fresh:
+                self.lease = self.store.grant(self.settings.lease_ttl)
         underlay = self.datapath.underlay()
         record = self.encryption.stamp(HostRecord(host=self.settings.host, vtep=underlay.address,
                                                   port=self.settings.vxlan_port, version=__version__,
