@@ -35,7 +35,7 @@ def rig2() -> Iterator[Rig]:
         rig.up(2, plugin=False)
         for h in rig.hosts:
             h.start_plugin(PYOVERLAY_KEY_ROTATION=str(ROTATION), PYOVERLAY_CLUSTER_SECRET=SECRET,
-                           PYOVERLAY_LEASE_TTL="6", PYOVERLAY_RECONCILE_INTERVAL="3")
+                           PYOVERLAY_LEASE_TTL="6", PYOVERLAY_RECONCILE_INTERVAL="5")
         for h in rig.hosts:
             h.docker("network", "create", *PY, "--opt", "encrypted", "--subnet", "10.50.0.0/24", "enc")
             h.docker("network", "create", *PY, "--subnet", "10.51.0.0/24", "clr")
