@@ -66,6 +66,10 @@ def _reply(body: dict[str, Any], status: int = 200) -> Response:
 def _body() -> bytes:
     """The request body, refused past MAX_BODY (Docker's largest calls are a few KiB)."""
     if (request.content_length or 0) > MAX_BODY:
+        # Read (a bounded amount of) it first, so the caller gets this answer rather than a reset connection.
+        for _ in range(8):
+            if not request.environ["wsgi.input"].read(MAX_BODY):
+                break
         raise InvalidRequest(f"request body of {request.content_length} bytes; pyoverlay takes at most {MAX_BODY}")
     try:
         return request.get_data(cache=False)  # a chunked body is cut at MAX_CONTENT_LENGTH too

@@ -56,13 +56,11 @@ class NameService:
     def _events(self, events: list[WatchEvent]) -> None:
         with self._lock:
             for ev in events:
-                rec = _load(ev.value, ev.key) if ev.kind == "put" else None
                 if ev.kind == "delete":
                     AliasRecord.deleted(ev.key)
-                if rec is None:
                     self.aliases.pop(ev.key, None)
-                else:
-                    self.aliases[ev.key] = rec
+                elif (rec := _load(ev.value, ev.key)) is not None:
+                    self.aliases[ev.key] = rec   # an invalid record changes nothing: the last valid one stays
         self._rebuild()
 
     def current_aliases(self) -> dict[str, AliasRecord]:
