@@ -296,6 +296,9 @@ class HostRecord(Record):
     key_epoch: Epoch | None = None                               # the newest of them
     key_mac: HexMac | None = None    # HMAC of host, vtep and public_keys with PYOVERLAY_CLUSTER_SECRET
     seen: dict[HostName, Epoch] = Field(default_factory=dict, max_length=10000)  # peer -> newest epoch
+    # peer -> nonce of the SAs from that peer to this host, published once their inbound side is installed
+    nonces: dict[HostName, Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]] = Field(
+        default_factory=dict, max_length=10000)
 
     def key_tail(self) -> tuple[str, ...]:
         return (self.host,)

@@ -50,6 +50,7 @@ class Encryption:
         self._hosts: dict[str, HostRecord] = {}     # the live hosts the last sync saw
         self._want_policies: set[Policy] = set()   # the per-peer policies the last sync installed
         self._ready: set[int] = set()   # our epochs whose inbound states are in for every accepted peer
+        self._ready_peers: set[str] = set()  # peers whose inbound states (under our nonce for them) are in
         self._waiting_for: list[str] = []
 
     # -- what this host publishes -----------------------------------------------------------------------
@@ -60,6 +61,7 @@ class Encryption:
         keys = {e: k for e, k in self.keyring.public().items() if e in self._ready}
         record.public_keys = keys
         record.key_epoch = max(keys) if keys else None
+        record.nonces = {p: n for p, n in self.keyring.nonces.items() if p in self._ready_peers}
         record.seen = dict(self.seen)
         record.key_mac = mac_of(self.secret, record.host, record.vtep, keys) if self.secret else None
         return record
@@ -157,19 +159,25 @@ class Encryption:
         with self._lock:
             self.guard(vnis)
             self._hosts = hosts
-            before = (dict(self.seen), set(self._ready))
+            before = (dict(self.seen), set(self._ready), set(self._ready_peers))
             if not vnis:
                 self._clear()
                 self._ready = set(self.keyring.pairs)  # nothing to install before publishing
-                return before != (self.seen, self._ready)
-            fingerprint = (sorted((n, r.vtep, sorted(r.public_keys.items()), r.key_mac, r.seen.get(self.host))
-                                  for n, r in hosts.items()), sorted(self.keyring.pairs), self.vtep())
+                self._ready_peers = set()
+                self.keyring.forget_nonces(set())
+                return before != (self.seen, self._ready, self._ready_peers)
+            fingerprint = (sorted((n, r.vtep, sorted(r.public_keys.items()), r.key_mac, r.seen.get(self.host),
+                                   r.nonces.get(self.host)) for n, r in hosts.items()),
+                           sorted(self.keyring.pairs), self.vtep())
             if fingerprint == self._synced:
                 return False  # nothing that decides states or policies changed
             me = self.vtep()
             want_states: dict[State, SAKey] = {}
             want_policies: set[Policy] = set()
             seen: dict[str, int] = {}
+            # A peer whose inbound side we create from scratch (none in the kernel) gets a fresh nonce.
+            inbound_from = {st.src for st in self.ipsec.states() if st.dst == me}
+            self.keyring.forget_nonces(set(hosts))
             for name, rec in hosts.items():
                 if name == self.host:
                     continue
@@ -182,9 +190,13 @@ class Encryption:
                     self.refused[name] = problem
                     continue
                 self.refused.pop(name, None)
-                for sa in self._peer_states(me, rec, peer_keys):
+                if name not in self.keyring.nonces or rec.vtep not in inbound_from:
+                    self.keyring.new_nonce(name)
+                states = self._peer_states(me, name, rec, peer_keys, want_states)
+                for sa in states:
                     want_states[State(sa.src, sa.dst, sa.spi)] = sa
-                want_policies.add(Policy(me, rec.vtep, self.port))
+                if any(sa.src == me for sa in states):
+                    want_policies.add(Policy(me, rec.vtep, self.port))
                 seen[name] = max(peer_keys)
             failed = self._apply(want_states, want_policies)
             for name, rec in hosts.items():
@@ -198,20 +210,36 @@ class Encryption:
             self._want_policies = want_policies
             self.seen = seen
             self._ready = set(self.keyring.pairs)
+            self._ready_peers = set(seen)
             self._synced = None if failed else fingerprint  # a failed peer is retried at the next sync
-            return before != (self.seen, self._ready)
+            return before != (self.seen, self._ready, self._ready_peers)
 
-    def _peer_states(self, me: str, rec: HostRecord, peer_keys: dict[int, str]) -> list[SAKey]:
-        out = []
+    def _peer_states(self, me: str, name: str, rec: HostRecord, peer_keys: dict[int, str],
+                     taken: dict[State, SAKey]) -> list[SAKey]:
+        """Inbound states for every pair of epochs (under our nonce for this peer, a new one if an SPI
+        collides with another inbound state), and the outbound state once the peer has published its nonce
+        for us (that is, once its inbound side exists)."""
         mine = sorted(self.keyring.pairs)
-        for a in mine:
-            for b, pub in peer_keys.items():
-                out.append(derive(self.keyring.shared(a, pub), rec.vtep, me, b, a, self.key_bits))
+        taken_spis = {st.spi for st in taken if st.dst == me}
+        for _ in range(4):
+            nonce = self.keyring.nonces[name]
+            inbound = [derive(self.keyring.shared(a, pub), rec.vtep, me, b, a, self.key_bits, nonce)
+                       for a in mine for b, pub in peer_keys.items()]
+            spis = [sa.spi for sa in inbound]
+            if len(set(spis)) == len(spis) and not taken_spis & set(spis):
+                break
+            log.warning("host %s: an SPI of its inbound SAs collides with another; deriving them again", name)
+            self.keyring.new_nonce(name)
+        out = inbound
+        theirs = (rec.nonces or {}).get(self.host)
+        if theirs is None:
+            return out  # it has not installed its side for us yet: nothing sent to it (the catch-all blocks)
         # Send with our newest epoch once the peer has its inbound side, else with the one before.
         acked = (rec.seen or {}).get(self.host, 0)
         send = mine[-1] if acked >= mine[-1] or len(mine) == 1 else mine[-2]
         newest = max(peer_keys)
-        out.append(derive(self.keyring.shared(send, peer_keys[newest]), me, rec.vtep, send, newest, self.key_bits))
+        out.append(derive(self.keyring.shared(send, peer_keys[newest]), me, rec.vtep, send, newest, self.key_bits,
+                          theirs))
         return out
 
     def _apply(self, want_states: dict[State, SAKey], want_policies: set[Policy]) -> dict[str, str]:

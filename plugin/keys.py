@@ -13,9 +13,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import json
 import logging
 import os
 import re
+import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,7 @@ log = logging.getLogger(__name__)
 KEEP_EPOCHS = 2        # the current key pair and the one before it (in-flight packets, slow peers)
 GCM_SALT = 4           # rfc4106: 4 bytes of salt follow the AES key
 SPI_MIN = 0x1000       # below this SPIs are reserved or conventional
+NONCE = re.compile(r"^[0-9a-f]{32}$")
 
 
 def _b64(raw: bytes) -> str:
@@ -49,9 +52,12 @@ class SAKey:
     dst_epoch: int
 
 
-def derive(shared: bytes, src: str, dst: str, src_epoch: int, dst_epoch: int, key_bits: int) -> SAKey:
-    """The ESP key and SPI of one direction (src -> dst) for one pair of epochs."""
-    info = f"pyoverlay esp v1|{src}>{dst}|{src_epoch}>{dst_epoch}|aes{key_bits}".encode()
+def derive(shared: bytes, src: str, dst: str, src_epoch: int, dst_epoch: int, key_bits: int,
+           nonce: str = "") -> SAKey:
+    """The ESP key and SPI of one direction (src -> dst) for one pair of epochs, under the receiver's nonce
+    for that sender (a fresh one whenever the receiver creates its inbound side from scratch, so an SA
+    removed and made again never comes back the same, with a fresh replay window)."""
+    info = f"pyoverlay esp v2|{src}>{dst}|{src_epoch}>{dst_epoch}|aes{key_bits}|{nonce}".encode()
     out = HKDF(algorithm=hashes.SHA256(), length=key_bits // 8 + GCM_SALT + 4, salt=b"pyoverlay/v1",
                info=info).derive(shared)
     spi = int.from_bytes(out[:4], "big")
@@ -85,6 +91,7 @@ class KeyRing:
         self.directory = directory
         self.pairs: dict[int, X25519PrivateKey] = {}
         self._load()
+        self.nonces: dict[str, str] = self._load_nonces()   # peer -> nonce of the SAs from it to us
 
     def _load(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -138,6 +145,33 @@ class KeyRing:
     def public(self) -> dict[int, str]:
         """epoch -> base64 public key, for the host record."""
         return {e: _b64(public_bytes(k.public_key())) for e, k in sorted(self.pairs.items())}
+
+    def _load_nonces(self) -> dict[str, str]:
+        try:
+            raw = json.loads((self.directory / "nonces.json").read_text())
+            return {str(k): str(v) for k, v in raw.items() if NONCE.match(str(v))}
+        except (OSError, ValueError, AttributeError):
+            return {}
+
+    def _save_nonces(self) -> None:
+        path = self.directory / "nonces.json"
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.nonces, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def new_nonce(self, peer: str) -> str:
+        self.nonces[peer] = secrets.token_hex(16)
+        self._save_nonces()
+        return self.nonces[peer]
+
+    def forget_nonces(self, keep: set[str]) -> None:
+        if set(self.nonces) - keep:
+            self.nonces = {p: n for p, n in self.nonces.items() if p in keep}
+            self._save_nonces()
 
     def shared(self, epoch: int, peer_public_b64: str) -> bytes:
         peer = X25519PublicKey.from_public_bytes(base64.b64decode(peer_public_b64))

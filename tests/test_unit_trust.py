@@ -313,7 +313,7 @@ def test_one_bad_peer_affects_only_itself_and_keys_are_published_once_installed(
     def peer(name: str, vtep: str) -> HostRecord:
         ring = KeyRing(tmp_path / name)
         return HostRecord(host=name, vtep=vtep, port=4800, version="t", started=0.0, public_keys=ring.public(),
-                          key_epoch=ring.epoch)
+                          key_epoch=ring.epoch, nonces={"h1": "ab" * 16})  # their side for us is in
 
     hosts = {"h2": peer("h2", "10.0.0.2"), "h3": peer("h3", "10.0.0.3")}
     assert enc.sync(hosts, {5000: "k"}) is True
@@ -326,3 +326,65 @@ def test_one_bad_peer_affects_only_itself_and_keys_are_published_once_installed(
     assert max(enc.stamp(record).public_keys) < enc.keyring.epoch
     enc.sync(hosts, {5000: "k"})
     assert max(enc.stamp(record).public_keys) == enc.keyring.epoch
+
+
+def _host(enc, name: str, vtep: str) -> HostRecord:  # type: ignore[no-untyped-def]
+    return enc.stamp(HostRecord(host=name, vtep=vtep, port=4800, version="t", started=0.0))
+
+
+def test_both_ends_derive_the_same_sa_and_a_returning_peer_never_gets_an_old_one(tmp_path: Path) -> None:
+    from plugin.encryption import Encryption
+    from plugin.keys import KeyRing
+
+    k1, k2 = FakeIPsec(broken="-"), FakeIPsec(broken="-")
+    e1 = Encryption(KeyRing(tmp_path / "h1"), k1, "h1", lambda: "10.0.0.1", 4801, None, 60, 128)  # type: ignore[arg-type]
+    e2 = Encryption(KeyRing(tmp_path / "h2"), k2, "h2", lambda: "10.0.0.2", 4801, None, 60, 128)  # type: ignore[arg-type]
+    vnis = {5000: "k"}
+
+    def exchange() -> None:
+        for _ in range(3):  # keys, then each side's nonce for the other, then acks
+            e1.sync({"h2": _host(e2, "h2", "10.0.0.2")}, vnis)
+            e2.sync({"h1": _host(e1, "h1", "10.0.0.1")}, vnis)
+
+    e1.sync({}, vnis)
+    e2.sync({}, vnis)
+    exchange()
+    out1 = {st for st in k1.st if st.src == "10.0.0.1"}
+    in2 = {st for st in k2.st if st.src == "10.0.0.1"}
+    assert out1 and out1 <= in2, "h1 sends with an SA that h2 has as inbound"
+    assert {st for st in k2.st if st.src == "10.0.0.2"} <= {st for st in k1.st if st.src == "10.0.0.2"}
+    before = {st.spi for st in k1.st if st.dst == "10.0.0.1"}
+    # h2 departs: h1 removes everything of it. It returns with the same key pairs: h1 makes its inbound side
+    # afresh under a new nonce, so no SA (and no replay window) comes back the same.
+    e1.sync({}, vnis)
+    assert not k1.st
+    exchange()
+    after = {st.spi for st in k1.st if st.dst == "10.0.0.1"}
+    assert after and not before & after
+    out1 = {st for st in k1.st if st.src == "10.0.0.1"}
+    assert out1 and out1 <= {st for st in k2.st if st.src == "10.0.0.1"}
+
+
+def test_an_spi_collision_is_derived_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    from plugin import encryption as enc_mod
+    from plugin.encryption import Encryption
+    from plugin.keys import KeyRing, derive
+
+    calls = {"n": 0}
+
+    def colliding(*args: Any, **kwargs: Any) -> SAKey:
+        sa = derive(*args, **kwargs)
+        calls["n"] += 1
+        return SAKey(0x4444, sa.key, sa.src, sa.dst, sa.src_epoch, sa.dst_epoch) if calls["n"] <= 2 else sa
+
+    monkeypatch.setattr(enc_mod, "derive", colliding)
+    fake = FakeIPsec(broken="-")
+    e1 = Encryption(KeyRing(tmp_path / "h1"), fake, "h1", lambda: "10.0.0.1", 4801, None, 60, 128)  # type: ignore[arg-type]
+    e1.keyring.rotate()  # two epochs: two inbound states per peer epoch
+    ring = KeyRing(tmp_path / "h2")
+    rec = HostRecord(host="h2", vtep="10.0.0.2", port=4800, version="t", started=0.0, public_keys=ring.public())
+    e1.sync({"h2": rec}, {5000: "k"})
+    spis = [st.spi for st in fake.st if st.dst == "10.0.0.1"]
+    assert len(spis) == len(set(spis)) == 2, "both inbound states installed, with distinct SPIs"
+    assert "collides" in caplog.text and calls["n"] >= 4, "the colliding pair was derived again under a new nonce"
