@@ -54,6 +54,9 @@ class PeerSync:
         #                                                   or still has endpoint records (not departed)
         self.programmed: dict[int, dict[str, Peer]] = {}  # vni -> endpoint key -> peer
         self._watches: list[PrefixWatch] = []
+        # Which snapshots have arrived ("hosts", "endpoints"). Nothing is programmed, removed or pruned on half
+        # a view: at a restart, hosts without their endpoints would look like peers to remove.
+        self._views: set[str] = set()
         self._background = ThreadPoolExecutor(1, thread_name_prefix="peers")
         self.on_seen_change: Callable[[], None] = lambda: None
         # Endpoints and live hosts changed (the DNS names follow them).
@@ -82,6 +85,7 @@ class PeerSync:
         with self._lock:
             self.hosts = {rec.host: rec for rec in HostRecord.load_valid(kvs).values()}
             self.known.update(self.hosts)
+            self._views.add("hosts")
             self._prune_known()
             self._hosts_changed()
             self.reconcile()
@@ -104,13 +108,20 @@ class PeerSync:
             self._hosts_changed()
             self.reconcile()
 
+    def _whole_view(self) -> bool:
+        return len(self._views) == 2
+
     def _prune_known(self) -> None:
         """Forget hosts that are neither live nor hold endpoint records (departed, or never had any)."""
+        if not self._whole_view():
+            return
         holding = {ep.host for ep in self.endpoints.values()}
         for name in [n for n in self.known if n not in self.hosts and n not in holding]:
             del self.known[name]
 
     def _hosts_changed(self) -> None:
+        if not self._whole_view():
+            return
         try:
             self.on_hosts(dict(self.known))
         except Exception:  # noqa: BLE001 - the next change retries
@@ -119,7 +130,9 @@ class PeerSync:
     def _endpoint_snapshot(self, kvs: list[KV], revision: int) -> None:
         with self._lock:
             self.endpoints = EndpointRecord.load_valid(kvs)
+            self._views.add("endpoints")
             self._prune_known()
+            self._hosts_changed()
             self.reconcile()
 
     def _endpoint_events(self, events: list[WatchEvent]) -> None:
@@ -162,6 +175,8 @@ class PeerSync:
     def reconcile(self) -> None:
         """Program the difference between what should be and what is (safe to call any time)."""
         with self._lock:
+            if not self._whole_view():
+                return  # the kernel keeps what it has until both watches have delivered their snapshot
             want = self.desired()
             for vni in set(self.programmed) - set(want):
                 self.programmed.pop(vni, None)  # network gone here: its namespace took the entries along
