@@ -13,7 +13,7 @@ import pytest
 
 from ipam.allocator import DefaultPools, Ipam
 from kvstore import EtcdConfig, Keys, KVStore, StoreUnavailable, Txn
-from plugin.errors import Conflict, NotFound
+from plugin.errors import Conflict, NotFound, PluginError
 from tests.rig import Etcd
 
 pytestmark = pytest.mark.etcd
@@ -44,6 +44,23 @@ def test_create_if_absent_and_compare_and_swap(store: KVStore, keys: Keys) -> No
     assert not store.swap(k, b"4", kv.mod_revision), "a stale revision must not win"
     assert not store.commit(Txn().absent(k).put(keys.vni(1), b"x"))
     assert store.get(keys.vni(1)) is None
+    # A create retried after its first try committed (the answer lost) finds its own value: created, not taken.
+    k2 = keys.network("retried")
+    assert store.create(k2, b'{"request": "r1"}')
+    assert store.create(k2, b'{"request": "r1"}')
+    assert not store.create(k2, b'{"request": "r2"}')
+
+
+def test_a_retried_address_request_never_leaks_or_doubles(store: KVStore, keys: Keys) -> None:
+    """Each allocation carries a request id: two requests for one address stay two requests."""
+    a = ipam(store, keys, "a")
+    pid = a.request_pool("10.91.0.0/24", "", {}, False)["PoolID"]
+    first = a.request_address(pid, "10.91.0.7", {})["Address"]
+    with pytest.raises(PluginError, match="already in use"):
+        a.request_address(pid, "10.91.0.7", {})  # the same host, the same address, another request
+    assert first == "10.91.0.7/24"
+    held = json.loads(store.get(keys.addr(pid, "10.91.0.7")).value)  # type: ignore[union-attr]
+    assert len(held["request"]) == 32
 
 
 def test_failover_to_a_second_endpoint(etcd_server: Etcd, keys: Keys) -> None:
@@ -200,6 +217,8 @@ def test_aux_addresses_are_shared(store: KVStore, keys: Keys) -> None:
     a.request_address(pid, "10.90.0.200", {})
     a.mark_reserved(pid, ["10.90.0.200/24"])
     b.request_address(pid, "10.90.0.200", {})  # host b defines the same network: a claim, not a clash
+    with pytest.raises(PluginError, match="reserved by the network"):
+        b.request_address(pid, "10.90.0.200", {})  # b has reserved it: now a container's --ip
     a.release_address(pid, "10.90.0.200")
     assert store.get(keys.addr(pid, "10.90.0.200")) is not None
     b.release_address(pid, "10.90.0.200")
