@@ -165,8 +165,11 @@ def test_rotation_under_ping_and_tcp_loses_nothing(rig2: Rig) -> None:
     target = reachable(rig2, "enc")
 
     def epochs() -> list[int]:
-        return [int(rig2.etcd.get_json(f"{rig2.etcd_prefix}/hosts/{h.name}")["key_epoch"])  # type: ignore[index]
-                for h in rig2.hosts]
+        # A host's record may be missing for a moment (a lease lapsing in the slow guest; it costs no traffic):
+        # read it once it is there.
+        recs = [wait_for(f"{h.name}'s record", lambda h=h: rig2.etcd.get_json(f"{rig2.etcd_prefix}/hosts/{h.name}"),
+                         timeout=30) for h in rig2.hosts]
+        return [int(r["key_epoch"]) for r in recs]
 
     before = epochs()
     h2.exec("e-h2", "sh", "-c", "mkdir -p /tmp/www && dd if=/dev/urandom of=/tmp/www/big bs=65536 count=80")
