@@ -16,8 +16,7 @@ Cmd = dict[str, Any]
 
 def run(commands: list[Cmd], check_only: bool = False) -> subprocess.CompletedProcess[str]:
     """One atomic nft transaction of these commands."""
-    # /proc/self/fd/0 rather than "-": nft opens /dev/stdin for "-", which a minimal /dev may lack.
-    args = ["nft", "-j", *(["-c"] if check_only else []), "-f", "/proc/self/fd/0"]
+    args = ["nft", "-j", *(["-c"] if check_only else []), "-f", "-"]
     return subprocess.run(args, input=json.dumps({"nftables": commands}), capture_output=True, text=True,
                           timeout=10, check=False)
 
