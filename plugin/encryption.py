@@ -176,7 +176,8 @@ class Encryption:
             want_policies: set[Policy] = set()
             seen: dict[str, int] = {}
             # A peer whose inbound side we create from scratch (none in the kernel) gets a fresh nonce.
-            inbound_from = {st.src for st in self.ipsec.states() if st.dst == me}
+            have_states = set(self.ipsec.states())  # one read per sync, for the nonces and the diff
+            inbound_from = {st.src for st in have_states if st.dst == me}
             self.keyring.forget_nonces(set(hosts))
             for name, rec in hosts.items():
                 if name == self.host:
@@ -198,7 +199,7 @@ class Encryption:
                 if any(sa.src == me for sa in states):
                     want_policies.add(Policy(me, rec.vtep, self.port))
                 seen[name] = max(peer_keys)
-            failed = self._apply(want_states, want_policies)
+            failed = self._apply(want_states, want_policies, have_states)
             for name, rec in hosts.items():
                 if rec.vtep in failed:
                     # Only this peer is affected: its encrypted traffic is blocked (catch-all), the others go on.
@@ -242,10 +243,10 @@ class Encryption:
                           theirs))
         return out
 
-    def _apply(self, want_states: dict[State, SAKey], want_policies: set[Policy]) -> dict[str, str]:
+    def _apply(self, want_states: dict[State, SAKey], want_policies: set[Policy],
+               have_states: set[State]) -> dict[str, str]:
         """Program states and policies; returns peer VTEP -> what failed for it (nothing else stops)."""
         self._clean = False
-        have_states = set(self.ipsec.states())
         have_policies = set(self.ipsec.policies())
         add = [sa for st, sa in want_states.items() if st not in have_states]
         gone = sorted(have_states - set(want_states), key=lambda st: (st.src, st.dst, st.spi))
@@ -255,7 +256,7 @@ class Encryption:
                                     sorted(have_policies - want_policies, key=str), gone)
         failed = {(dst if src == me else src): why for src, dst, why in failures}
         for sa in add:
-            if sa.src == self.vtep():
+            if sa.src == me:
                 log.info("sending to %s with epochs %d>%d (spi %#x)", sa.dst, sa.src_epoch, sa.dst_epoch, sa.spi)
         if gone:
             log.info("removed %d ESP states: %s", len(gone), ", ".join(f"{s.src}>{s.dst} {s.spi:#x}" for s in gone))

@@ -216,8 +216,7 @@ class IPsec:
                 return False
             res = run(["iptables", "-w", "-t", "mangle", "-S", CHAIN_MARK])
             have = {int(m) for m in re.findall(r"pyoverlay:enc:vni(\d+)", res.stdout)}
-            return have == {int(v) for v in vnis} and bool(run(["iptables", "-w", "-S", CHAIN_OUT]).stdout.count(
-                "-j DROP"))
+            return have == {int(v) for v in vnis} and "-j DROP" in run(["iptables", "-w", "-S", CHAIN_OUT]).stdout
         table = nftjson.listing("table", "ip", TABLE)
         notes = {r["rule"].get("comment", "") for r in table if "rule" in r}
         want = {f"pyoverlay:enc:vni{int(v)}" for v in vnis} | {"pyoverlay: no SA, never clear text"}
