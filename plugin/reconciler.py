@@ -70,6 +70,7 @@ class Reconciler:
         self.vteps = vteps
         self.grace = grace
         self.encryption = encryption
+        self._guard_down: set[int] = set()   # encrypted VNIs whose VXLAN this reconciler took down
         self._suspects: dict[Garbage, float] = {}
         self._lock = threading.Lock()  # one pass at a time (periodic and `pyoverlay gc`)
         self.last: dict[str, Any] = {}
@@ -78,30 +79,36 @@ class Reconciler:
 
     def repair_guard(self) -> list[str]:
         """Encrypted networks fail closed: while any part of the guard is missing their VXLAN devices are down;
-        the guard is put back, checked, and only then are they up again (and their peers re-programmed)."""
+        the guard and the peers' policies are put back, checked, and only then are they up again (and their
+        peers re-programmed). Devices taken down are remembered, so a later pass brings them up."""
         missing = self.encryption.guard_missing()
-        if not missing:
+        if missing:
+            vnis = sorted(self.encryption.vnis)
+            log.error("encryption guard: %s missing (a firewall reload?); VXLAN of encrypted networks %s down "
+                      "until it is back", ", ".join(missing), vnis)
+            metrics.GUARD_LOST.inc()
+            for vni in vnis:
+                self.datapath.set_vxlan_up(vni, False)
+            self._guard_down.update(vnis)
+            try:
+                self.encryption.repair_guard()
+                self.peers.reconcile()  # per-peer policies and states come back with a sync
+            except Exception as err:  # noqa: BLE001 - they stay down; retried next pass
+                log.error("encryption guard: could not re-install it (%s); encrypted networks stay down", err)
+                return [f"encryption guard missing ({', '.join(missing)}); re-installing failed: {err}"]
+            still = self.encryption.guard_missing()
+            if still:
+                return [f"encryption guard still missing after re-installing: {', '.join(still)}"]
+        if not self._guard_down:
             return []
-        vnis = sorted(self.encryption.vnis)
-        log.error("encryption guard: %s missing (a firewall reload?); VXLAN of encrypted networks %s down "
-                  "until it is back", ", ".join(missing), vnis)
-        metrics.GUARD_LOST.inc()
-        for vni in vnis:
-            self.datapath.set_vxlan_up(vni, False)
-        try:
-            self.encryption.repair_guard()
-        except Exception as err:  # noqa: BLE001 - they stay down; retried next pass
-            log.error("encryption guard: could not re-install it (%s); encrypted networks stay down", err)
-            return [f"encryption guard missing ({', '.join(missing)}); re-installing failed: {err}"]
-        still = self.encryption.guard_missing()
-        if still:
-            return [f"encryption guard still missing after re-installing: {', '.join(still)}"]
-        for vni in vnis:
+        for vni in sorted(self._guard_down):
             self.datapath.set_vxlan_up(vni, True)
-        self.peers.reconcile()  # a device taken down loses its neighbour entries; states and policies again
-        self.peers.verify_kernel()
+        self._guard_down.clear()
+        self.peers.reconcile()
+        self.peers.verify_kernel()  # a device taken down lost its neighbour entries
         metrics.RECONCILE_REPAIRS.labels("encryption-guard").inc()
-        return [f"encryption guard re-installed ({', '.join(missing)} had gone); encrypted networks up again"]
+        gone = f" ({', '.join(missing)} had gone)" if missing else ""
+        return [f"encryption guard re-installed{gone}; encrypted networks up again"]
 
     def repair(self) -> list[str]:
         done = self.repair_guard()
