@@ -388,3 +388,54 @@ def test_an_spi_collision_is_derived_again(tmp_path: Path, monkeypatch: pytest.M
     spis = [st.spi for st in fake.st if st.dst == "10.0.0.1"]
     assert len(spis) == len(set(spis)) == 2, "both inbound states installed, with distinct SPIs"
     assert "collides" in caplog.text and calls["n"] >= 4, "the colliding pair was derived again under a new nonce"
+
+
+def test_guard_repair_keeps_encrypted_vxlan_down_until_everything_is_back_then_up() -> None:
+    from plugin.reconciler import Reconciler
+
+    class Enc:
+        vnis = {5000: "k"}
+
+        def __init__(self) -> None:
+            self.missing = ["the xfrm catch-all policies", "per-peer xfrm policies"]
+            self.repaired = 0
+
+        def guard_missing(self) -> list[str]:
+            return list(self.missing)
+
+        def repair_guard(self) -> None:
+            self.repaired += 1
+            self.missing = ["per-peer xfrm policies"]  # catch-alls back; the policies need a sync
+
+    class Peers:
+        def __init__(self, enc: Enc) -> None:
+            self.enc, self.synced_policies = enc, 0
+
+        def reconcile(self) -> None:
+            self.enc.missing = []   # a sync puts the per-peer policies back
+            self.synced_policies += 1
+
+        def verify_kernel(self) -> list[int]:
+            return []
+
+    class Path:
+        def __init__(self) -> None:
+            self.up: dict[int, bool] = {}
+
+        def set_vxlan_up(self, vni: int, up: bool) -> bool:
+            self.up[vni] = up
+            return True
+
+    r = Reconciler.__new__(Reconciler)
+    enc, path = Enc(), Path()
+    r.encryption, r.datapath, r.peers, r._guard_down = enc, path, Peers(enc), set()  # type: ignore[assignment]
+    done = r.repair_guard()
+    assert path.up == {5000: True} and enc.repaired == 1 and "up again" in done[0]
+    # Something a sync cannot repair: the devices stay down, and come up at the first pass that finds it back.
+    enc.missing = ["the iptables guard"]
+    enc.repair_guard = lambda: None  # type: ignore[method-assign]
+    r.peers.reconcile = lambda: None  # type: ignore[method-assign]
+    assert "still missing" in r.repair_guard()[0] and path.up == {5000: False}
+    enc.missing = []
+    assert "up again" in r.repair_guard()[0] and path.up == {5000: True}
+    assert r.repair_guard() == []
