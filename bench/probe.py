@@ -1,7 +1,9 @@
 """ICMP echo every 10 ms until the target answers; prints the CLOCK_MONOTONIC time of the first reply.
 
 Run inside a container's network namespace (nsenter -n); prints "ready" once its socket is open, then
-either the time of the first reply or "timeout". Standard library only.
+either the time of the first reply or "timeout". With `go` as third argument it waits for a line on stdin
+before the first echo (a prober that starts the moment `docker run` returns, with no start-up cost).
+Standard library only.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ def main() -> int:
     ident = os.getpid() & 0xFFFF
     sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
     print("ready", flush=True)
+    if sys.argv[3:4] == ["go"]:
+        sys.stdin.readline()
     deadline = time.monotonic() + limit
     seq = 0
     while time.monotonic() < deadline:

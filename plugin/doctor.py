@@ -70,21 +70,20 @@ def check_ipsec(encrypted_networks: int) -> Finding:
                    "or use networks without --opt encrypted")
 
 
-def check_nftables(vtep_filter: VtepFilter | None, networks: int) -> Finding:
-    res = _run("nft", "list", "tables")
-    if res.returncode != 0:
-        return Finding("nftables", "fail", f"nft does not work here: {(res.stderr or res.stdout).strip()[:200]}",
-                       "install nftables (apt-get install nftables) and load nf_tables; the VXLAN filter and "
-                       "the encryption guard need it")
+def check_vtep_filter(vtep_filter: VtepFilter | None, networks: int) -> Finding:
+    name = "VTEP filter"
     if vtep_filter is None:
-        return Finding("nftables", "warn", "the filter of registered VTEPs is off (PYOVERLAY_VTEP_FILTER=false): "
+        return Finding(name, "warn", "the filter of registered VTEPs is off (PYOVERLAY_VTEP_FILTER=false): "
                        "anyone who reaches the VXLAN port can inject frames", "unset PYOVERLAY_VTEP_FILTER")
+    if vtep_filter.backend() is None:
+        return Finding(name, "fail", "neither nftables (ip family) nor ipset + iptables works here",
+                       "install nftables (apt-get install nftables) and load nf_tables, or ipset and iptables")
     if networks and not vtep_filter.present():
-        return Finding("nftables", "fail", "the filter of registered VTEPs is not installed"
+        return Finding(name, "fail", "the filter of registered VTEPs is not installed"
                        + (f": {vtep_filter.error}" if vtep_filter.error else ""),
                        "check the plugin log; the reconciler re-installs it once etcd's host list is read")
     dropped = vtep_filter.dropped()
-    return Finding("nftables", "ok", "nftables works" + (
+    return Finding(name, "ok", f"{vtep_filter.describe()} works" + (
         f"; VXLAN accepted only from registered hosts ({dropped} datagrams from others dropped)" if dropped >= 0
         else ""))
 
@@ -236,7 +235,7 @@ def run_all(settings: Settings, store: KVStore | None, datapath: DataPath, state
     findings = [
         check_vxlan(),
         check_ipsec(sum(1 for n in networks if n.record.encrypted)),
-        check_nftables(vtep_filter, len(networks)),
+        check_vtep_filter(vtep_filter, len(networks)),
         check_mtu(datapath, state),
         check_port(datapath, settings.vxlan_port),
         check_etcd(store, settings),

@@ -163,6 +163,7 @@ class Runtime:
                      "waiting_for": enc.lagging(), "refused": dict(enc.refused)},
             "vtep_filter": None if self.vtep_filter is None else {
                 "present": self.vtep_filter.present(), "dropped": self.vtep_filter.dropped(),
+                "backend": self.vtep_filter.describe(),
                 "error": self.vtep_filter.error, "vteps": sorted(self._vteps())},
             "reconcile": {k: self.reconciler.last.get(k) for k in ("removed", "repaired", "waiting", "etcd")},
             "live_hosts": sorted(self.peers.hosts),

@@ -35,6 +35,8 @@ PREFIX = "pyt"                       # every namespace and link the rig makes st
 UNDERLAY_NET = "10.99.0"             # hosts get .1 .. .N, the underlay bridge .254, the root leg .250
 UNDERLAY_MTU = 1400                  # as on this machine's eth0: catches MTU mistakes
 IMAGE = "bb:local"
+# Daemons start 10-17x slower in the user-mode-linux guest than on a host: its waits stretch by this.
+SLOW = 6 if os.environ.get("PYOVERLAY_IN_UML") else 1
 MANAGED = "pyoverlay:latest"         # the managed plugin as `make plugin` creates it
 
 
@@ -297,8 +299,13 @@ class DockerHost:
         env = {**os.environ, "DOCKER_SERVICE_PREFER_OFFLINE_IMAGE": "1"}
         self.dockerd = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=open(self.dir / "dockerd.log", "ab"),
                                         stderr=subprocess.STDOUT, start_new_session=True, env=env)
-        wait_for(f"dockerd on {self.name}", lambda: self.docker("info", check=False, timeout=5).returncode == 0,
-                 timeout=60, interval=0.2)
+        try:
+            wait_for(f"dockerd on {self.name}",
+                     lambda: self.docker("info", check=False, timeout=5 * SLOW).returncode == 0,
+                     timeout=60 * SLOW, interval=0.2)
+        except TimeoutError:
+            print(f"--- {self.name} dockerd log (tail)\n{self.dockerd_log()[-4000:]}")
+            raise
         self.iptables("-P", "FORWARD", self.forward_policy)
         if self.docker("image", "inspect", IMAGE, check=False).returncode != 0:
             tar = busybox_tarball(self.rig.workdir)
@@ -331,9 +338,11 @@ class DockerHost:
             stdin=subprocess.DEVNULL, stdout=open(self.dir / "plugin.log", "ab"), stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        # Python runs 10-17x slower in the user-mode-linux guest than on a host.
-        wait_for(f"pyoverlay socket on {self.name}", lambda: self.plugin_sock.exists(),
-                 timeout=60 if os.environ.get("PYOVERLAY_IN_UML") else 10, interval=0.05)
+        plugin = self.plugin
+        wait_for(f"pyoverlay socket on {self.name}", lambda: self.plugin_sock.exists() or plugin.poll() is not None,
+                 timeout=10 * SLOW, interval=0.05)
+        if plugin.poll() is not None:
+            raise RuntimeError(f"pyoverlay on {self.name} exited ({plugin.returncode}): {self.plugin_log()[-2000:]}")
 
     def cli(self, *args: str, check: bool = False, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         """`pyoverlay ARGS` on this host, with the environment its plugin runs with (as an operator would)."""

@@ -84,7 +84,7 @@ def test_status_inspect_doctor_and_metrics_say_what_is_there(rig3: Rig, cleanup)
     assert "no pyoverlay network" in h3.cli("inspect", "nonesuch").stderr
 
     found = {f["check"]: f for f in h1.cli_json("doctor")}
-    for check in ("kernel: vxlan", "underlay MTU", "VXLAN port", "etcd", "docker_gwbridge", "FORWARD", "nftables",
+    for check in ("kernel: vxlan", "underlay MTU", "VXLAN port", "etcd", "docker_gwbridge", "FORWARD", "VTEP filter",
                   "peers"):
         assert found[check]["status"] == "ok", found[check]
     # The ARP table is the machine's: ok, or a warning that names the sysctl to raise.
@@ -229,12 +229,12 @@ def test_forged_vxlan_from_an_unregistered_address_is_dropped(rig3: Rig, cleanup
         assert vxlan_rx(h1, vni) == before, "no forged frame reached the network"
         assert h1.cli_json("status")["vtep_filter"]["dropped"] >= dropped + 20
         # The control: the same datagrams from an address in the set do arrive (the test can fail).
-        h1.ns("nft", "add", "element", "inet", "pyoverlay_vtep", "vteps4", f"{{ {stranger_ip} }}")
+        h1.ns("nft", "add", "element", "ip", "pyoverlay_vtep", "vteps", f"{{ {stranger_ip} }}")
         try:
             sh("ip", "netns", "exec", ns, "python3", "-c", send)
             wait_for("accepted from a registered address", lambda: vxlan_rx(h1, vni) >= before + 20, timeout=5)
         finally:
-            h1.ns("nft", "delete", "element", "inet", "pyoverlay_vtep", "vteps4", f"{{ {stranger_ip} }}")
+            h1.ns("nft", "delete", "element", "ip", "pyoverlay_vtep", "vteps", f"{{ {stranger_ip} }}")
     assert h1.metrics()["pyoverlay_vxlan_dropped_unregistered_total"] >= 20
 
 

@@ -6,19 +6,25 @@ iptables mean iptables-legacy (dockerd's NAT needs it; the UML kernel has no nft
 from the repository directory, and hands its output and exit status back through a writable hostfs
 directory. The exit status of this script is the command's.
 
+Through the same directory a guest test can ask for a CPU hog on every core of the host (`host_cpu_hog()`):
+the guest's kernel then competes for the CPU as it would on a busy machine.
+
     python -m tests.uml [--mem 3G] [--timeout 1500] -- .venv/bin/python -m pytest tests/test_ipsec.py
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,7 +36,8 @@ LOAD = ["veth", "bridge", "br_netfilter", "vxlan", "esp4", "xfrm_user", "xfrm4_t
         "nft_compat", "nft_ct", "nft_xfrm", "nf_conntrack", "nf_nat", "iptable_nat", "iptable_filter",
         "iptable_mangle", "ip6table_filter", "ip6table_nat", "xt_conntrack", "xt_MASQUERADE", "xt_addrtype",
         "xt_nat", "xt_mark", "xt_comment", "xt_tcpudp", "xt_multiport", "xt_policy", "xt_u32", "ipt_REJECT",
-        "overlay", "tun", "dummy", "nf_reject_ipv4", "nft_reject_inet", "nft_fib_inet", "nft_masq"]
+        "overlay", "tun", "dummy", "nf_reject_ipv4", "nft_reject_inet", "nft_fib_inet", "nft_masq", "ip_set",
+        "ip_set_hash_ip", "xt_set"]
 
 INIT = """#!/bin/sh
 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
@@ -64,7 +71,9 @@ ln -sf /usr/sbin/iptables-legacy /run/uml-bin/iptables
 ln -sf /usr/sbin/ip6tables-legacy /run/uml-bin/ip6tables
 ln -sf /usr/sbin/iptables-legacy-save /run/uml-bin/iptables-save
 ln -sf /usr/sbin/iptables-legacy-restore /run/uml-bin/iptables-restore
-export PATH=/run/uml-bin:$PATH HOME=/tmp PYTHONDONTWRITEBYTECODE=1 PYOVERLAY_IN_UML=1
+ln -sf /usr/sbin/ip6tables-legacy-save /run/uml-bin/ip6tables-save
+ln -sf /usr/sbin/ip6tables-legacy-restore /run/uml-bin/ip6tables-restore
+export PATH=/run/uml-bin:$PATH HOME=/tmp PYTHONDONTWRITEBYTECODE=1 PYOVERLAY_IN_UML=1 PYOVERLAY_UML_OUT={out}
 hostname uml
 ip link set lo up
 sysctl -qw net.ipv4.ip_forward=1
@@ -107,12 +116,18 @@ def run(command: list[str], mem: str = "3G", timeout: float = 1500, env: dict[st
     args = [KERNEL, f"mem={mem}", "root=/dev/root", "rootfstype=hostfs", "rootflags=/", "ro", f"init={init}",
             "con=null", "con0=null,fd:1", "quiet"]
     began = time.monotonic()
+    done = threading.Event()
+    hogs = threading.Thread(target=_serve_hog_requests, args=(out, done), daemon=True)
+    hogs.start()
     try:
         guest = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
                                env={**os.environ, "TMPDIR": str(work)}, check=False)
     except subprocess.TimeoutExpired:
         subprocess.run(["pkill", "-KILL", "-f", str(init)], check=False)
         return 124, f"guest did not finish within {timeout}s\n" + _read(out / "log")
+    finally:
+        done.set()
+        hogs.join()
     rc_text = _read(out / "rc").strip()
     log = _read(out / "log")
     if stream:
@@ -122,6 +137,54 @@ def run(command: list[str], mem: str = "3G", timeout: float = 1500, env: dict[st
         return 125, f"guest ended without a result after {took:.0f}s\nconsole:\n{guest.stdout[-4000:]}\n{log}"
     shutil.rmtree(work, ignore_errors=True)
     return int(rc_text), log
+
+
+def _serve_hog_requests(out: Path, done: threading.Event) -> None:
+    """While the guest runs: a busy loop on every host core for as long as the file `hog` exists in out;
+    `hog.running` says so (with the hogs' pids) to the guest."""
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        while not done.wait(0.2):
+            wanted = (out / "hog").exists()
+            if wanted and not procs:
+                procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True)
+                         for _ in range(os.cpu_count() or 1)]
+                (out / "hog.running").write_text(" ".join(str(p.pid) for p in procs))
+            elif not wanted and procs:
+                _stop(procs)
+                procs = []
+                (out / "hog.running").unlink(missing_ok=True)
+    finally:
+        _stop(procs)
+
+
+def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+@contextlib.contextmanager
+def host_cpu_hog(timeout: float = 60) -> Iterator[int]:
+    """Inside the guest: every core of the host busy for the duration (yields how many hogs run)."""
+    out = Path(os.environ["PYOVERLAY_UML_OUT"])
+
+    def running() -> bool:
+        return "hog.running" in os.listdir(out)   # readdir reaches the host; a cached lookup might not
+
+    (out / "hog").write_text("on")
+    try:
+        deadline = time.monotonic() + timeout
+        while not running():
+            if time.monotonic() > deadline:
+                raise TimeoutError("the host did not start its CPU hog")
+            time.sleep(0.2)
+        yield len((out / "hog.running").read_text().split())
+    finally:
+        (out / "hog").unlink(missing_ok=True)
+        deadline = time.monotonic() + timeout
+        while running() and time.monotonic() < deadline:
+            time.sleep(0.2)
 
 
 def _read(path: Path) -> str:
