@@ -135,6 +135,8 @@ class Ipam:
         kvs, _ = self.store.range(self.keys.pools())
         pools = list(PoolRecord.load_valid(kvs).values())
         index = self.store.get(self.keys.pool_index())
+        if pid and any(p.pool_id == pid for p in pools):
+            return None  # created by another host a moment ago (the same network made on both at once): join it
         if net is None:
             taken = [ipaddress.ip_network(p.cidr) for p in pools] + self.host_routes()
             base, size = (self.defaults.v6, self.defaults.v6_size) if family == 6 else (

@@ -146,11 +146,20 @@ class NetworkDriver:
             options={k: v for k, v in generic.items()}, created_by=self.host,
         )
 
-        with self._lock(nid):
+        # Per cluster network too: two Docker networks created at the same moment for one cluster network (by
+        # hand and by propagation, which Docker 20.10's name check lets through) must not both be made here.
+        with self._lock(nid), self._lock(f"key:{nkey}"):
             existing = self.state.network(nid)
             if existing is not None:
                 self._check_same(existing.record, wanted)
                 return {}  # a repeated CreateNetwork: already done
+            twin = self.state.by_key(nkey)
+            if twin is not None:
+                raise Conflict(
+                    f"this host already has a Docker network for {nkey} (network {_short(twin.docker_network_id)}, "
+                    f"created here by hand or by propagation): a second one would split the network; use that one "
+                    f"(if Docker no longer lists it, `pyoverlay gc` removes what is left of it)"
+                )
             try:
                 if not swarm:  # in swarm the manager requested the pool; the network is keyed by its id
                     self._check_ipam_matches(subnets, explicit)

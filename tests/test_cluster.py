@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 
@@ -183,3 +184,47 @@ def test_metrics_say_what_happened(rig3: Rig) -> None:
     assert m[f'pyoverlay_peers_programmed{{vni="{vni}"}}'] >= 2, "app-1 and web on the other hosts"
     assert any(k.startswith("pyoverlay_etcd_seconds_count") and v > 0 for k, v in m.items())
     assert m["pyoverlay_propagation_pending_removals"] == 0
+
+
+def test_the_same_network_created_by_hand_on_every_host_at_once_is_one_network(rig3: Rig) -> None:
+    """Configuration tools create a network by hand on every host, while propagation creates it too:
+    however the creations interleave, every host ends with exactly one network of that name."""
+    rounds, outcomes = 20, {"created": 0, "refused": 0}
+
+    def create(h: DockerHost, name: str, subnet: str, delay: float) -> None:
+        time.sleep(delay)  # staggered: propagation from the first host races the later hands
+        res = h.docker("network", "create", *PY, "--subnet", subnet, name, check=False)
+        # Losing the race is Docker's own "already exists" (or pyoverlay's "already has this network"):
+        # an error that names the cause, never a second network.
+        if res.returncode == 0:
+            outcomes["created"] += 1
+        else:
+            assert "already" in res.stderr, res.stderr
+            outcomes["refused"] += 1
+
+    def count(h: DockerHost, name: str) -> int:
+        out = h.docker("network", "ls", "-q", "--filter", f"name=^{name}$").stdout
+        return len(out.split())
+
+    for i in range(rounds):
+        name, subnet = f"dup{i}", f"10.70.{i}.0/24"
+        delays = [0.0, 0.05 * (i % 5), 0.1 * (i % 7)]
+        threads = [threading.Thread(target=create, args=(h, name, subnet, d)) for h, d in zip(rig3.hosts, delays,
+                                                                                                strict=True)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for h in rig3.hosts:
+            wait_for(f"{name} on {h.name}", lambda h=h, name=name: count(h, name) >= 1, timeout=30)
+        # Give propagation time to (wrongly) add a second copy: its resync runs every few seconds.
+        settle = time.monotonic() + 3
+        while time.monotonic() < settle:
+            assert [count(h, name) for h in rig3.hosts] == [1, 1, 1], f"round {i}: duplicate {name}"
+            time.sleep(0.3)
+    print(f"{rounds} rounds on 3 hosts: {outcomes['created']} creations succeeded, {outcomes['refused']} were "
+          f"refused as already existing, one network per name per host every time")
+    rig3.hosts[0].docker("network", "rm", *(f"dup{i}" for i in range(rounds)))
+    for h in rig3.hosts:
+        wait_for(f"dup networks gone on {h.name}", lambda h=h: all(count(h, f"dup{i}") == 0 for i in range(rounds)),
+                 timeout=60)

@@ -142,6 +142,24 @@ def test_pool_refcount_across_hosts_and_release(store: KVStore, keys: Keys) -> N
         a.request_address(r1["PoolID"], "", {})
 
 
+def test_the_same_subnet_requested_on_many_hosts_at_once_is_one_pool(store: KVStore, keys: Keys) -> None:
+    """The same network created by hand on every host at the same moment: every host joins one pool."""
+    for round_ in range(10):
+        subnet = f"10.71.{round_}.0/24"
+        hosts = [ipam(store, keys, f"h{i}") for i in range(4)]
+        barrier = threading.Barrier(len(hosts))
+
+        def request(a: Ipam, subnet: str = subnet, barrier: threading.Barrier = barrier) -> str:
+            barrier.wait()
+            return str(a.request_pool(subnet, "", {}, False)["PoolID"])
+
+        with ThreadPoolExecutor(len(hosts)) as pool:
+            ids = list(pool.map(request, hosts))
+        assert len(set(ids)) == 1, ids
+        kv = store.get(keys.pool(ids[0]))
+        assert kv is not None and json.loads(kv.value)["refs"] == {f"h{i}": 1 for i in range(4)}
+
+
 def test_overlap_refused_unless_explicit_ids(store: KVStore, keys: Keys) -> None:
     a = ipam(store, keys, "a")
     a.request_pool("10.60.0.0/24", "", {}, False)

@@ -32,11 +32,11 @@ KERNEL = "/usr/bin/linux.uml"
 MODULES = Path("/usr/lib/uml/modules")
 # What the guest loads up front (dependencies come along through modprobe).
 LOAD = ["veth", "bridge", "br_netfilter", "vxlan", "esp4", "xfrm_user", "xfrm4_tunnel", "af_key", "gcm",
-        "aes_generic", "ghash_generic", "ctr", "seqiv", "echainiv", "authenc", "nf_tables", "nft_chain_nat",
+        "aes_generic", "ghash_generic", "ctr", "seqiv", "echainiv", "authenc", "nf_tables",
         "nft_compat", "nft_ct", "nft_xfrm", "nf_conntrack", "nf_nat", "iptable_nat", "iptable_filter",
         "iptable_mangle", "ip6table_filter", "ip6table_nat", "xt_conntrack", "xt_MASQUERADE", "xt_addrtype",
         "xt_nat", "xt_mark", "xt_comment", "xt_tcpudp", "xt_multiport", "xt_policy", "xt_u32", "ipt_REJECT",
-        "overlay", "tun", "dummy", "nf_reject_ipv4", "nft_reject_inet", "nft_fib_inet", "nft_masq", "ip_set",
+        "overlay", "tun", "dummy", "nf_reject_ipv4", "nft_masq", "ip_set",
         "ip_set_hash_ip", "xt_set"]
 
 INIT = """#!/bin/sh
