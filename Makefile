@@ -6,7 +6,8 @@ PIP     = $(VENV)/bin/pip
 VERSION = $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 PYTEST_ARGS ?=
 
-.PHONY: venv run test test-unit test-ipsec test-e2e lint clean bench wheels plugin plugin-rootfs plugin-enable push
+.PHONY: venv run test test-unit test-ipsec test-e2e lint clean bench wheels plugin plugin-rootfs plugin-enable push \
+        setup-run setup-test setup-plugin engine
 # The managed plugin: name and tag as Docker will know it (`-d pyoverlay:latest --ipam-driver pyoverlay:latest`).
 PLUGIN      ?= pyoverlay
 PLUGIN_TAG  ?= latest
@@ -20,6 +21,18 @@ DOCKER      ?= docker
 
 venv: $(VENV)/.installed
 
+# What a fresh Debian 12 machine lacks for each job, installed (and named) by packaging/setup.sh.
+setup-run:
+	@packaging/setup.sh run
+setup-test:
+	@packaging/setup.sh test
+setup-plugin:
+	@packaging/setup.sh plugin
+
+# The current Docker engine (28.x from Debian sid, unpacked under /var/tmp, not installed) for the suite.
+engine:
+	packaging/engine.sh
+
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
@@ -28,11 +41,11 @@ $(VENV)/.installed: pyproject.toml
 
 # Runs the plugin in the foreground (root; Docker finds it at /run/docker/plugins/pyoverlay.sock).
 # With no ETCD_ENDPOINTS it starts its own single-host etcd under PYOVERLAY_STATE_DIR.
-run: venv
+run: setup-run venv
 	$(VENV)/bin/pyoverlay serve
 
 # The whole suite: unit tests, etcd integration tests, end-to-end tests against real dockerd hosts.
-test: venv
+test: setup-test venv
 	$(VENV)/bin/pytest $(PYTEST_ARGS); rc=$$?; [ $$rc -ne 5 ] || { echo "no tests ran" >&2; exit 1; }; exit $$rc
 
 test-unit: venv
@@ -72,7 +85,7 @@ $(BUILD)/plugin/.done: $(BUILD)/wheels/.done Dockerfile config.json packaging/lo
 	if ! $(DOCKER) image inspect $$base >/dev/null 2>&1 && \
 	   ! { [ "$(PULL)" != 0 ] && timeout 60 $(DOCKER) pull -q $$base >/dev/null 2>&1; }; then \
 	  echo "plugin: $$base cannot be pulled here; building the local base $(LOCAL_BASE)"; \
-	  packaging/local-base.sh $(LOCAL_BASE) $(BUILD) || exit 1; base=$(LOCAL_BASE); \
+	  packaging/setup.sh plugin && packaging/local-base.sh $(LOCAL_BASE) $(BUILD) || exit 1; base=$(LOCAL_BASE); \
 	fi; \
 	DOCKER_BUILDKIT=0 $(DOCKER) build -q --build-arg BASE=$$base -t $(PLUGIN)-rootfs:$(VERSION) . >/dev/null || exit 1; \
 	rm -rf $(BUILD)/plugin && mkdir -p $(BUILD)/plugin/rootfs && cp config.json $(BUILD)/plugin/ && \

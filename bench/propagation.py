@@ -42,7 +42,7 @@ while True:
 
 
 def events(h: DockerHost, action: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(["docker", "-H", f"unix://{h.sock}", "events", "--filter", "type=network", "--filter",
+    return subprocess.Popen([*h.docker_cmd(), "events", "--filter", "type=network", "--filter",
                              f"event={action}", "--format", "{{.Actor.Attributes.name}} {{.TimeNano}}"],
                             stdout=subprocess.PIPE, text=True)
 

@@ -94,3 +94,12 @@ def net(rig1: Rig, cleanup):  # type: ignore[no-untyped-def]
     eid = h.docker("inspect", "-f", '{{(index .NetworkSettings.Networks "n-bad").EndpointID}}',
                    "bad-holder").stdout.strip()
     return {"nid": nid, "eid": eid, "pool": "cidr.10.30.0.0_24"}
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    from tests.rig import engine_from_env  # noqa: PLC0415
+    try:
+        engine = engine_from_env()
+        return f"docker engine of the rig's hosts: {engine.name} ({engine.version()})"
+    except Exception as err:  # noqa: BLE001 - a header, not a test
+        return f"docker engine of the rig's hosts: unavailable ({err})"

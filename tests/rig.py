@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,45 @@ IMAGE = "bb:local"
 # Daemons start 10-17x slower in the user-mode-linux guest than on a host: its waits stretch by this.
 SLOW = 6 if os.environ.get("PYOVERLAY_IN_UML") else 1
 MANAGED = "pyoverlay:latest"         # the managed plugin as `make plugin` creates it
+ENGINE_ROOT = Path(os.environ.get("PYOVERLAY_ENGINE_ROOT", "/var/tmp/pyoverlay-engine/sid/root"))
+
+
+@dataclass(frozen=True)
+class Engine:
+    """The Docker engine a rig's hosts run: Debian 12's (20.10, installed) or the current one (28.x, Debian
+    sid's packages unpacked by packaging/engine.sh, with the system's runc)."""
+
+    name: str
+    root: Path | None = None
+
+    def tool(self, name: str) -> str:
+        for d in ("usr/bin", "usr/sbin"):
+            if self.root is not None and (self.root / d / name).exists():
+                return str(self.root / d / name)
+        return name
+
+    def path(self) -> str:
+        system = os.environ.get("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+        return system if self.root is None else f"{self.root / 'usr/sbin'}:{self.root / 'usr/bin'}:{system}"
+
+    def version(self) -> str:
+        return sh(self.tool("dockerd"), "--version").stdout.strip()
+
+
+SYSTEM_ENGINE = Engine("20.10")
+CURRENT_ENGINE = Engine("28", ENGINE_ROOT)
+
+
+def engine_from_env() -> Engine:
+    """PYOVERLAY_ENGINE=20.10 (default) or 28."""
+    wanted = os.environ.get("PYOVERLAY_ENGINE") or "20.10"
+    if wanted == "20.10":
+        return SYSTEM_ENGINE
+    if wanted != "28":
+        raise ValueError(f"PYOVERLAY_ENGINE={wanted!r}: 28 or 20.10")
+    if not (ENGINE_ROOT / "usr/sbin/dockerd").exists():
+        raise RuntimeError(f"no Docker 28 under {ENGINE_ROOT}: run packaging/engine.sh (make test does)")
+    return CURRENT_ENGINE
 
 
 def sh(*cmd: str, check: bool = True, timeout: float = 60, capture: bool = True,
@@ -296,7 +336,7 @@ class DockerHost:
             "--iptables=true", *(extra or []),
         ]
         # Swarm tasks use the images already here (imported), never a registry: none is reachable.
-        env = {**os.environ, "DOCKER_SERVICE_PREFER_OFFLINE_IMAGE": "1"}
+        env = {**os.environ, "DOCKER_SERVICE_PREFER_OFFLINE_IMAGE": "1", "PATH": self.rig.engine.path()}
         self.dockerd = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=open(self.dir / "dockerd.log", "ab"),
                                         stderr=subprocess.STDOUT, start_new_session=True, env=env)
         try:
@@ -309,7 +349,7 @@ class DockerHost:
         self.iptables("-P", "FORWARD", self.forward_policy)
         if self.docker("image", "inspect", IMAGE, check=False).returncode != 0:
             tar = busybox_tarball(self.rig.workdir)
-            sh("docker", "-H", f"unix://{self.sock}", "import", "-c", 'CMD ["/bin/sh"]', str(tar), IMAGE)
+            sh(*self.docker_cmd(), "import", "-c", 'CMD ["/bin/sh"]', str(tar), IMAGE)
 
     def stop_dockerd(self, sig: int = signal.SIGTERM) -> None:
         _stop_group(self.dockerd, sig, 30)
@@ -374,7 +414,8 @@ class DockerHost:
 
     def install_plugin(self, name: str = MANAGED, **env: str) -> None:
         """`make plugin` against this host's dockerd, then `docker plugin set` + enable, as a user would."""
-        res = sh("make", "-C", str(ROOT), "plugin", f"DOCKER_HOST=unix://{self.sock}", "PULL=0", check=False,
+        res = sh("make", "-C", str(ROOT), "plugin", f"DOCKER_HOST=unix://{self.sock}", "PULL=0",
+                 f"DOCKER={self.rig.engine.tool('docker')}", check=False,
                  timeout=1200)
         assert res.returncode == 0, f"make plugin failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
         settings = {
@@ -455,7 +496,11 @@ class DockerHost:
     # -- helpers for tests ------------------------------------------------------------------------------
 
     def docker(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return sh("docker", "-H", f"unix://{self.sock}", *args, check=check, timeout=timeout)
+        return sh(*self.docker_cmd(), *args, check=check, timeout=timeout)
+
+    def docker_cmd(self) -> list[str]:
+        """The engine's own client, talking to this host's dockerd."""
+        return [self.rig.engine.tool("docker"), "-H", f"unix://{self.sock}"]
 
     def ns(self, *cmd: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
         """Run a command in this host's network namespace (root mount namespace)."""
@@ -480,7 +525,8 @@ class DockerHost:
 
 
 class Rig:
-    def __init__(self, workdir: Path | None = None, tag: str | None = None) -> None:
+    def __init__(self, workdir: Path | None = None, tag: str | None = None, engine: Engine | None = None) -> None:
+        self.engine = engine or engine_from_env()
         self.tag = tag or os.urandom(2).hex()
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="pyoverlay-rig-"))
         self.underlay_ns = f"{PREFIX}-{self.tag}-ul"

@@ -65,7 +65,7 @@ class Pinger:
         target = h1.ip_of("m-h1", NET)
         count = int(seconds / 0.2)
         self.proc = subprocess.Popen(
-            ["docker", "-H", f"unix://{h2.sock}", "exec", "m-h2", "ping", "-c", str(count), "-i", "0.2", "-W", "1",
+            [*h2.docker_cmd(), "exec", "m-h2", "ping", "-c", str(count), "-i", "0.2", "-W", "1",
              target], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def result(self) -> tuple[int, int]:

@@ -150,7 +150,7 @@ def test_etcd_outage_keeps_traffic_and_fails_new_work_fast(rig3: Rig, cleanup) -
     wait_for("before", lambda: ping(h2, "out-2", ip1, check=False).returncode == 0, timeout=10)
     plugin_pids = [h.plugin.pid for h in rig3.hosts if h.plugin is not None]
     # 70 s of pings every 0.2 s, across the whole outage.
-    flow = subprocess.Popen(["docker", "-H", f"unix://{h2.sock}", "exec", "out-2", "ping", "-c", "350", "-i", "0.2",
+    flow = subprocess.Popen([*h2.docker_cmd(), "exec", "out-2", "ping", "-c", "350", "-i", "0.2",
                              "-W", "2", ip1], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     time.sleep(3)
     rig3.etcd.stop()
