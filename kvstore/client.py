@@ -38,7 +38,11 @@ _GRPC_OPTIONS = [
     ("grpc.keepalive_time_ms", 10000),
     ("grpc.keepalive_timeout_ms", 3000),
     ("grpc.keepalive_permit_without_calls", 1),
+    # One watch answer carries every event of one revision: a transaction that releases a departed host's
+    # thousands of endpoints is one such answer, far above gRPC's default 4 MiB.
+    ("grpc.max_receive_message_length", 256 * 1024 * 1024),
 ]
+RANGE_PAGE = 1000  # keys per range request
 
 
 class StoreError(Exception):
@@ -235,9 +239,19 @@ class KVStore:
         """All keys under prefix, and the store revision they were read at."""
 
         def run(c: etcd3.Etcd3Client) -> tuple[list[KV], int]:
-            req = rpc.RangeRequest(key=prefix.encode(), range_end=prefix_end(prefix), keys_only=keys_only)
-            resp = c.kvstub.Range(req, c.timeout, credentials=c.call_credentials, metadata=c.metadata)
-            return [_kv(k) for k in resp.kvs], resp.header.revision
+            # In pages, all at the revision of the first: a prefix of any size is read whole and consistent,
+            # each answer far below gRPC's message limit (20,000 endpoint records weigh about 9 MB).
+            out: list[KV] = []
+            start, revision = prefix.encode(), 0
+            while True:
+                req = rpc.RangeRequest(key=start, range_end=prefix_end(prefix), keys_only=keys_only,
+                                       limit=RANGE_PAGE, revision=revision)
+                resp = c.kvstub.Range(req, c.timeout, credentials=c.call_credentials, metadata=c.metadata)
+                out += [_kv(k) for k in resp.kvs]
+                revision = revision or resp.header.revision
+                if not resp.more or not resp.kvs:
+                    return out, revision
+                start = resp.kvs[-1].key + b"\0"
 
         return self._call("range", run)
 
