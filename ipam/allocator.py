@@ -29,7 +29,7 @@ from ipam.subnets import (
     pool_id,
     usable,
 )
-from kvstore import Keys, KVStore, StoreError, StoreUnavailable, Txn
+from kvstore import Keys, Store, StoreError, StoreUnavailable, Txn
 from kvstore.records import AddressRecord, InvalidRecord, PoolRecord, dns_name
 from plugin.errors import Conflict, InvalidRequest, NotFound, Unavailable
 
@@ -69,7 +69,7 @@ def _store_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 class Ipam:
-    def __init__(self, store: KVStore, keys: Keys, host: str, defaults: DefaultPools,
+    def __init__(self, store: Store, keys: Keys, host: str, defaults: DefaultPools,
                  host_routes: Callable[[], list[IPNetwork]], swarm: bool = False) -> None:
         self.store = store
         # Swarm (scope global): managers allocate pools, gateways and addresses; a node then asks for the very

@@ -12,7 +12,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -23,7 +22,10 @@ from etcd3 import transactions as tx
 from etcd3.etcdrpc import rpc_pb2 as rpc
 from etcd3.etcdrpc import rpc_pb2_grpc as rpc_grpc
 
+from kvstore.base import KV, Compacted, Put, SnapshotFirst, StoreError, StoreUnavailable, Txn, WatchEvent
 from kvstore.config import EtcdConfig
+
+__all__ = ["KV", "Compacted", "KVStore", "PrefixWatch", "StoreError", "StoreUnavailable", "Txn", "WatchEvent"]
 
 log = logging.getLogger(__name__)
 
@@ -45,38 +47,6 @@ _GRPC_OPTIONS = [
 RANGE_PAGE = 1000  # keys per range request
 
 
-class StoreError(Exception):
-    """Base class of everything kvstore raises."""
-
-
-class StoreUnavailable(StoreError):
-    """etcd could not be reached within the timeout (on any endpoint)."""
-
-
-class Compacted(StoreError):
-    def __init__(self, revision: int) -> None:
-        super().__init__(f"revision compacted (oldest available {revision})")
-        self.revision = revision
-
-
-@dataclass(frozen=True)
-class KV:
-    key: str
-    value: bytes
-    mod_revision: int
-    create_revision: int
-    version: int
-    lease: int
-
-
-@dataclass
-class WatchEvent:
-    kind: str  # "put" | "delete"
-    key: str
-    value: bytes
-    mod_revision: int
-
-
 def _kv(raw: Any) -> KV:
     return KV(
         key=raw.key.decode(),
@@ -90,35 +60,6 @@ def _kv(raw: Any) -> KV:
 
 def prefix_end(prefix: str) -> bytes:
     return etcd3.utils.increment_last_byte(prefix.encode())
-
-
-@dataclass
-class Txn:
-    """A transaction under construction; kvstore turns it into one etcd Txn round trip."""
-
-    compare: list[Any] = field(default_factory=list)
-    success: list[Any] = field(default_factory=list)
-    failure: list[Any] = field(default_factory=list)
-
-    def absent(self, key: str) -> Txn:
-        self.compare.append(tx.Version(key) == 0)
-        return self
-
-    def unchanged(self, key: str, mod_revision: int) -> Txn:
-        self.compare.append(tx.Mod(key) == mod_revision)
-        return self
-
-    def put(self, key: str, value: bytes | str, lease: int | None = None) -> Txn:
-        self.success.append(tx.Put(key, value, lease=lease))
-        return self
-
-    def delete(self, key: str) -> Txn:
-        self.success.append(tx.Delete(key))
-        return self
-
-    def delete_prefix(self, prefix: str) -> Txn:
-        self.success.append(tx.Delete(prefix, range_end=prefix_end(prefix)))
-        return self
 
 
 class KVStore:
@@ -278,8 +219,13 @@ class KVStore:
     def commit(self, txn: Txn) -> bool:
         """Run a transaction; True when every comparison held and the success branch ran."""
 
+        compare = [(tx.Version(c.key) if c.target == "version" else tx.Mod(c.key)) == c.value for c in txn.compare]
+        success = [tx.Put(op.key, op.value, lease=op.lease) if isinstance(op, Put) else
+                   tx.Delete(op.key, range_end=prefix_end(op.key) if op.prefix else None)
+                   for op in txn.success]
+
         def run(c: etcd3.Etcd3Client) -> bool:
-            ok, _ = c.transaction(compare=txn.compare, success=txn.success, failure=txn.failure)
+            ok, _ = c.transaction(compare=compare, success=success, failure=[])
             return bool(ok)
 
         return self._call("txn", run)
@@ -364,8 +310,10 @@ class KVStore:
         return call, cancel
 
 
-class PrefixWatch:
+class PrefixWatch(SnapshotFirst):
     """A background thread following one prefix (see KVStore.watch_prefix)."""
+
+    store: KVStore
 
     def __init__(self, store: KVStore, prefix: str, on_snapshot: Callable[[list[KV], int], None],
                  on_events: Callable[[list[WatchEvent]], None],
@@ -394,11 +342,7 @@ class PrefixWatch:
         backoff = 0.1
         while not self._stop.is_set():
             try:
-                if self.revision == 0:
-                    kvs, rev = self.store.range(self.prefix)
-                    self.on_snapshot(kvs, rev)
-                    self.revision = rev + 1
-                    self.synced.set()
+                self._snapshot_if_needed()
                 self._follow()
                 backoff = 0.1
             except Compacted as err:

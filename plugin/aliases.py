@@ -15,7 +15,7 @@ from typing import Any
 
 import docker.errors
 
-from kvstore import Keys, KVStore
+from kvstore import Keys, Store
 from kvstore.records import AliasRecord, dns_name
 from plugin.dockerapi import DockerAPI
 from plugin.state import LocalState
@@ -37,7 +37,7 @@ def names_of(container: dict[str, Any], network: dict[str, Any]) -> list[str]:
 
 
 class AliasPublisher:
-    def __init__(self, store: KVStore, keys: Keys, state: LocalState, host: str,
+    def __init__(self, store: Store, keys: Keys, state: LocalState, host: str,
                  current: Callable[[], dict[str, AliasRecord]]) -> None:
         self.store = store
         self.current = current   # etcd key -> alias record, as the names watch holds them (no extra reads)

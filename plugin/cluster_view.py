@@ -6,14 +6,14 @@ import ipaddress
 from typing import Any
 
 from ipam.subnets import NETWORK_OPT, pool_id, usable
-from kvstore import Keys, KVStore
+from kvstore import Keys, Store
 from kvstore.records import AddressRecord, AliasRecord, EndpointRecord, HostRecord, MemberRecord, NetworkRecord
 from plugin.dockerapi import API_ERRORS, DockerAPI
 from plugin.errors import NotFound
 from plugin.state import LocalState
 
 
-def resolve(name: str, store: KVStore, keys: Keys, state: LocalState, docker: DockerAPI | None) -> NetworkRecord:
+def resolve(name: str, store: Store, keys: Keys, state: LocalState, docker: DockerAPI | None) -> NetworkRecord:
     """A network by its Docker name or ID on this host, or by its cluster key (subnet or -o pyoverlay.network)."""
     for local in list(state.data.networks.values()):
         if name in (local.record.key, local.docker_network_id) or (
@@ -34,7 +34,7 @@ def resolve(name: str, store: KVStore, keys: Keys, state: LocalState, docker: Do
                    f"key such as 10.20.0.0_24 (pyoverlay status lists them)")
 
 
-def inspect(name: str, store: KVStore, keys: Keys, state: LocalState, docker: DockerAPI | None) -> dict[str, Any]:
+def inspect(name: str, store: Store, keys: Keys, state: LocalState, docker: DockerAPI | None) -> dict[str, Any]:
     rec = resolve(name, store, keys, state, docker)
     hosts = {}
     for kv in store.range(keys.hosts())[0]:

@@ -18,14 +18,14 @@ import logging
 import time
 from collections.abc import Callable
 
-from kvstore import Keys, KVStore
+from kvstore import Keys, Store
 from kvstore.records import DepartureRecord
 
 log = logging.getLogger(__name__)
 
 
 class Departures:
-    def __init__(self, store: KVStore, keys: Keys, host: str, grace: float,
+    def __init__(self, store: Store, keys: Keys, host: str, grace: float,
                  forget: list[Callable[[str], int]], clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.keys = keys

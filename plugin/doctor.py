@@ -18,7 +18,7 @@ from typing import Any
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from kvstore import KVStore, StoreError
+from kvstore import Store, StoreError
 from kvstore.records import QUARANTINE
 from plugin.config import Settings
 from plugin.datapath import VXLAN6_EXTRA, VXLAN_OVERHEAD, DataPath
@@ -120,7 +120,7 @@ def check_port(datapath: DataPath, port: int) -> Finding:
     return Finding("VXLAN port", "ok", f"UDP {port}: " + ("held by pyoverlay's VXLAN devices" if users else "free"))
 
 
-def check_etcd(store: KVStore | None, settings: Settings) -> Finding:
+def check_etcd(store: Store | None, settings: Settings) -> Finding:
     where = ", ".join(settings.etcd_endpoints) or "the embedded single-host etcd"
     if store is None:
         return Finding("etcd", "fail", f"{where} runs inside the plugin, which is not running",
@@ -228,7 +228,7 @@ def check_records(refused: list[tuple[str, str, str]]) -> Finding:
                    "PYOVERLAY_CLUSTER_SECRET); delete or rewrite them with etcdctl")
 
 
-def run_all(settings: Settings, store: KVStore | None, datapath: DataPath, state: LocalState,
+def run_all(settings: Settings, store: Store | None, datapath: DataPath, state: LocalState,
             docker: DockerAPI | None, vtep_filter: VtepFilter | None,
             peer_counts: Callable[[], dict[int, tuple[int, int]]] | None) -> list[dict[str, Any]]:
     networks = list(state.data.networks.values())

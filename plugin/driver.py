@@ -17,7 +17,7 @@ from typing import Any
 
 from ipam.allocator import Ipam
 from ipam.subnets import NETWORK_OPT, check_network_id, mac_from_ip, network_key, parse_cidr, pool_id
-from kvstore import KV, Keys, KVStore, StoreError, StoreUnavailable, Txn
+from kvstore import KV, Keys, Store, StoreError, StoreUnavailable, Txn
 from kvstore.records import AddressRecord, EndpointRecord, InvalidRecord, MemberRecord, NetworkRecord, R
 from plugin import protocol as p
 from plugin.config import Settings
@@ -51,7 +51,7 @@ def _short(docker_id: str) -> str:
 
 
 class NetworkDriver:
-    def __init__(self, settings: Settings, store: KVStore, keys: Keys, datapath: DataPath,
+    def __init__(self, settings: Settings, store: Store, keys: Keys, datapath: DataPath,
                  state: LocalState, ipam: Ipam, encryption: Encryption) -> None:
         self.settings = settings
         self.encryption = encryption

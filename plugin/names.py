@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 import threading
 
-from kvstore import KV, Keys, KVStore, WatchEvent
-from kvstore.client import PrefixWatch
+from kvstore import KV, Keys, Store, WatchEvent
+from kvstore.base import Watch
 from kvstore.records import AliasRecord, EndpointRecord, HostRecord, InvalidRecord
 from plugin.datapath import DataPath
 from plugin.dns import NameServer, build_zones
@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 
 class NameService:
-    def __init__(self, store: KVStore, keys: Keys, state: LocalState, datapath: DataPath,
+    def __init__(self, store: Store, keys: Keys, state: LocalState, datapath: DataPath,
                  upstreams: list[str] | None) -> None:
         self.store = store
         self.keys = keys
@@ -32,7 +32,7 @@ class NameService:
         self._endpoints: list[EndpointRecord] = []
         self._hosts: set[str] = set()
         self._lock = threading.Lock()
-        self._watch: PrefixWatch | None = None
+        self._watch: Watch | None = None
 
     def start(self) -> None:
         self.server.start()

@@ -21,8 +21,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
-from kvstore import KV, Keys, KVStore, WatchEvent
-from kvstore.client import PrefixWatch
+from kvstore import KV, Keys, Store, WatchEvent
+from kvstore.base import Watch
 from kvstore.records import EndpointRecord, HostRecord, InvalidRecord
 from plugin import metrics
 from plugin.datapath import DataPath
@@ -39,7 +39,7 @@ class Peer(NamedTuple):
 
 
 class PeerSync:
-    def __init__(self, store: KVStore, keys: Keys, datapath: DataPath, state: LocalState, host: str,
+    def __init__(self, store: Store, keys: Keys, datapath: DataPath, state: LocalState, host: str,
                  encryption: Encryption) -> None:
         self.encryption = encryption
         self.store = store
@@ -53,7 +53,7 @@ class PeerSync:
         self.known: dict[str, HostRecord] = {}            # the last valid record of every host that is live
         #                                                   or still has endpoint records (not departed)
         self.programmed: dict[int, dict[str, Peer]] = {}  # vni -> endpoint key -> peer
-        self._watches: list[PrefixWatch] = []
+        self._watches: list[Watch] = []
         # Which snapshots have arrived ("hosts", "endpoints"). Nothing is programmed, removed or pruned on half
         # a view: at a restart, hosts without their endpoints would look like peers to remove.
         self._views: set[str] = set()

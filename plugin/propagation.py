@@ -21,8 +21,8 @@ from typing import Any
 import docker.errors
 import docker.types
 
-from kvstore import KV, Keys, KVStore, StoreError, Txn, WatchEvent
-from kvstore.client import PrefixWatch
+from kvstore import KV, Keys, Store, StoreError, Txn, WatchEvent
+from kvstore.base import Watch
 from kvstore.records import InvalidRecord, NetDefRecord, PoolConfig
 from plugin.dockerapi import DockerAPI, DockerWatch
 from plugin.state import LocalState
@@ -60,7 +60,7 @@ def same_network(a: NetDefRecord, b: NetDefRecord) -> str | None:
 
 
 class Propagation:
-    def __init__(self, store: KVStore, keys: Keys, state: LocalState, host: str) -> None:
+    def __init__(self, store: Store, keys: Keys, state: LocalState, host: str) -> None:
         self.store = store
         self.keys = keys
         self.state = state
@@ -71,7 +71,7 @@ class Propagation:
         self.known: dict[str, tuple[str, str | None]] = {}   # local network id -> (name, definition uid)
         self._undelivered: dict[str, str] = {}  # name -> uid whose definition must still be deleted
         self._lock = threading.RLock()
-        self._watch: PrefixWatch | None = None
+        self._watch: Watch | None = None
         self.watcher: DockerWatch | None = None
 
     def start(self) -> None:

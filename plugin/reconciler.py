@@ -31,7 +31,7 @@ from typing import Any
 import docker.errors
 
 from ipam.subnets import NETWORK_OPT, pool_id, usable
-from kvstore import KV, Keys, KVStore, StoreError
+from kvstore import KV, Keys, Store, StoreError
 from kvstore.records import AddressRecord, NetworkRecord, PoolRecord
 from plugin import metrics
 from plugin import protocol as p
@@ -56,7 +56,7 @@ class Garbage:
 
 class Reconciler:
     def __init__(self, driver: NetworkDriver, datapath: DataPath, peers: PeerSync, state: LocalState,
-                 store: KVStore, keys: Keys, host: str, docker: DockerAPI | None, vtep_filter: VtepFilter | None,
+                 store: Store, keys: Keys, host: str, docker: DockerAPI | None, vtep_filter: VtepFilter | None,
                  vteps: Callable[[], set[str]], grace: float, encryption: Encryption) -> None:
         self.driver = driver
         self.datapath = datapath

@@ -1,4 +1,4 @@
-"""kvstore and the IPAM against a real etcd (no Docker)."""
+"""kvstore and the IPAM against a real etcd, and the same IPAM cases against the in-memory store (no Docker)."""
 
 from __future__ import annotations
 
@@ -12,15 +12,23 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from ipam.allocator import DefaultPools, Ipam
-from kvstore import EtcdConfig, Keys, KVStore, StoreUnavailable, Txn
+from kvstore import EtcdConfig, Keys, KVStore, MemoryStore, StoreUnavailable, Txn
 from plugin.errors import Conflict, NotFound, PluginError
 from tests.rig import Etcd
 
-pytestmark = pytest.mark.etcd
+
+@pytest.fixture(params=[pytest.param("etcd", marks=pytest.mark.etcd), "memory"])
+def store(request: pytest.FixtureRequest) -> KVStore:
+    """A real etcd, and the in-memory store with its semantics: the IPAM's cases run on both (the second in
+    milliseconds, with `make test-unit`)."""
+    if request.param == "memory":
+        return MemoryStore()  # type: ignore[return-value]
+    server = request.getfixturevalue("etcd_server")
+    return KVStore(EtcdConfig([server.local_url], timeout=2))
 
 
 @pytest.fixture
-def store(etcd_server: Etcd) -> KVStore:
+def etcd_store(etcd_server: Etcd) -> KVStore:
     return KVStore(EtcdConfig([etcd_server.local_url], timeout=2))
 
 
@@ -63,6 +71,7 @@ def test_a_retried_address_request_never_leaks_or_doubles(store: KVStore, keys: 
     assert len(held["request"]) == 32
 
 
+@pytest.mark.etcd
 def test_failover_to_a_second_endpoint(etcd_server: Etcd, keys: Keys) -> None:
     dead = "http://127.0.0.1:1"  # nothing listens there
     s = KVStore(EtcdConfig([dead, etcd_server.local_url], timeout=1))
@@ -70,6 +79,7 @@ def test_failover_to_a_second_endpoint(etcd_server: Etcd, keys: Keys) -> None:
     assert s.get(keys.host("a")).value == b"up"  # type: ignore[union-attr]
 
 
+@pytest.mark.etcd
 def test_unreachable_fails_fast_and_clearly(keys: Keys) -> None:
     s = KVStore(EtcdConfig(["http://127.0.0.1:1"], timeout=1))
     start = time.monotonic()
@@ -78,7 +88,9 @@ def test_unreachable_fails_fast_and_clearly(keys: Keys) -> None:
     print(f"failed after {time.monotonic() - start:.2f}s")
 
 
-def test_watch_resumes_and_recovers_from_compaction(store: KVStore, keys: Keys, etcd_server: Etcd) -> None:
+@pytest.mark.etcd
+def test_watch_resumes_and_recovers_from_compaction(etcd_store: KVStore, keys: Keys, etcd_server: Etcd) -> None:
+    store = etcd_store
     prefix = keys.networks()
     store.put(keys.network("a"), b"1")
     seen: dict[str, bytes] = {}
@@ -306,10 +318,12 @@ def test_departed_host_released_after_grace_and_reclaims_on_return(store: KVStor
     assert dep.sweep(set()) == [] and store.get(keys.departure("c")) is None
 
 
-def test_a_prefix_larger_than_grpcs_message_limit_is_read_whole(store: KVStore, keys: Keys) -> None:
+@pytest.mark.etcd
+def test_a_prefix_larger_than_grpcs_message_limit_is_read_whole(etcd_store: KVStore, keys: Keys) -> None:
     """A restarted plugin reads every endpoint record of a large fleet: 9,000 records of 600 bytes (5.4 MB,
     above gRPC's default 4 MiB answer) come back whole, at one revision, in a range and in a watch's snapshot,
     and the watch then follows new writes."""
+    store = etcd_store
     prefix = keys.root + "/endpoints/"
     value = json.dumps({"pad": "x" * 580})
     for batch in range(90):
