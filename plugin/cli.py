@@ -9,12 +9,25 @@ import sys
 from plugin import __version__, config
 
 
+class _Below(logging.Filter):
+    def __init__(self, level: int) -> None:
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < self.level
+
+
 def _logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level, logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    """Ordinary lines to stdout, warnings and errors to stderr: dockerd files a managed plugin's stdout at
+    level=info and its stderr at level=error, so a healthy plugin must not write its INFO lines to stderr."""
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    out, err = logging.StreamHandler(sys.stdout), logging.StreamHandler(sys.stderr)
+    out.addFilter(_Below(logging.WARNING))
+    err.setLevel(logging.WARNING)
+    for h in (out, err):
+        h.setFormatter(fmt)
+    logging.basicConfig(level=getattr(logging, level, logging.INFO), handlers=[out, err], force=True)
     for noisy in ("pyroute2", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

@@ -16,12 +16,23 @@ from pathlib import Path
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
+from gunicorn.glogging import Logger
 
 from kvstore.embedded import EmbeddedEtcd
 from plugin import netns
 from plugin.config import Settings
 
 log = logging.getLogger(__name__)
+
+
+class GunicornLog(Logger):  # type: ignore[misc]
+    """gunicorn's own lines go through the plugin's logging (INFO to stdout, warnings and errors to stderr)
+    instead of a stderr handler of their own."""
+
+    def setup(self, cfg: Any) -> None:
+        super().setup(cfg)
+        self.error_log.handlers[:] = []
+        self.error_log.propagate = True
 
 
 class PluginServer(BaseApplication):  # type: ignore[misc]
@@ -41,6 +52,7 @@ class PluginServer(BaseApplication):  # type: ignore[misc]
         self.cfg.set("keepalive", 30)
         self.cfg.set("loglevel", s.log_level.lower())
         self.cfg.set("errorlog", "-")
+        self.cfg.set("logger_class", GunicornLog)
         self.cfg.set("accesslog", None)
         self.cfg.set("proc_name", "pyoverlay")
         self.cfg.set("control_socket_disable", True)  # one per user by default: instances would collide

@@ -19,8 +19,9 @@ pytestmark = pytest.mark.etcd
 def serve(state: Path, sock: Path) -> subprocess.Popen[bytes]:
     env = {"PATH": os.environ["PATH"], "PYOVERLAY_SOCKET": str(sock), "PYOVERLAY_STATE_DIR": str(state),
            "PYOVERLAY_HOST": "solo"}
+    # stdout and stderr apart, as dockerd keeps them for a managed plugin (info / error)
     proc = subprocess.Popen([PYOVERLAY, "serve"], env=env, stdout=open(state.parent / "log", "ab"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+                            stderr=open(state.parent / "errors", "ab"), start_new_session=True)
     wait_for("socket", lambda: sock.exists(), timeout=10, interval=0.05)
     return proc
 
@@ -87,6 +88,10 @@ def test_embedded_etcd_serves_and_survives_restart() -> None:
                                  is not None
                                  and "unavailable" not in r[1].get("Err", "") and r, timeout=20)
         assert status == 500 and "10.55.0.1 is already in use" in again["Err"], again
+        # Ordinary lines (gunicorn's included) on stdout, only warnings and errors on stderr.
+        out, err = (work / "log").read_text(), (work / "errors").read_text()
+        assert " INFO plugin.runtime: ready" in out and "INFO gunicorn.error: Listening at" in out, out[-2000:]
+        assert not [line for line in err.splitlines() if " INFO " in line or " DEBUG " in line], err[-2000:]
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=20)
