@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from plugin import __version__, config
@@ -48,6 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     gcp.add_argument("--apply", action="store_true", help="remove it now instead of after the grace period")
     gcp.add_argument("--json", action="store_true", help="machine-readable")
     args = parser.parse_args(argv)
+    if args.command != "serve" and not os.environ.get("PYOVERLAY_SOCKET") \
+            and not os.path.exists(config.DEFAULT_SOCKET):
+        from plugin.operator import adopt_managed
+
+        name = adopt_managed(os.environ)  # type: ignore[arg-type]
+        if name:
+            print(f"pyoverlay: the managed plugin {name} (socket {os.environ['PYOVERLAY_SOCKET']})", file=sys.stderr)
     try:
         settings = config.load()
     except config.ConfigError as err:

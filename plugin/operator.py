@@ -204,3 +204,46 @@ def gc(settings: Settings, apply: bool, as_json: bool) -> int:
         print(f"the reconciler removes these once unowned for {result['grace']} s; pyoverlay gc --apply removes "
               f"them now")
     return 0
+
+
+def adopt_managed(environ: dict[str, str]) -> str | None:
+    """Where no legacy plugin socket exists, take the settings of the managed pyoverlay plugin Docker runs here
+    (found with `docker plugin inspect`: its socket, state and certs directories as the host sees them, its
+    etcd settings), so `pyoverlay status|doctor|inspect|gc` need no path typed. Returns the plugin's name, or
+    None (no such plugin, or Docker not reachable)."""
+    import docker  # noqa: PLC0415 - only here
+
+    try:
+        client = docker.DockerClient(base_url=environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock",
+                                     timeout=10)
+        plugins = client.plugins.list()
+    except Exception:  # noqa: BLE001 - no Docker here: nothing to adopt
+        return None
+    for p in plugins:
+        cfg = p.attrs.get("Config") or {}
+        entry = (cfg.get("Entrypoint") or [""])[0]
+        if not p.enabled or "docker.networkdriver/1.0" not in (cfg.get("Interface") or {}).get("Types", []) \
+                or not entry.endswith("/pyoverlay"):
+            continue
+        settings = p.attrs.get("Settings") or {}
+        env = dict(e.split("=", 1) for e in settings.get("Env", []) if "=" in e)
+        mounts = {m.get("Name"): m.get("Source") for m in settings.get("Mounts", [])}
+        inside = {"/host/var/lib": mounts.get("state") or "/var/lib", "/host/etc": mounts.get("certs") or "/etc"}
+
+        def on_host(path: str, inside: dict[str, str] = inside) -> str:
+            for prefix, source in inside.items():
+                if path == prefix or path.startswith(prefix + "/"):
+                    return source.rstrip("/") + path[len(prefix):]
+            return path
+
+        exec_root = environ.get("PYOVERLAY_DOCKER_EXEC_ROOT") or "/run/docker"
+        env["PYOVERLAY_SOCKET"] = f"{exec_root}/plugins/{p.id}/{cfg['Interface'].get('Socket', 'pyoverlay.sock')}"
+        for key in ("PYOVERLAY_STATE_DIR", "ETCD_CACERT", "ETCD_CERT", "ETCD_KEY"):
+            if env.get(key):
+                env[key] = on_host(env[key])
+        env.pop("DOCKER_HOST", None)   # the plugin's view of the Docker socket; ours stays
+        env.pop("PATH", None)
+        env["PYOVERLAY_DOCKER_NAME"] = str(p.name)
+        environ.update(env)
+        return str(p.name)
+    return None

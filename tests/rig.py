@@ -246,7 +246,7 @@ class DockerHost:
         self.sock = self.dir / "docker.sock"
         self.plugin_sock = self.dir / "plugins" / "pyoverlay.sock"
         self.state_dir = self.dir / "pyoverlay"
-        self.managed_state = self.dir / "managed-state"     # the managed plugin's /var/lib/pyoverlay
+        self.managed_state = self.dir / "managed-state"     # the managed plugin's state mount (its /host/var/lib)
         self.forward_policy = forward_policy
         self.holder: subprocess.Popen[bytes] | None = None
         self.dockerd: subprocess.Popen[bytes] | None = None
@@ -257,7 +257,7 @@ class DockerHost:
     # -- lifecycle --------------------------------------------------------------------------------------
 
     def up(self) -> None:
-        for d in ("plugins", "etc-docker", "data", "exec", "pyoverlay", "managed-state", "etc-pyoverlay"):
+        for d in ("plugins", "etc-docker", "data", "exec", "pyoverlay", "managed-state"):
             (self.dir / d).mkdir(parents=True, exist_ok=True)
         ns, ul = self.netns, self.rig.underlay_ns
         outer = f"{PREFIX}-{self.rig.tag}{self.index}"
@@ -394,6 +394,15 @@ class DockerHost:
         return sh(*self.enter(), "env", "-i", *(f"{k}={v}" for k, v in env.items()), PYOVERLAY, *args,
                   check=check, timeout=timeout)
 
+    def cli_bare(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """`pyoverlay ARGS` on this host with no pyoverlay setting at all: it must find the plugin (the managed one
+        through `docker plugin inspect`). Only what differs from a standard host is given: the Docker socket and
+        dockerd's exec root."""
+        env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "DOCKER_HOST": f"unix://{self.sock}",
+               "PYOVERLAY_DOCKER_EXEC_ROOT": str(self.dir / "exec"), "LOG_LEVEL": "warning"}
+        return sh(*self.enter(), "env", "-i", *(f"{k}={v}" for k, v in env.items()), PYOVERLAY, *args, check=False,
+                  timeout=timeout)
+
     def cli_json(self, *args: str) -> Any:
         res = self.cli(*args, "--json", check=False)
         assert res.stdout.strip(), f"pyoverlay {' '.join(args)} printed nothing: {res.stderr}"
@@ -418,9 +427,10 @@ class DockerHost:
                  f"DOCKER={self.rig.engine.tool('docker')}", check=False,
                  timeout=1200)
         assert res.returncode == 0, f"make plugin failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+        # As on a fresh host: the state mount's directory holds no pyoverlay/ yet (the plugin makes it) and the
+        # certs mount keeps its default, the host's /etc, which has no pyoverlay/ either.
         settings = {
             "state.source": str(self.managed_state),
-            "certs.source": str(self.dir / "etc-pyoverlay"),
             "ETCD_ENDPOINTS": self.rig.etcd.url(self.rig.root_ip),
             "PYOVERLAY_ETCD_PREFIX": self.rig.etcd_prefix,
             "PYOVERLAY_VTEP": self.ip,

@@ -8,6 +8,7 @@ connectivity (no ping lost) and new containers join.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -81,8 +82,20 @@ def test_installed_on_every_host_and_hosts_connect(rig3: Rig) -> None:
         assert info.startswith("true") and f"PYOVERLAY_VTEP={h.ip}" in info
         assert h.managed_pids(), f"the plugin runs on {h.name}"
         # The network's namespace is pinned in the state mount and visible on the host (rshared).
-        assert list((h.managed_state / "netns").iterdir()), "namespace pins reach the host"
+        assert list((h.managed_state / "pyoverlay" / "netns").iterdir()), "namespace pins reach the host"
+        # Nothing was made by hand: the plugin created its state directory, for root only.
+        assert (h.managed_state / "pyoverlay").stat().st_mode & 0o777 == 0o700
     all_pairs(rig3)
+    # `pyoverlay status` / `doctor` with nothing typed find the managed plugin (docker plugin inspect).
+    h1 = rig3.hosts[0]
+    res = h1.cli_bare("status", "--json")
+    assert res.returncode == 0 and f"the managed plugin {MANAGED}" in res.stderr, res.stderr
+    st = json.loads(res.stdout)
+    vni = str(st["networks"]["10.70.0.0_24"]["vni"])
+    assert st["peers"][vni]["programmed"] == 2, st["peers"]
+    doc = h1.cli_bare("doctor", "--json")
+    findings = {f["check"]: f["status"] for f in json.loads(doc.stdout)}
+    assert "plugin" not in findings and findings.get("etcd") == "ok", findings  # the plugin itself answered
 
 
 def test_killed_plugin_is_restarted_by_docker_and_nothing_drops(rig3: Rig) -> None:
