@@ -11,6 +11,7 @@ The contract tests in tests/test_store_contract.py run the same cases against th
 
 from __future__ import annotations
 
+import bisect
 import threading
 import time
 from collections.abc import Callable
@@ -227,7 +228,8 @@ class MemoryStore:
         """Changes under prefix from revision on (caller holds the lock); Compacted when some are gone."""
         if revision < self._compacted:
             raise Compacted(self._compacted)
-        return [e for e in self._history if e.mod_revision >= revision and e.key.startswith(prefix)]
+        start = bisect.bisect_left(self._history, revision, key=lambda e: e.mod_revision)  # ordered by revision
+        return [e for e in self._history[start:] if e.key.startswith(prefix)]
 
 
 class MemoryWatch(SnapshotFirst):

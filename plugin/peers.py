@@ -58,6 +58,9 @@ class PeerSync:
         # a view: at a restart, hosts without their endpoints would look like peers to remove.
         self._views: set[str] = set()
         self._background = ThreadPoolExecutor(1, thread_name_prefix="peers")
+        self._pending_lock = threading.Lock()
+        self._pending = False
+        self.passes = 0      # reconcile passes run for watch changes (a burst is coalesced into few)
         self.on_seen_change: Callable[[], None] = lambda: None
         # Endpoints and live hosts changed (the DNS names follow them).
         self.on_change: Callable[[list[EndpointRecord], dict[str, HostRecord]], None] = lambda e, h: None
@@ -88,7 +91,7 @@ class PeerSync:
             self._views.add("hosts")
             self._prune_known()
             self._hosts_changed()
-            self.reconcile()
+        self._reconcile_soon()
 
     def _host_events(self, events: list[WatchEvent]) -> None:
         with self._lock:
@@ -106,7 +109,7 @@ class PeerSync:
                         continue  # noted in the quarantine; the host's last valid record stays
             self._prune_known()
             self._hosts_changed()
-            self.reconcile()
+        self._reconcile_soon()
 
     def _whole_view(self) -> bool:
         return len(self._views) == 2
@@ -133,7 +136,7 @@ class PeerSync:
             self._views.add("endpoints")
             self._prune_known()
             self._hosts_changed()
-            self.reconcile()
+        self._reconcile_soon()
 
     def _endpoint_events(self, events: list[WatchEvent]) -> None:
         with self._lock:
@@ -151,7 +154,7 @@ class PeerSync:
                 self._prune_known()
                 if set(self.known) != before:
                     self._hosts_changed()
-            self.reconcile()
+        self._reconcile_soon()
 
     # -- desired vs programmed --------------------------------------------------------------------------
 
@@ -256,11 +259,27 @@ class PeerSync:
         """
         self._background.submit(self._reconcile_logged)
 
+    def _reconcile_soon(self) -> None:
+        """Watch callbacks only record what changed; a pass on the peers thread programs it. Changes that arrive
+        while a pass runs are programmed together by the next one: a burst of a thousand watch answers costs a
+        few passes over the desired state, not a thousand (each is O(all endpoints))."""
+        with self._pending_lock:
+            if self._pending:
+                return  # a pass is queued and has not started: it will see this change too
+            self._pending = True
+        self._background.submit(self._pass)
+
+    def _pass(self) -> None:
+        with self._pending_lock:
+            self._pending = False
+        self.passes += 1
+        self._reconcile_logged()
+
     def _reconcile_logged(self) -> None:
         try:
             self.reconcile()
         except Exception:  # noqa: BLE001 - the next change or watch event retries
-            log.exception("reconciling peers after a network change")
+            log.exception("reconciling peers (the next change or the periodic pass retries)")
 
     def verify_kernel(self) -> list[int]:
         """VNIs whose kernel entries lack peers we believe programmed (flushed by hand, a device re-created):
