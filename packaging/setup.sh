@@ -39,7 +39,8 @@ if [ "$mode" = run ] && ! command -v dockerd >/dev/null && ! command -v docker >
   echo "setup: no Docker engine found on this machine; pyoverlay is a plugin for one (install docker.io or" \
        "Docker CE): the plugin starts anyway and Docker finds it once it runs" >&2
 fi
-if [ "$mode" = test ]; then
-  packaging/engine.sh >/dev/null
+if [ "$mode" = test ] && ! packaging/engine.sh >/dev/null; then
+  # The suite's default engine is Debian 12's; Docker 28 is for PYOVERLAY_ENGINE=28 runs.
+  echo "setup: could not unpack Docker 28 (packaging/engine.sh); the rig runs Docker 20.10" >&2
 fi
 exit 0
