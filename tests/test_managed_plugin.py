@@ -126,7 +126,8 @@ def test_disable_and_enable_with_networks_present(rig3: Rig) -> None:
     # dockerd may answer `disable -f` before containerd has deleted the plugin's container ("id already in
     # use" for a moment on a busy machine): enable once it takes it, as a user would retry.
     wait_for("plugin enabled again", lambda: h1.docker("plugin", "enable", MANAGED, check=False, timeout=60)
-             .returncode == 0, timeout=60, interval=1)
+             .returncode == 0 or h1.docker("plugin", "inspect", "-f", "{{.Enabled}}", MANAGED,
+                                           check=False).stdout.strip() == "true", timeout=60, interval=1)
     sent, got = ping.result()
     print(f"during disable -f / enable: {got}/{sent} pings answered")
     assert got == sent, "the data path outlives the plugin (namespaces pinned on the host)"
