@@ -222,8 +222,10 @@ def adopt_managed(environ: dict[str, str]) -> str | None:
     for p in plugins:
         cfg = p.attrs.get("Config") or {}
         entry = (cfg.get("Entrypoint") or [""])[0]
-        if not p.enabled or "docker.networkdriver/1.0" not in (cfg.get("Interface") or {}).get("Types", []) \
-                or not entry.endswith("/pyoverlay"):
+        # The API gives each type as {"Prefix", "Capability", "Version"} (config.json's "docker.networkdriver/1.0")
+        types = {t if isinstance(t, str) else f"{t.get('Prefix')}.{t.get('Capability')}/{t.get('Version')}"
+                 for t in (cfg.get("Interface") or {}).get("Types") or []}
+        if not p.enabled or "docker.networkdriver/1.0" not in types or not entry.endswith("/pyoverlay"):
             continue
         settings = p.attrs.get("Settings") or {}
         env = dict(e.split("=", 1) for e in settings.get("Env", []) if "=" in e)

@@ -141,3 +141,43 @@ def test_reconciler_removes_only_after_the_grace_period_and_never_without_etcd(
     # gc --apply (force) removes at once; a dry run removes nothing.
     assert r.run(dry_run=True)["removed"] == [] and r.removed == []
     assert r.run(force=True)["removed"][0]["kind"] == "veth" and r.removed == [again]
+
+
+def test_a_managed_plugin_is_found_and_its_paths_are_the_hosts(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """`pyoverlay status` with nothing typed: the managed plugin's socket, state and certs as the host sees them,
+    from `docker plugin inspect` as the Docker API gives it (interface types as objects)."""
+    import docker
+
+    from plugin.operator import adopt_managed
+
+    class FakePlugin:
+        id, name, enabled = "abc123", "pyoverlay:latest", True
+        attrs = {
+            "Enabled": True,
+            "Config": {"Entrypoint": ["/opt/pyoverlay/bin/pyoverlay", "serve"],
+                       "Interface": {"Socket": "pyoverlay.sock",
+                                     "Types": [{"Prefix": "docker", "Capability": "networkdriver", "Version": "1.0"},
+                                               {"Prefix": "docker", "Capability": "ipamdriver", "Version": "1.0"}]}},
+            "Settings": {"Env": ["PYOVERLAY_STATE_DIR=/host/var/lib/pyoverlay", "ETCD_ENDPOINTS=http://10.0.0.5:2379",
+                                 "ETCD_CACERT=/host/etc/pyoverlay/ca.pem", "DOCKER_HOST=unix:///run/docker-host/x",
+                                 "PATH=/opt/pyoverlay/bin", "PYOVERLAY_VTEP=10.0.0.7"],
+                         "Mounts": [{"Name": "state", "Source": "/srv/state"}, {"Name": "certs", "Source": "/etc"}]},
+        }
+
+    class FakeClient:
+        def __init__(self, **kwargs: object) -> None:
+            self.plugins = self
+
+        def list(self) -> list[FakePlugin]:
+            return [FakePlugin()]
+
+    monkeypatch.setattr(docker, "DockerClient", FakeClient)
+    env = {"DOCKER_HOST": "unix:///var/run/docker.sock", "PATH": "/usr/bin"}
+    assert adopt_managed(env) == "pyoverlay:latest"
+    assert env["PYOVERLAY_SOCKET"] == "/run/docker/plugins/abc123/pyoverlay.sock"
+    assert env["PYOVERLAY_STATE_DIR"] == "/srv/state/pyoverlay"
+    assert env["ETCD_CACERT"] == "/etc/pyoverlay/ca.pem"
+    assert env["DOCKER_HOST"] == "unix:///var/run/docker.sock" and env["PATH"] == "/usr/bin"
+    assert env["ETCD_ENDPOINTS"] == "http://10.0.0.5:2379" and env["PYOVERLAY_DOCKER_NAME"] == "pyoverlay:latest"
+    FakePlugin.enabled = False
+    assert adopt_managed({}) is None
