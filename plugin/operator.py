@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import socket
 import sys
 import urllib.parse
@@ -22,7 +23,16 @@ class UnixHTTP(http.client.HTTPConnection):
     def connect(self) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(self.timeout)
-        self.sock.connect(self.path)
+        if len(self.path.encode()) < 100:
+            self.sock.connect(self.path)
+            return
+        # A managed plugin's socket under a long exec root exceeds sun_path (108 bytes): reach it through
+        # an open descriptor of its directory instead.
+        fd = os.open(os.path.dirname(self.path), os.O_PATH)
+        try:
+            self.sock.connect(f"/proc/self/fd/{fd}/{os.path.basename(self.path)}")
+        finally:
+            os.close(fd)
 
 
 class NoAnswer(Exception):

@@ -396,10 +396,10 @@ class DockerHost:
 
     def cli_bare(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         """`pyoverlay ARGS` on this host with no pyoverlay setting at all: it must find the plugin (the managed one
-        through `docker plugin inspect`). Only what differs from a standard host is given: the Docker socket and
-        dockerd's exec root."""
+        through `docker plugin inspect`). Only what differs from a standard host is given: the Docker socket
+        (managed plugins' sockets are under /run/docker/plugins whatever dockerd's --exec-root)."""
         env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "DOCKER_HOST": f"unix://{self.sock}",
-               "PYOVERLAY_DOCKER_EXEC_ROOT": str(self.dir / "exec"), "LOG_LEVEL": "warning"}
+               "LOG_LEVEL": "warning"}
         return sh(*self.enter(), "env", "-i", *(f"{k}={v}" for k, v in env.items()), PYOVERLAY, *args, check=False,
                   timeout=timeout)
 
