@@ -14,6 +14,9 @@ DEFAULT_SOCKET = "/run/docker/plugins/pyoverlay.sock"
 DEFAULT_STATE_DIR = "/var/lib/pyoverlay"
 # Not 4789: Docker's swarm overlay holds that port on every swarm node, and pyoverlay runs beside it.
 DEFAULT_VXLAN_PORT = 4800
+# Names with no flag per container: daemon.json's "dns" names this address once per host; pyoverlay serves it
+# on every host (link-local: never routed off the host, and not a network anyone's containers use).
+DEFAULT_DNS_ADDRESS = "169.254.53.53"
 
 
 class ConfigError(Exception):
@@ -82,6 +85,21 @@ def _metrics_addr() -> str | None:
     return raw
 
 
+def _dns_address() -> str | None:
+    raw = (_env("PYOVERLAY_DNS_ADDRESS", DEFAULT_DNS_ADDRESS) or "").strip()
+    if raw.lower() in ("", "off", "none"):
+        return None
+    try:
+        ip = ipaddress.IPv4Address(raw)
+    except ValueError:
+        raise ConfigError(f"PYOVERLAY_DNS_ADDRESS={raw!r}: expected an IPv4 address such as {DEFAULT_DNS_ADDRESS}, "
+                          f"or off") from None
+    if ip.is_loopback or ip.is_multicast or ip.is_unspecified or ip.is_reserved:
+        # Docker drops loopback resolvers from containers' resolv.conf; the others cannot be served.
+        raise ConfigError(f"PYOVERLAY_DNS_ADDRESS={raw}: not a unicast address a container can reach")
+    return raw
+
+
 def _key_bits() -> int:
     bits = _int("PYOVERLAY_KEY_BITS", 128, 128, 256)
     if bits not in (128, 256):
@@ -119,6 +137,7 @@ class Settings:
     propagate: bool                  # plain Docker: networks created on one host appear on every host
     dns: bool                        # names across hosts: a DNS server on every network's gateway
     dns_upstreams: list[str]         # where other names go; empty = this host's /etc/resolv.conf
+    dns_address: str | None          # the host-wide DNS address (daemon.json "dns"), None = gateways only
     docker_host: str | None          # the local Docker API (DOCKER_HOST), None = Docker's default
     docker_name: str | None          # the name Docker knows this plugin by; None = find out
     metrics_addr: str | None         # HOST:PORT for Prometheus; None = not served
@@ -188,6 +207,7 @@ def load() -> Settings:
         propagate=_bool("PYOVERLAY_PROPAGATE", scope == "local"),
         dns=_bool("PYOVERLAY_DNS", scope == "local"),
         dns_upstreams=[u.strip() for u in (_env("PYOVERLAY_DNS_UPSTREAMS", "") or "").split(",") if u.strip()],
+        dns_address=_dns_address(),
         docker_host=_env("DOCKER_HOST"),
         docker_name=_env("PYOVERLAY_DOCKER_NAME"),
         metrics_addr=_metrics_addr(),

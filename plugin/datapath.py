@@ -44,6 +44,7 @@ NUD_NOARP = 0x40         # a bridge FDB entry that is static (NUD_PERMANENT ther
 TAG = "pyoverlay"
 BRIDGE = "br0"
 VXLAN = "vxlan0"
+DNS_LINK = "pyo-dns"     # host namespace: the dummy link holding the host-wide DNS address
 
 
 @dataclass(frozen=True)
@@ -402,6 +403,57 @@ class DataPath:
             return bool(ipr.link_lookup(ifname=BRIDGE)) and bool(ipr.link_lookup(ifname=VXLAN))
         except (OSError, NetlinkError):
             return False
+
+    # -- the host-wide DNS address ----------------------------------------------------------------------
+
+    @kernel
+    def ensure_dns_address(self, address: str, vnis: list[int]) -> None:
+        """The DNS address (daemon.json "dns") as a /32 on a tagged dummy link in the host namespace, where
+        containers of every other network reach it through their default route, and on the bridge of each of
+        these networks, where their containers reach it through the route Join gives them (idempotent).
+
+        The host's copy stays when the plugin stops: a query then meets "port unreachable" at once and the
+        container's resolver moves on to the next server instead of waiting for a timeout."""
+        with self._lock:
+            idx = self._host.link_lookup(ifname=DNS_LINK)
+            if idx and self._owned(self._host.link("get", index=idx[0])[0], "dns") is None:
+                raise Conflict(f"{DNS_LINK} exists and is not pyoverlay's; remove it or set PYOVERLAY_DNS_ADDRESS=off")
+            if not idx:
+                self._host.link("add", ifname=DNS_LINK, kind="dummy")
+                idx = self._host.link_lookup(ifname=DNS_LINK)
+            self._host.link("set", index=idx[0], ifalias=self._tag("dns", "0"), state="up")
+            self._ensure_host_address(self._host, idx[0], address)
+            for vni in vnis:
+                ipr = self._ipr(vni)
+                br = ipr.link_lookup(ifname=BRIDGE)
+                if br:
+                    self._ensure_host_address(ipr, br[0], address)
+
+    @staticmethod
+    def _ensure_host_address(ipr: IPRoute, index: int, address: str) -> None:
+        if any(_attr(a, "IFA_ADDRESS") == address for a in ipr.get_addr(index=index)):
+            return
+        try:
+            ipr.addr("add", index=index, address=address, prefixlen=32)
+        except NetlinkError as err:
+            if err.code != errno.EEXIST:
+                raise
+
+    @staticmethod
+    def sandbox_routes_to(sandbox: Path, address: str) -> bool | None:
+        """Does a container's namespace already route this address itself (another pyoverlay network gave it
+        the route)? None when the namespace cannot be opened."""
+        try:
+            ipr = netns.iproute(sandbox)
+        except OSError:
+            return None
+        try:
+            return any(_attr(r, "RTA_DST") == address and r["dst_len"] == 32
+                       for r in ipr.get_routes(family=socket.AF_INET, table=254))
+        except (OSError, NetlinkError):
+            return None
+        finally:
+            ipr.close()
 
     # -- endpoints --------------------------------------------------------------------------------------
 

@@ -1,14 +1,19 @@
-"""Names across hosts: a DNS server on each pyoverlay network's gateway address, fed from etcd.
+"""Names across hosts: a DNS server fed from etcd, on every pyoverlay network of this host.
 
 Docker's embedded DNS (127.0.0.11) knows only the containers of its own host. It forwards every name it
-does not know to the container's external DNS servers, from inside the container's namespace. So a
-container started with `--dns <gateway of the network>` asks this server for names on other hosts:
+does not know to the container's external DNS servers (daemon.json's "dns", or --dns), from inside the
+container's namespace. This server is where those queries land:
 
-- the gateway address (and a fixed MAC) sits on the network's bridge in its namespace on every host, so
-  the query never leaves the host; this server's sockets are bound there (one UDP + one TCP per network);
+- on the host-wide DNS address (PYOVERLAY_DNS_ADDRESS, 169.254.53.53), named once in daemon.json's "dns":
+  each pyoverlay network's namespace holds it, and Join routes it through the network's gateway, so
+  `docker run --network appnet` with no flag asks the network's own server; the host namespace holds it too,
+  for every other container (default bridge, other drivers), and only forwards there;
+- on each network's gateway address, for containers started with `--dns <gateway>`;
+- the gateway address (and a fixed MAC) and the DNS address sit on the network's bridge in its namespace
+  on every host, so the query never leaves the host; this server's sockets are bound there (UDP + TCP);
 - it answers A/AAAA/PTR for the containers of that network on every live host: their container names
   (from the endpoint records) and their aliases (`--network-alias`, short IDs; AliasRecord, written by
-  plugin/dockerapi.py), case-insensitively, with a short TTL so a moved or removed name is not cached;
+  plugin/aliases.py), case-insensitively, with a short TTL so a moved or removed name is not cached;
 - anything else is forwarded to this host's own resolvers (PYOVERLAY_DNS_UPSTREAMS, else the host's
   /etc/resolv.conf), so other names resolve exactly as before; never from an `--internal` network, whose
   containers must have no way out (REFUSED).
@@ -63,6 +68,8 @@ RATE, BURST = 200.0, 400.0  # per source address: queries a second, and at once
 MAX_TCP = 16           # TCP connections served at once; more are closed at accept
 TCP_IDLE = 5.0         # seconds a TCP connection may stay silent
 MAX_SOURCES = 4096     # rate-limit buckets kept; the oldest go first
+HOST_NAMESPACE = ""    # a listener's namespace path: the plugin's own (the host's)
+FORWARD_ONLY = ""      # a listener's network key: no network's names, everything forwarded
 
 
 class RateLimit:
@@ -181,8 +188,9 @@ class _Listener:
 class NameServer:
     """One thread serving every local network's gateway sockets; zones are swapped in whole."""
 
-    def __init__(self, upstreams: list[str] | None) -> None:
-        self.upstreams = upstreams if upstreams else upstreams_from_host()
+    def __init__(self, upstreams: list[str] | None, exclude: list[str] | None = None) -> None:
+        # Never forward to ourselves (a host whose resolv.conf names the DNS address we serve).
+        self.upstreams = [u for u in (upstreams or upstreams_from_host()) if u not in (exclude or [])]
         self.zones: dict[str, Zone] = {}
         self.queries = 0
         self.dropped = 0                     # queries refused by a bound (rate, pending, TCP slots)
@@ -252,7 +260,7 @@ class NameServer:
             tcp.listen(64)
             return udp, tcp
 
-        udp, tcp = netns.run_in(Path(path), make)
+        udp, tcp = make() if path == HOST_NAMESPACE else netns.run_in(Path(path), make)
         listener = _Listener(nkey, address, udp, tcp, internal)
         self._listeners[key] = listener
         self._selector.register(udp, selectors.EVENT_READ, listener)

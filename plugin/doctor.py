@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import json
 import subprocess
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -22,6 +23,7 @@ from kvstore import Store, StoreError
 from kvstore.records import QUARANTINE
 from plugin.config import Settings
 from plugin.datapath import VXLAN6_EXTRA, VXLAN_OVERHEAD, DataPath
+from plugin.dns import upstreams_from_host
 from plugin.dockerapi import API_ERRORS, DockerAPI
 from plugin.ipsec import ESP_OVERHEAD, missing_features
 from plugin.state import LocalState
@@ -160,6 +162,43 @@ def check_gwbridge(docker: DockerAPI | None, state: LocalState) -> Finding:
     return Finding("docker_gwbridge", "ok", f"subnets {', '.join(subnets) or '-'}, no overlap with pyoverlay networks")
 
 
+def daemon_json() -> Path:
+    """dockerd's daemon.json as this process sees it (the managed plugin: through its /etc mount)."""
+    return Path("/host/etc/docker/daemon.json") if Path("/host/etc").is_dir() else Path("/etc/docker/daemon.json")
+
+
+def _reachable(server: str) -> bool:
+    """Can a container reach this resolver (not the host's loopback, e.g. systemd-resolved's 127.0.0.53)?"""
+    try:
+        return not ipaddress.ip_address(server).is_loopback
+    except ValueError:
+        return False
+
+
+def check_dns_address(settings: Settings, path: Path | None = None) -> Finding:
+    """Names with no --dns per container need daemon.json's "dns" to start with the address pyoverlay serves."""
+    name = "names without --dns"
+    address = settings.dns_address
+    if not settings.dns or address is None:
+        return Finding(name, "ok", "off (PYOVERLAY_DNS / PYOVERLAY_DNS_ADDRESS); containers use --dns <gateway>")
+    path = path or daemon_json()
+    fallbacks = [u for u in (settings.dns_upstreams or upstreams_from_host()) if u != address and _reachable(u)]
+    line = '"dns": ' + json.dumps([address, *fallbacks[:2]])
+    fix = f"put {line} in /etc/docker/daemon.json and restart dockerd (once per host)"
+    try:
+        config = json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError) as err:
+        return Finding(name, "fail", f"{path}: {err}", f"make it valid JSON, then {fix}")
+    servers = config.get("dns") if isinstance(config, dict) else None
+    if not isinstance(servers, list) or address not in servers:
+        return Finding(name, "warn", f"{path} does not name {address} in \"dns\": containers resolve names of "
+                       f"other hosts only with --dns <gateway of their network>", fix)
+    if servers[0] != address:
+        return Finding(name, "warn", f"{path}: {address} is not the first of \"dns\" {servers}: "
+                       f"resolvers ask the first, which does not know the containers' names", fix)
+    return Finding(name, "ok", f"{path} names {address}: containers resolve names across hosts with no flag")
+
+
 def check_forwarding() -> Finding:
     try:
         forwarding = Path("/proc/sys/net/ipv4/ip_forward").read_text().strip() == "1"
@@ -240,6 +279,7 @@ def run_all(settings: Settings, store: Store | None, datapath: DataPath, state: 
         check_port(datapath, settings.vxlan_port),
         check_etcd(store, settings),
         check_gwbridge(docker, state),
+        check_dns_address(settings),
         check_forwarding(),
         check_neighbours(),
     ]

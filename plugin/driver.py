@@ -13,6 +13,7 @@ import threading
 import zlib
 from collections import defaultdict
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from ipam.allocator import Ipam
@@ -481,7 +482,31 @@ class NetworkDriver:
             raise Unavailable(f"could not create the endpoint's interface: {err}") from err
         ep.joined = True
         self.state.put_endpoint(ep)
-        return {"InterfaceName": {"SrcName": ifname, "DstPrefix": "eth"}, "DisableGatewayService": False}
+        reply: dict[str, Any] = {"InterfaceName": {"SrcName": ifname, "DstPrefix": "eth"},
+                                 "DisableGatewayService": False}
+        routes = self._dns_route(local, req.SandboxKey)
+        if routes:
+            reply["StaticRoutes"] = routes
+        return reply
+
+    def _dns_route(self, local: LocalNetwork, sandbox_key: str) -> list[dict[str, Any]]:
+        """The host-wide DNS address through this network's gateway: Docker's embedded DNS forwards what it
+        does not know to daemon.json's "dns" from inside the container, and so reaches this network's names.
+
+        A container on two pyoverlay networks keeps the route its first one gave (the kernel has one route to
+        an address; Docker fails a Join whose route already exists)."""
+        address, gateway = self.settings.dns_address, local.record.gateway
+        if not (self.settings.dns and address and gateway):
+            return []
+        sandbox = sandbox_path(sandbox_key)
+        routed = None if sandbox is None else self.datapath.sandbox_routes_to(sandbox, address)
+        if routed is None:
+            log.warning("Join: cannot open the container's namespace %s; no route to the DNS address %s "
+                        "(names on other hosts need --dns %s there)", sandbox_key, address, gateway.split("/")[0])
+            return []
+        if routed:
+            return []
+        return [{"Destination": f"{address}/32", "RouteType": 0, "NextHop": gateway.split("/")[0]}]
 
     def leave(self, req: p.EndpointRef) -> dict[str, Any]:
         ep = self.state.endpoint(req.EndpointID)
@@ -576,3 +601,20 @@ class NetworkDriver:
                     if addr and ipaddress.ip_interface(addr).ip in net:
                         held[str(ipaddress.ip_interface(addr).ip)] = rec.endpoint_id
             self.ipam.reclaim(pool_id(net, explicit), cidr, gateway, held)
+
+
+# Where the managed plugin sees the host's /var/run (config.json's "docker" mount).
+DOCKER_RUN_MOUNT = Path("/run/docker-host")
+
+
+def sandbox_path(key: str) -> Path | None:
+    """A container's namespace file as Docker names it (SandboxKey), or as the managed plugin sees it."""
+    path = Path(key)
+    if not path.is_absolute() or ".." in path.parts:
+        return None
+    if path.exists():
+        return path
+    for prefix in (Path("/var/run"), Path("/run")):
+        if path.is_relative_to(prefix) and (moved := DOCKER_RUN_MOUNT / path.relative_to(prefix)).exists():
+            return moved
+    return None

@@ -14,7 +14,7 @@ from kvstore import KV, Keys, Store, WatchEvent
 from kvstore.base import Watch
 from kvstore.records import AliasRecord, EndpointRecord, HostRecord, InvalidRecord
 from plugin.datapath import DataPath
-from plugin.dns import NameServer, build_zones
+from plugin.dns import FORWARD_ONLY, HOST_NAMESPACE, NameServer, build_zones
 from plugin.state import LocalState
 
 log = logging.getLogger(__name__)
@@ -22,12 +22,13 @@ log = logging.getLogger(__name__)
 
 class NameService:
     def __init__(self, store: Store, keys: Keys, state: LocalState, datapath: DataPath,
-                 upstreams: list[str] | None) -> None:
+                 upstreams: list[str] | None, address: str | None = None) -> None:
         self.store = store
         self.keys = keys
         self.state = state
         self.datapath = datapath
-        self.server = NameServer(upstreams)
+        self.address = address     # the host-wide DNS address (daemon.json "dns"), None = gateways only
+        self.server = NameServer(upstreams, exclude=[address] if address else [])
         self.aliases: dict[str, AliasRecord] = {}
         self._endpoints: list[EndpointRecord] = []
         self._hosts: set[str] = set()
@@ -79,18 +80,32 @@ class NameService:
         self.server.set_zones(zones)
 
     def networks_changed(self) -> None:
-        """Listen on the gateway of every local network (and nowhere else)."""
-        wanted = {}
+        """Listen on the gateway of every local network, on the host-wide DNS address in each IPv4 network's
+        namespace (containers route it to their gateway) and in the host namespace (everyone else's
+        containers: forwarded only), and nowhere else."""
+        wanted: dict[tuple[str, str], tuple[str, bool]] = {}
+        with_address: list[int] = []
         for local in list(self.state.data.networks.values()):
+            ns = str(self.datapath.ns_path(local.record.vni))
             for gw in (local.record.gateway, local.record.gateway6):
                 if gw:
-                    wanted[(str(self.datapath.ns_path(local.record.vni)), gw.split("/")[0])] = (
-                        local.record.key, local.record.internal)
+                    wanted[(ns, gw.split("/")[0])] = (local.record.key, local.record.internal)
+            if self.address and local.record.gateway:
+                wanted[(ns, self.address)] = (local.record.key, local.record.internal)
+                with_address.append(local.record.vni)
+        if self.address:
+            try:
+                self.datapath.ensure_dns_address(self.address, with_address)
+                wanted[(HOST_NAMESPACE, self.address)] = (FORWARD_ONLY, False)
+            except Exception as err:  # noqa: BLE001 - names through the gateways keep working
+                log.error("DNS address %s: %s; containers without --dns resolve names of this host only",
+                          self.address, err)
         self.server.serve_networks(wanted)
 
     def status(self) -> dict[str, object]:
         zones = self.server.zones
-        return {"serving": [f"{n} on {a}:53" for n, a in self.server.serving()],
+        return {"serving": [f"{n or 'other networks (forwarded)'} on {a}:53" for n, a in self.server.serving()],
+                "address": self.address,
                 "names": {nkey: sorted(z.forward) for nkey, z in sorted(zones.items())},
                 "queries": self.server.queries, "dropped": self.server.dropped, "upstreams": self.server.upstreams}
 

@@ -57,7 +57,8 @@ class Runtime:
         self.peers = PeerSync(self.store, self.keys, self.datapath, self.state, settings.host, self.encryption)
         self.peers.on_seen_change = self.wake
         # The cluster experience on plain Docker: names across hosts, networks on every host.
-        self.names = NameService(self.store, self.keys, self.state, self.datapath, settings.dns_upstreams) \
+        self.names = NameService(self.store, self.keys, self.state, self.datapath, settings.dns_upstreams,
+                                 settings.dns_address) \
             if settings.dns else None
         self.propagation = Propagation(self.store, self.keys, self.state, settings.host) \
             if settings.propagate else None

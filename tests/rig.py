@@ -270,6 +270,8 @@ class DockerHost:
         sh("ip", "-n", ns, "link", "set", "eth0", "up")
         sh("ip", "-n", ns, "link", "set", "lo", "up")
         sh("ip", "-n", ns, "route", "add", "default", "via", f"{UNDERLAY_NET}.254")
+        if self.rig.daemon:
+            (self.dir / "etc-docker" / "daemon.json").write_text(json.dumps(self.rig.daemon))
         self._start_holder()
         self.start_dockerd()
 
@@ -535,8 +537,10 @@ class DockerHost:
 
 
 class Rig:
-    def __init__(self, workdir: Path | None = None, tag: str | None = None, engine: Engine | None = None) -> None:
+    def __init__(self, workdir: Path | None = None, tag: str | None = None, engine: Engine | None = None,
+                 daemon: dict[str, Any] | None = None) -> None:
         self.engine = engine or engine_from_env()
+        self.daemon = daemon or {}      # every host's /etc/docker/daemon.json
         self.tag = tag or os.urandom(2).hex()
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="pyoverlay-rig-"))
         self.underlay_ns = f"{PREFIX}-{self.tag}-ul"
@@ -630,9 +634,9 @@ class Rig:
 
 
 @contextlib.contextmanager
-def rig(hosts: int = 1, **env: str) -> Iterator[Rig]:
+def rig(hosts: int = 1, daemon: dict[str, Any] | None = None, **env: str) -> Iterator[Rig]:
     """A rig of hosts running pyoverlay (with env), torn down afterwards whatever happens."""
-    r = Rig()
+    r = Rig(daemon=daemon)
     try:
         yield r.up(hosts, **env)
     finally:

@@ -1,8 +1,9 @@
 """The cluster experience on plain Docker: a network created on one host appears on every host, and
 containers resolve each other's names across hosts (3 simulated hosts, real dockerd, real etcd).
 
-Names: a container started with `--dns <gateway of the network>` asks pyoverlay's DNS server (on the
-gateway address, in the network's namespace) for what Docker's embedded DNS does not know. "The internet"
+Names: every host's daemon.json names pyoverlay's DNS address once ("dns": ["169.254.53.53"]), so Docker's
+embedded DNS asks pyoverlay's server for what it does not know, with no flag per container; a container
+started with `--dns <gateway of the network>` reaches the same server on the gateway address. "The internet"
 is a small DNS server on the root namespace's underlay address (tests/dns_upstream.py).
 """
 
@@ -17,7 +18,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.rig import ROOT, DockerHost, Rig, cleanup_stale, wait_for
+from plugin.config import DEFAULT_DNS_ADDRESS as DNS_ADDRESS
+from tests.rig import IMAGE, ROOT, DockerHost, Rig, cleanup_stale, wait_for
 
 pytestmark = pytest.mark.docker
 
@@ -28,7 +30,7 @@ EXTERNAL = ("external.example", "192.0.2.55")
 @pytest.fixture(scope="module")
 def rig3() -> Iterator[Rig]:
     cleanup_stale()
-    rig = Rig()
+    rig = Rig(daemon={"dns": [DNS_ADDRESS]})
     upstream = None
     try:
         rig.up(3, plugin=False)
@@ -137,23 +139,28 @@ def lookup(h: DockerHost, container: str, name: str) -> list[str]:
 
 
 def test_names_resolve_across_hosts(rig3: Rig) -> None:
+    """No flag per container: daemon.json's "dns" (set once per host) is enough."""
     h1, h2, h3 = rig3.hosts
     appears(h3, "app", timeout=30)
     gw = "10.61.0.254"
-    h1.run("web", "app", "--network-alias", "www", "--dns", gw, ip="10.61.0.80",
-           cmd=("httpd", "-f", "-p", "80", "-h", "/tmp"))
+    h1.run("web", "app", "--network-alias", "www", ip="10.61.0.80", cmd=("httpd", "-f", "-p", "80", "-h", "/tmp"))
     h1.exec("web", "sh", "-c", "echo hello-from-web > /tmp/index.html")
-    h2.run("client", "app", "--dns", gw)
+    h2.run("client", "app")
     wait_for("web resolves on h2", lambda: lookup(h2, "client", "web") == ["10.61.0.80"], timeout=10)
     assert h2.exec("client", "ping", "-c1", "-W2", "web", check=False).returncode == 0
     assert lookup(h2, "client", "www") == ["10.61.0.80"], "--network-alias resolves too"
     page = h2.exec("client", "wget", "-q", "-O-", "http://web/", check=False, timeout=20)
     assert page.stdout.strip() == "hello-from-web", page.stdout + page.stderr
-    # Names of other hosts' containers resolve on a third host too, and names outside keep working.
+    # --dns <gateway> keeps working (the way before the host-wide address).
     h3.run("client3", "app", "--dns", gw)
     wait_for("web resolves on h3", lambda: lookup(h3, "client3", "web") == ["10.61.0.80"], timeout=10)
     assert lookup(h2, "client", EXTERNAL[0]) == [EXTERNAL[1]], "other names go to the host's resolvers"
+    assert lookup(h3, "client3", EXTERNAL[0]) == [EXTERNAL[1]]
     assert lookup(h2, "client", "no-such-container") == []
+    # Containers on other networks resolve external names through the same address (forwarded only).
+    h2.docker("run", "-d", "--name", "bridged", IMAGE, "sleep", "86400")
+    assert lookup(h2, "bridged", EXTERNAL[0]) == [EXTERNAL[1]]
+    assert lookup(h2, "bridged", "web") == [], "pyoverlay's names are for its networks' containers only"
     # The container moves to h3 (another address): its name follows within 2 s.
     h1.docker("rm", "-f", "web")
     began = time.monotonic()
@@ -168,9 +175,13 @@ def test_names_resolve_across_hosts(rig3: Rig) -> None:
     # A restarted container keeps resolving (same name, same address).
     h3.docker("restart", "-t", "0", "web")
     wait_for("web after restart", lambda: lookup(h2, "client", "web") == ["10.61.0.81"], timeout=5)
-    # Without --dns, same-host names still resolve as Docker always did.
+    # Same-host names resolve as Docker always did.
     h2.run("plain", "app")
     assert lookup(h2, "plain", "client") != []
+    # doctor finds the daemon.json line; status names the address.
+    finding = next(f for f in h2.cli_json("doctor") if f["check"] == "names without --dns")
+    assert finding["status"] == "ok", finding
+    assert status(h2)["dns"]["address"] == DNS_ADDRESS
 
 
 def test_metrics_say_what_happened(rig3: Rig) -> None:

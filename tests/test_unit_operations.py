@@ -10,7 +10,7 @@ import pytest
 
 from kvstore import KV, Keys, StoreUnavailable
 from kvstore.records import NetworkRecord
-from plugin import doctor
+from plugin import config, doctor, driver
 from plugin.datapath import Underlay
 from plugin.reconciler import Garbage, Reconciler
 from plugin.state import LocalNetwork, LocalState
@@ -181,3 +181,41 @@ def test_a_managed_plugin_is_found_and_its_paths_are_the_hosts(monkeypatch) -> N
     assert env["ETCD_ENDPOINTS"] == "http://10.0.0.5:2379" and env["PYOVERLAY_DOCKER_NAME"] == "pyoverlay:latest"
     FakePlugin.enabled = False
     assert adopt_managed({}) is None
+
+
+def test_doctor_names_the_daemon_json_line_for_names_without_a_flag(monkeypatch: pytest.MonkeyPatch,
+                                                                     tmp_path: Path) -> None:
+    monkeypatch.setenv("PYOVERLAY_DNS_UPSTREAMS", "127.0.0.53,192.0.2.1")
+    settings = config.load()
+    assert settings.dns_address == config.DEFAULT_DNS_ADDRESS
+    daemon = tmp_path / "daemon.json"
+    missing = doctor.check_dns_address(settings, daemon)
+    # systemd-resolved's loopback address is useless inside a container: not offered as the fallback.
+    assert missing.status == "warn" and '"dns": ["169.254.53.53", "192.0.2.1"]' in missing.fix
+    daemon.write_text('{"dns": ["192.0.2.1", "169.254.53.53"]}')
+    assert doctor.check_dns_address(settings, daemon).status == "warn", "resolvers ask the first server"
+    daemon.write_text('{"dns": ["169.254.53.53", "192.0.2.1"]}')
+    assert doctor.check_dns_address(settings, daemon).status == "ok"
+    daemon.write_text('{"dns": ')
+    assert doctor.check_dns_address(settings, daemon).status == "fail"
+    monkeypatch.setenv("PYOVERLAY_DNS_ADDRESS", "off")
+    assert doctor.check_dns_address(config.load(), daemon).status == "ok"
+
+
+@pytest.mark.parametrize("value", ["127.0.0.1", "224.0.0.53", "0.0.0.0", "fd00::53", "dns.example", "1.2.3.4; rm"])
+def test_the_dns_address_must_be_a_unicast_ipv4_address(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("PYOVERLAY_DNS_ADDRESS", value)
+    with pytest.raises(config.ConfigError, match="PYOVERLAY_DNS_ADDRESS"):
+        config.load()
+
+
+def test_a_sandbox_key_is_found_where_the_managed_plugin_sees_it(monkeypatch: pytest.MonkeyPatch,
+                                                                 tmp_path: Path) -> None:
+    monkeypatch.setattr(driver, "DOCKER_RUN_MOUNT", tmp_path)
+    (tmp_path / "docker/netns").mkdir(parents=True)
+    (tmp_path / "docker/netns/abc").touch()
+    assert driver.sandbox_path("/var/run/docker/netns/abc") == tmp_path / "docker/netns/abc"
+    assert driver.sandbox_path("/run/docker/netns/abc") == tmp_path / "docker/netns/abc"
+    assert driver.sandbox_path(str(tmp_path / "docker/netns/abc")) == tmp_path / "docker/netns/abc"
+    for bad in ("/var/run/docker/netns/none", "docker/netns/abc", "/var/run/../run/docker/netns/abc"):
+        assert driver.sandbox_path(bad) is None
