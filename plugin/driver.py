@@ -614,7 +614,10 @@ def sandbox_path(key: str) -> Path | None:
         return None
     if path.exists():
         return path
-    for prefix in (Path("/var/run"), Path("/run")):
-        if path.is_relative_to(prefix) and (moved := DOCKER_RUN_MOUNT / path.relative_to(prefix)).exists():
+    # The mount's source is a directory above dockerd's exec root (default /var/run above /var/run/docker):
+    # the most specific tail of the path that exists under the mount.
+    parts = path.parts[1:]
+    for start in range(len(parts) - 1):
+        if (moved := DOCKER_RUN_MOUNT.joinpath(*parts[start:])).exists():
             return moved
     return None

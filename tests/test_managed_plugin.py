@@ -1,9 +1,11 @@
 """pyoverlay as a managed Docker plugin (`make plugin`), installed on three simulated hosts the way a user would:
 `docker plugin set` + `enable`, networks with `-d pyoverlay:latest --ipam-driver pyoverlay:latest`.
 
-Then the plugin's process is killed (Docker restarts it), the plugin is force-disabled and enabled again with
-networks present, and dockerd is restarted with --live-restore: each time the existing containers keep their
-connectivity (no ping lost) and new containers join.
+The network is created on one host and the plugins propagate it to the others; containers resolve each
+other's names across hosts with no flag (daemon.json's "dns"). Then the plugin's process is killed (Docker
+restarts it), the plugin is force-disabled and enabled again with networks present, and dockerd is restarted
+with --live-restore: each time the existing containers keep their connectivity (no ping lost) and new
+containers join.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from plugin.config import DEFAULT_DNS_ADDRESS
 from tests.rig import MANAGED, Rig, cleanup_stale, sh, wait_for
+from tests.test_cluster import lookup
 
 pytestmark = pytest.mark.docker
 
@@ -30,13 +34,16 @@ NET, SUBNET = "mnet", "10.70.0.0/24"
 @pytest.fixture(scope="module")
 def rig3() -> Iterator[Rig]:
     cleanup_stale()
-    rig = Rig()
+    rig = Rig(daemon={"dns": [DEFAULT_DNS_ADDRESS]})   # names with no flag per container
     try:
         rig.up(3, plugin=False)
         for h in rig.hosts:
-            h.install_plugin(PYOVERLAY_LEASE_TTL="6")
+            h.install_plugin(PYOVERLAY_LEASE_TTL="6", PYOVERLAY_PROPAGATE="true")
+        # Created on h1 only: the plugins propagate it to h2 and h3.
+        rig.hosts[0].docker("network", "create", *PY, "--subnet", SUBNET, NET)
         for h in rig.hosts:
-            h.docker("network", "create", *PY, "--subnet", SUBNET, NET)
+            wait_for(f"{NET} on {h.name}", lambda h=h: h.docker("network", "inspect", NET, check=False)
+                     .returncode == 0, timeout=30)
             h.run(f"m-{h.name}", NET)
         yield rig
     finally:
@@ -97,6 +104,23 @@ def test_installed_on_every_host_and_hosts_connect(rig3: Rig) -> None:
     doc = h1.cli_bare("doctor", "--json")
     findings = {f["check"]: f["status"] for f in json.loads(doc.stdout)}
     assert "plugin" not in findings and findings.get("etcd") == "ok", findings  # the plugin itself answered
+
+
+def test_propagated_network_and_names_across_hosts(rig3: Rig) -> None:
+    h1, h2, h3 = rig3.hosts
+    for h in (h2, h3):
+        labels = json.loads(h.docker("network", "inspect", "-f", "{{json .Labels}}", NET).stdout)
+        assert labels.get("pyoverlay.origin") == "h1", labels
+        assert len(h.docker("network", "ls", "-q", "--filter", f"name=^{NET}$").stdout.split()) == 1
+    ip1 = h1.ip_of("m-h1", NET)
+    wait_for("m-h1 resolves on h3", lambda: lookup(h3, "m-h3", "m-h1") == [ip1], timeout=30)
+    assert lookup(h2, "m-h2", "m-h3") == [h3.ip_of("m-h3", NET)]
+    assert h3.exec("m-h3", "ping", "-c1", "-W2", "m-h1", check=False).returncode == 0
+    # dockerd files the plugin's stdout at info and its stderr at error: a healthy plugin logs no errors.
+    plugin_lines = [ln for ln in h1.dockerd_log().splitlines() if "plugin=" in ln]
+    assert any("level=info" in ln for ln in plugin_lines), plugin_lines[-5:]
+    errors = [ln for ln in plugin_lines if "level=error" in ln]
+    assert not errors, errors[:5]
 
 
 def test_killed_plugin_is_restarted_by_docker_and_nothing_drops(rig3: Rig) -> None:

@@ -217,5 +217,9 @@ def test_a_sandbox_key_is_found_where_the_managed_plugin_sees_it(monkeypatch: py
     assert driver.sandbox_path("/var/run/docker/netns/abc") == tmp_path / "docker/netns/abc"
     assert driver.sandbox_path("/run/docker/netns/abc") == tmp_path / "docker/netns/abc"
     assert driver.sandbox_path(str(tmp_path / "docker/netns/abc")) == tmp_path / "docker/netns/abc"
+    # dockerd with --exec-root /srv/h1/exec, the plugin's docker mount from /srv/h1
+    (tmp_path / "exec/netns").mkdir(parents=True)
+    (tmp_path / "exec/netns/def").touch()
+    assert driver.sandbox_path("/srv/h1/exec/netns/def") == tmp_path / "exec/netns/def"
     for bad in ("/var/run/docker/netns/none", "docker/netns/abc", "/var/run/../run/docker/netns/abc"):
         assert driver.sandbox_path(bad) is None
