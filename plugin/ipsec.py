@@ -28,7 +28,7 @@ import subprocess
 import threading
 from dataclasses import dataclass
 
-from plugin import nftjson
+from plugin import nftjson, xtables
 from plugin.errors import Unavailable
 from plugin.keys import SAKey
 
@@ -39,12 +39,12 @@ MARK = 0x70790E00         # fwmark of datagrams that must travel inside ESP
 CATCHALL_PRIORITY = 0x70790  # catch-all xfrm policies: below every per-peer policy (priority 0)
 TABLE = "pyoverlay"        # nftables table; the iptables chains below where nftables cannot do it
 CHAIN_MARK, CHAIN_OUT, CHAIN_IN = "PYOVERLAY-ESP-MARK", "PYOVERLAY-ESP-OUT", "PYOVERLAY-ESP-IN"
+GUARD_HOOKS = (("mangle", "OUTPUT", CHAIN_MARK), ("filter", "OUTPUT", CHAIN_OUT), ("filter", "INPUT", CHAIN_IN))
 ESP_OVERHEAD = 40         # ESP header 8 + IV 8 + pad <= 3 + trailer 2 + ICV 16, rounded up
 ALGO = "rfc4106(gcm(aes))"
 
 
-def run(args: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(args, input=stdin, capture_output=True, text=True, timeout=10, check=False)
+run = xtables.run   # ip xfrm and nft go through the same argument-list runner
 
 
 @dataclass(frozen=True)
@@ -174,24 +174,18 @@ class IPsec:
                    "-j DROP")
         script = "\n".join(["*mangle", f":{CHAIN_MARK} - [0:0]", *mark, "COMMIT",
                             "*filter", f":{CHAIN_OUT} - [0:0]", f":{CHAIN_IN} - [0:0]", *out, *inp, "COMMIT"]) + "\n"
-        res = run(["iptables-restore", "-w", "--noflush"], script)
+        res = xtables.restore("iptables", script)
         if res.returncode != 0:
             raise Unavailable(f"could not install the encryption guard (iptables): {res.stderr.strip()}")
-        for table, hook, chain in (("mangle", "OUTPUT", CHAIN_MARK), ("filter", "OUTPUT", CHAIN_OUT),
-                                   ("filter", "INPUT", CHAIN_IN)):
-            if run(["iptables", "-w", "-t", table, "-C", hook, "-j", chain]).returncode != 0:
-                res = run(["iptables", "-w", "-t", table, "-I", hook, "1", "-j", chain])
-                if res.returncode != 0:
-                    raise Unavailable(f"could not hook the encryption guard into {hook}: {res.stderr.strip()}")
+        for table, hook, chain in GUARD_HOOKS:
+            problem = xtables.hook("iptables", table, hook, chain)
+            if problem:
+                raise Unavailable(f"could not hook the encryption guard into {hook}: {problem}")
 
     def remove_guard(self) -> None:
         if self.backend() == "iptables":
-            for table, hook, chain in (("mangle", "OUTPUT", CHAIN_MARK), ("filter", "OUTPUT", CHAIN_OUT),
-                                       ("filter", "INPUT", CHAIN_IN)):
-                while run(["iptables", "-w", "-t", table, "-D", hook, "-j", chain]).returncode == 0:
-                    pass
-                run(["iptables", "-w", "-t", table, "-F", chain])
-                run(["iptables", "-w", "-t", table, "-X", chain])
+            for table, hook, chain in GUARD_HOOKS:
+                xtables.unhook("iptables", table, hook, chain)
             return
         run(["nft", "delete", "table", "ip", TABLE])
 
@@ -200,7 +194,7 @@ class IPsec:
         if self.backend() == "iptables":
             counts = {}
             for key, chain in (("out", CHAIN_OUT), ("in", CHAIN_IN)):
-                res = run(["iptables", "-w", "-t", "filter", "-L", chain, "-n", "-v", "-x"])
+                res = xtables.listing("iptables", "filter", chain)
                 counts[key] = sum(int(line.split()[0]) for line in res.stdout.splitlines()[2:] if line.strip())
             return counts
         table = nftjson.listing("table", "ip", TABLE)
@@ -212,14 +206,11 @@ class IPsec:
         if not vnis:
             return True
         if self.backend() == "iptables":
-            hooked = all(run(["iptables", "-w", "-t", t, "-C", hook, "-j", chain]).returncode == 0
-                         for t, hook, chain in (("mangle", "OUTPUT", CHAIN_MARK), ("filter", "OUTPUT", CHAIN_OUT),
-                                                ("filter", "INPUT", CHAIN_IN)))
-            if not hooked:
+            if not all(xtables.hooked("iptables", t, hook, chain) for t, hook, chain in GUARD_HOOKS):
                 return False
-            res = run(["iptables", "-w", "-t", "mangle", "-S", CHAIN_MARK])
-            have = {int(m) for m in re.findall(r"pyoverlay:enc:vni(\d+)", res.stdout)}
-            return have == {int(v) for v in vnis} and "-j DROP" in run(["iptables", "-w", "-S", CHAIN_OUT]).stdout
+            marked = xtables.rules("iptables", "mangle", CHAIN_MARK)
+            have = {int(m) for m in re.findall(r"pyoverlay:enc:vni(\d+)", marked)}
+            return have == {int(v) for v in vnis} and "-j DROP" in xtables.rules("iptables", "filter", CHAIN_OUT)
         table = nftjson.listing("table", "ip", TABLE)
         notes = {r["rule"].get("comment", "") for r in table if "rule" in r}
         want = {f"pyoverlay:enc:vni{int(v)}" for v in vnis} | {"pyoverlay: no SA, never clear text"}

@@ -19,12 +19,11 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
-import subprocess
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
-from plugin import nftjson
+from plugin import nftjson, xtables
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +39,6 @@ TOOLS = {"ip": "iptables", "ip6": "ip6tables"}
 
 def _split(addrs: list[str], fam: str) -> list[str]:
     return [a for a in addrs if (":" in a) == (fam == "ip6")]
-
-
-def _run(args: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(args, input=stdin, capture_output=True, text=True, timeout=10, check=False)
 
 
 class Backend(Protocol):
@@ -141,7 +136,7 @@ class IptablesBackend:
                 ipset.create(IPSETS[fam], family=self.AF[fam], exclusive=False)
         except Exception:  # noqa: BLE001 - no ipset in this kernel
             return False
-        if _run([f"{TOOLS[fam]}-restore", "-w", "--noflush", "--test"], self._script(fam)).returncode == 0:
+        if xtables.restore(TOOLS[fam], self._script(fam), test=True).returncode == 0:
             return True
         with IPSet() as ipset:
             ipset.destroy(IPSETS[fam])
@@ -156,9 +151,9 @@ class IptablesBackend:
 
     def _present(self, fam: str) -> bool:
         tool = TOOLS[fam]
-        if _run([tool, "-w", "-C", "INPUT", "-j", CHAIN]).returncode != 0:
+        if not xtables.hooked(tool, "filter", "INPUT", CHAIN):
             return False
-        rules = _run([tool, "-w", "-S", CHAIN]).stdout
+        rules = xtables.rules(tool, "filter", CHAIN)
         return f"--match-set {IPSETS[fam]} src" in rules and ",".join(map(str, self.ports)) in rules
 
     def present(self) -> bool:
@@ -184,19 +179,18 @@ class IptablesBackend:
             if self._present(fam):
                 continue
             tool = TOOLS[fam]
-            res = _run([f"{tool}-restore", "-w", "--noflush"], self._script(fam))
+            res = xtables.restore(tool, self._script(fam))
             if res.returncode != 0:
                 return f"{tool}-restore refused it ({res.stderr.strip()[:300]})"
-            if _run([tool, "-w", "-C", "INPUT", "-j", CHAIN]).returncode != 0:
-                res = _run([tool, "-w", "-I", "INPUT", "1", "-j", CHAIN])
-                if res.returncode != 0:
-                    return f"{tool} could not hook {CHAIN} into INPUT ({res.stderr.strip()[:300]})"
+            problem = xtables.hook(tool, "filter", "INPUT", CHAIN)
+            if problem:
+                return f"{tool} could not hook {CHAIN} into INPUT ({problem})"
         return ""
 
     def dropped(self) -> int:
         total, found = 0, False
         for fam in self.families:
-            res = _run([TOOLS[fam], "-w", "-L", CHAIN, "-n", "-v", "-x"])
+            res = xtables.listing(TOOLS[fam], "filter", CHAIN)
             if res.returncode != 0:
                 continue
             found = True
@@ -206,11 +200,7 @@ class IptablesBackend:
     def remove(self) -> None:
         from pyroute2.ipset import IPSet  # noqa: PLC0415
         for fam in self.families:
-            tool = TOOLS[fam]
-            while _run([tool, "-w", "-D", "INPUT", "-j", CHAIN]).returncode == 0:
-                pass
-            _run([tool, "-w", "-F", CHAIN])
-            _run([tool, "-w", "-X", CHAIN])
+            xtables.unhook(TOOLS[fam], "filter", "INPUT", CHAIN)
         try:
             with IPSet() as ipset:
                 for fam in self.families:
