@@ -34,6 +34,12 @@ def table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
+def stats_table(what: str, labels: dict[str, str], stats: dict[str, dict[str, float]]) -> str:
+    """One row per series (its label, n, p50, p99, max) from summary() results."""
+    return table([what, "n", "p50", "p99", "max"],
+                 [[labels[k], s["n"], s["p50"], s["p99"], s["max"]] for k, s in stats.items()])
+
+
 def save(name: str, result: dict[str, Any], markdown: str) -> None:
     """bench/results/<name>.json (raw) and docs/bench/<name>.md (the table docs/benchmarks.md links)."""
     result = {"benchmark": name, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **result}

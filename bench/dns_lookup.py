@@ -17,7 +17,7 @@ import json
 import subprocess
 import sys
 
-from common import save, summary, table
+from common import save, stats_table, summary
 
 from plugin.config import DEFAULT_DNS_ADDRESS
 from tests.rig import IMAGE, ROOT, DockerHost, Rig, sh
@@ -79,8 +79,7 @@ def main() -> int:
               "bridge_via_pyoverlay": "default bridge, resolver = 169.254.53.53 (after)",
               "overlay_external": "pyoverlay container, external name via 127.0.0.11",
               "overlay_network_name": "pyoverlay container, its network's name via 169.254.53.53"}
-    md = table(["external lookup (ms)", "n", "p50", "p99", "max"],
-               [[labels[k], s["n"], s["p50"], s["p99"], s["max"]] for k, s in stats.items()])
+    md = stats_table("lookup (ms)", labels, stats)
     md += f"\n\n{engine}; one simulated host, resolver = tests/dns_upstream.py in the root namespace."
     save("dns_lookup", {"queries": args.queries, "ms": res, "summary": stats, "engine": engine}, md)
     return 0

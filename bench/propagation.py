@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 
-from common import save, summary, table
+from common import save, stats_table, summary
 
 from tests.rig import ROOT, DockerHost, Rig, sh, wait_for
 
@@ -120,8 +120,7 @@ def main() -> int:
               "network_rm": "network rm on h1 -> removed on h2",
               "name_appears": "docker run on h1 -> name resolves on h2",
               "name_goes": "docker rm -f on h1 -> name gone on h2"}
-    md = table(["what (ms)", "n", "p50", "p99", "max"],
-               [[labels[k], s["n"], s["p50"], s["p99"], s["max"]] for k, s in stats.items()])
+    md = stats_table("what (ms)", labels, stats)
     save("propagation", {"trials": args.trials, "ms": res, "summary": stats}, md)
     print(json.dumps(stats))
     return 0
