@@ -66,9 +66,8 @@ class DockerAPI:
             name = self.socket_name
             for plugin in self.client.plugins.list():
                 cfg = plugin.attrs.get("Config", {})
-                types = [f"{t.get('Prefix')}.{t.get('Capability')}" for t in cfg.get("Interface", {}).get("Types", [])]
-                if plugin.enabled and cfg.get("Interface", {}).get("Socket") == f"{self.socket_name}.sock" and \
-                        "docker.networkdriver" in types:
+                if plugin.enabled and (cfg.get("Interface") or {}).get("Socket") == f"{self.socket_name}.sock" and \
+                        NETWORK_DRIVER in interface_types(cfg):
                     name = plugin.name
                     break
             self._driver_name = name
@@ -77,6 +76,21 @@ class DockerAPI:
 
     def ours(self, driver: str | None) -> bool:
         return bool(driver) and driver == self.driver_name()
+
+
+NETWORK_DRIVER = "docker.networkdriver/1.0"
+
+
+def interface_types(cfg: dict[str, Any]) -> set[str]:
+    """A plugin's interface types as config.json writes them ("docker.networkdriver/1.0"). Docker 20.10's API
+    gives each as {"Prefix", "Capability", "Version"}, Docker 28's as that string."""
+    out = set()
+    for t in (cfg.get("Interface") or {}).get("Types") or []:
+        if isinstance(t, str):
+            out.add(t)
+        elif isinstance(t, dict):
+            out.add(f"{t.get('Prefix')}.{t.get('Capability')}/{t.get('Version')}")
+    return out
 
 
 class DockerWatch:

@@ -223,6 +223,8 @@ def adopt_managed(environ: dict[str, str]) -> str | None:
     None (no such plugin, or Docker not reachable)."""
     import docker  # noqa: PLC0415 - only here
 
+    from plugin.dockerapi import NETWORK_DRIVER, interface_types  # noqa: PLC0415
+
     try:
         client = docker.DockerClient(base_url=environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock",
                                      timeout=10)
@@ -232,10 +234,7 @@ def adopt_managed(environ: dict[str, str]) -> str | None:
     for p in plugins:
         cfg = p.attrs.get("Config") or {}
         entry = (cfg.get("Entrypoint") or [""])[0]
-        # The API gives each type as {"Prefix", "Capability", "Version"} (config.json's "docker.networkdriver/1.0")
-        types = {t if isinstance(t, str) else f"{t.get('Prefix')}.{t.get('Capability')}/{t.get('Version')}"
-                 for t in (cfg.get("Interface") or {}).get("Types") or []}
-        if not p.enabled or "docker.networkdriver/1.0" not in types or not entry.endswith("/pyoverlay"):
+        if not p.enabled or NETWORK_DRIVER not in interface_types(cfg) or not entry.endswith("/pyoverlay"):
             continue
         settings = p.attrs.get("Settings") or {}
         env = dict(e.split("=", 1) for e in settings.get("Env", []) if "=" in e)

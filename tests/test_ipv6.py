@@ -86,3 +86,9 @@ def test_ipv6_only_network(rig3: Rig) -> None:
     assert h4 == "", "no IPv4 address on an IPv6-only network"
     wait_for("ping6 across hosts", lambda: ping6(h1, "o6-a", b), timeout=15, interval=0.3)
     assert ping6(h2, "o6-b", a)
+    # Names across hosts: the DNS address is IPv4, so here through --dns <the network's IPv6 gateway>.
+    net = inspect(h1, "only6")
+    assert net is not None
+    gw6 = net["IPAM"]["Config"][0]["Gateway"]
+    h2.run("o6-asker", "only6", "--dns", gw6)
+    wait_for("o6-a AAAA on h2", lambda: a in lookup(h2, "o6-asker", "o6-a"), timeout=15)

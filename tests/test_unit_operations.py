@@ -223,3 +223,12 @@ def test_a_sandbox_key_is_found_where_the_managed_plugin_sees_it(monkeypatch: py
     assert driver.sandbox_path("/srv/h1/exec/netns/def") == tmp_path / "exec/netns/def"
     for bad in ("/var/run/docker/netns/none", "docker/netns/abc", "/var/run/../run/docker/netns/abc"):
         assert driver.sandbox_path(bad) is None
+
+
+def test_plugin_interface_types_in_both_engines_shapes() -> None:
+    from plugin.dockerapi import NETWORK_DRIVER, interface_types
+    docker20 = {"Interface": {"Types": [{"Prefix": "docker", "Capability": "networkdriver", "Version": "1.0"},
+                                        {"Prefix": "docker", "Capability": "ipamdriver", "Version": "1.0"}]}}
+    docker28 = {"Interface": {"Types": ["docker.networkdriver/1.0", "docker.ipamdriver/1.0"]}}
+    assert interface_types(docker20) == interface_types(docker28) == {NETWORK_DRIVER, "docker.ipamdriver/1.0"}
+    assert interface_types({}) == set() and interface_types({"Interface": {"Types": [7, None]}}) == set()
