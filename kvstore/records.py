@@ -405,6 +405,7 @@ class NetDefRecord(Record):
     ipam_driver: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,127}$")] = "pyoverlay"
     internal: bool = False
     ipv6: bool = False
+    ipv4: bool = True             # False: an IPv6-only network (Docker 27+ --ipv4=false)
     attachable: bool = False
     labels: dict[OptKey, OptValue] = Field(default_factory=dict, max_length=64)
 

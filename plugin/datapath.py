@@ -44,7 +44,7 @@ NUD_NOARP = 0x40         # a bridge FDB entry that is static (NUD_PERMANENT ther
 TAG = "pyoverlay"
 BRIDGE = "br0"
 VXLAN = "vxlan0"
-DNS_LINK = "pyo-dns"     # host namespace: the dummy link holding the host-wide DNS address
+DNS_LABEL = "lo:pyodns"  # host namespace: the label of the host-wide DNS address on lo (ours, by this tag)
 
 
 @dataclass(frozen=True)
@@ -408,21 +408,15 @@ class DataPath:
 
     @kernel
     def ensure_dns_address(self, address: str, vnis: list[int]) -> None:
-        """The DNS address (daemon.json "dns") as a /32 on a tagged dummy link in the host namespace, where
-        containers of every other network reach it through their default route, and on the bridge of each of
-        these networks, where their containers reach it through the route Join gives them (idempotent).
+        """The DNS address (daemon.json "dns") as a /32 on the host namespace's loopback, labelled ours
+        (lo:pyodns), where containers of every other network reach it through their default route; and on
+        the bridge of each of these networks, where their containers reach it through the route Join gives
+        them (idempotent). A dummy link would do as well, but not every kernel has one.
 
         The host's copy stays when the plugin stops: a query then meets "port unreachable" at once and the
         container's resolver moves on to the next server instead of waiting for a timeout."""
         with self._lock:
-            idx = self._host.link_lookup(ifname=DNS_LINK)
-            if idx and self._owned(self._host.link("get", index=idx[0])[0], "dns") is None:
-                raise Conflict(f"{DNS_LINK} exists and is not pyoverlay's; remove it or set PYOVERLAY_DNS_ADDRESS=off")
-            if not idx:
-                self._host.link("add", ifname=DNS_LINK, kind="dummy")
-                idx = self._host.link_lookup(ifname=DNS_LINK)
-            self._host.link("set", index=idx[0], ifalias=self._tag("dns", "0"), state="up")
-            self._ensure_host_address(self._host, idx[0], address)
+            self._ensure_host_address(self._host, self._host.link_lookup(ifname="lo")[0], address, DNS_LABEL)
             for vni in vnis:
                 ipr = self._ipr(vni)
                 br = ipr.link_lookup(ifname=BRIDGE)
@@ -430,11 +424,11 @@ class DataPath:
                     self._ensure_host_address(ipr, br[0], address)
 
     @staticmethod
-    def _ensure_host_address(ipr: IPRoute, index: int, address: str) -> None:
+    def _ensure_host_address(ipr: IPRoute, index: int, address: str, label: str | None = None) -> None:
         if any(_attr(a, "IFA_ADDRESS") == address for a in ipr.get_addr(index=index)):
             return
         try:
-            ipr.addr("add", index=index, address=address, prefixlen=32)
+            ipr.addr("add", index=index, address=address, prefixlen=32, **({"label": label} if label else {}))
         except NetlinkError as err:
             if err.code != errno.EEXIST:
                 raise
@@ -626,7 +620,7 @@ ANNOUNCE_MAX = 64  # a bulk snapshot needs no announcements: nobody was waiting 
 
 
 def _announce(peers: list[tuple[str, str, str]]) -> None:
-    """Gratuitous ARP for new remote endpoints onto the network's bridge.
+    """Gratuitous ARP (IPv6: unsolicited Neighbor Advertisement) for new remote endpoints onto the bridge.
 
     A local container that tried to reach the address before it was programmed holds an unresolved
     neighbour entry, which the kernel retries only once a second; the announcement resolves it at once
@@ -639,11 +633,28 @@ def _announce(peers: list[tuple[str, str, str]]) -> None:
                 addr = ipaddress.ip_address(ip)
             except ValueError:
                 continue
-            if addr.version != 4:
-                continue
             hw = bytes.fromhex(mac.replace(":", ""))
-            arp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 1, hw, addr.packed, b"\0" * 6, addr.packed)
-            s.send(b"\xff" * 6 + hw + b"\x08\x06" + arp)
+            if addr.version == 4:
+                arp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 1, hw, addr.packed, b"\0" * 6, addr.packed)
+                s.send(b"\xff" * 6 + hw + b"\x08\x06" + arp)
+            else:
+                s.send(_unsolicited_na(addr.packed, hw))
+
+
+def _unsolicited_na(ip: bytes, hw: bytes) -> bytes:
+    """An unsolicited Neighbor Advertisement (RFC 4861 7.2.6) with the Override flag, to all nodes: the IPv6
+    counterpart of a gratuitous ARP; a container's kernel takes the new MAC for an entry it already has."""
+    all_nodes = ipaddress.IPv6Address("ff02::1").packed
+    # ICMPv6 type 136, flags O (override), target, option 2 (target link-layer address, 8 bytes).
+    body = struct.pack("!BBHI16sBB6s", 136, 0, 0, 0x20000000, ip, 2, 1, hw)
+    pseudo = ip + all_nodes + struct.pack("!I3xB", len(body), 58)
+    data = pseudo + body
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    body = body[:2] + struct.pack("!H", ~total & 0xFFFF) + body[4:]
+    ipv6 = struct.pack("!IHBB16s16s", 6 << 28, len(body), 58, 255, ip, all_nodes)
+    return b"\x33\x33\x00\x00\x00\x01" + hw + b"\x86\xdd" + ipv6 + body
 
 
 def _ignore_gone(fn: Any) -> None:

@@ -44,7 +44,8 @@ def definition_of(net: dict[str, Any], host: str, ours: str) -> NetDefRecord:
         name=net["Name"], uid=uuid.uuid4().hex, origin_host=host, origin_id=net["Id"],
         options=net.get("Options") or {}, pools=pools, ipam_options=ipam.get("Options") or {},
         ipam_driver=OURS if ipam_driver == ours else ipam_driver, internal=bool(net.get("Internal")),
-        ipv6=bool(net.get("EnableIPv6")), attachable=bool(net.get("Attachable")),
+        ipv6=bool(net.get("EnableIPv6")), ipv4=net.get("EnableIPv4") is not False,  # 20.10: no such field
+        attachable=bool(net.get("Attachable")),
         labels={k: v for k, v in (net.get("Labels") or {}).items() if k not in (LABEL_DEF, LABEL_ORIGIN)},
     )
 
@@ -198,11 +199,17 @@ class Propagation:
                                        iprange=p.ip_range, aux_addresses=p.aux or None) for p in rec.pools]
         ipam = docker.types.IPAMConfig(driver=ours if rec.ipam_driver == OURS else rec.ipam_driver,
                                        pool_configs=pools, options=rec.ipam_options or None)
+        # The API call docker-py's networks.create makes, plus EnableIPv4 (which docker-py does not know yet):
+        # without it Docker 28 would give an IPv6-only network an IPv4 pool here.
+        body: dict[str, Any] = {
+            "Name": rec.name, "Driver": ours, "Options": rec.options or None, "IPAM": ipam,
+            "CheckDuplicate": True, "Internal": rec.internal, "EnableIPv6": rec.ipv6, "Attachable": rec.attachable,
+            "Labels": {**rec.labels, LABEL_DEF: rec.uid, LABEL_ORIGIN: rec.origin_host}}
+        if not rec.ipv4:
+            body["EnableIPv4"] = False
+        low = api.client.api
         try:
-            net = api.client.networks.create(
-                rec.name, driver=ours, options=rec.options or None, ipam=ipam, internal=rec.internal,
-                enable_ipv6=rec.ipv6, attachable=rec.attachable, check_duplicate=True,
-                labels={**rec.labels, LABEL_DEF: rec.uid, LABEL_ORIGIN: rec.origin_host})
+            created = low._result(low._post_json(low._url("/networks/create"), data=body), json=True)
         except docker.errors.APIError as err:
             problem = f"could not create it here: {err.explanation or err}"
             if self.conflicts.get(rec.name) != problem:
@@ -210,7 +217,7 @@ class Propagation:
             self.conflicts[rec.name] = problem
             return
         self.conflicts.pop(rec.name, None)
-        self.known[net.id] = (rec.name, rec.uid)
+        self.known[created["Id"]] = (rec.name, rec.uid)
         log.info("network %s created here from %s's definition", rec.name, rec.origin_host)
 
     def _remove_here(self, api: DockerAPI, name: str, net: dict[str, Any]) -> None:

@@ -17,6 +17,7 @@ from tests.test_single_host import pid_of
 pytestmark = pytest.mark.docker
 PY = ("-d", "pyoverlay", "--ipam-driver", "pyoverlay")
 V6, V4 = "fd00:10::/64", "10.30.0.0/24"
+GW6 = "fd00:20::fe"   # the IPv6-only network's gateway
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +75,8 @@ def test_ipv6_only_network(rig3: Rig) -> None:
     h1, h2, _ = rig3.hosts
     if rig3.engine.name != "28":
         pytest.skip("--ipv4=false needs Docker 27 or later (this run: Docker 20.10)")
-    res = h1.docker("network", "create", *PY, "--ipv4=false", "--ipv6", "--subnet", "fd00:20::/64", "only6",
+    res = h1.docker("network", "create", *PY, "--ipv4=false", "--ipv6", "--subnet", "fd00:20::/64",
+                    "--gateway", GW6, "only6",
                     check=False)
     assert res.returncode == 0, res.stderr
     wait_for("only6 on h2", lambda: inspect(h2, "only6") is not None, timeout=30)
@@ -87,8 +89,5 @@ def test_ipv6_only_network(rig3: Rig) -> None:
     wait_for("ping6 across hosts", lambda: ping6(h1, "o6-a", b), timeout=15, interval=0.3)
     assert ping6(h2, "o6-b", a)
     # Names across hosts: the DNS address is IPv4, so here through --dns <the network's IPv6 gateway>.
-    net = inspect(h1, "only6")
-    assert net is not None
-    gw6 = net["IPAM"]["Config"][0]["Gateway"]
-    h2.run("o6-asker", "only6", "--dns", gw6)
+    h2.run("o6-asker", "only6", "--dns", GW6)
     wait_for("o6-a AAAA on h2", lambda: a in lookup(h2, "o6-asker", "o6-a"), timeout=15)

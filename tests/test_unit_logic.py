@@ -203,6 +203,9 @@ def test_propagation_definitions() -> None:
     d = definition_of(inspect, "h1", "pyoverlay:latest")
     assert d.ipam_driver == OURS and d.internal and d.labels == {"team": "blue"} and d.origin_id == "abc"
     assert d.pools[0].subnet == "10.1.0.0/24" and d.pools[0].gateway == "10.1.0.1"
+    assert d.ipv4, "Docker 20.10's inspect has no EnableIPv4: IPv4 is on"
+    only6 = {**inspect, "EnableIPv4": False, "EnableIPv6": True, "IPAM": {"Config": [{"Subnet": "fd00:20::/64"}]}}
+    assert not definition_of(only6, "h1", "pyoverlay").ipv4, "an IPv6-only network stays IPv6-only everywhere"
     other = d.model_copy(update={"uid": "y", "origin_host": "h2"})
     assert same_network(d, other) is None, "who made it and its uid do not matter"
     assert "subnets" in (same_network(d, d.model_copy(update={"pools": []})) or "")
