@@ -433,22 +433,6 @@ class DataPath:
             if err.code != errno.EEXIST:
                 raise
 
-    @staticmethod
-    def sandbox_routes_to(sandbox: Path, address: str) -> bool | None:
-        """Does a container's namespace already route this address itself (another pyoverlay network gave it
-        the route)? None when the namespace cannot be opened."""
-        try:
-            ipr = netns.iproute(sandbox)
-        except OSError:
-            return None
-        try:
-            return any(_attr(r, "RTA_DST") == address and r["dst_len"] == 32
-                       for r in ipr.get_routes(family=socket.AF_INET, table=254))
-        except (OSError, NetlinkError):
-            return None
-        finally:
-            ipr.close()
-
     # -- endpoints --------------------------------------------------------------------------------------
 
     @kernel

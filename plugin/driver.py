@@ -13,7 +13,6 @@ import threading
 import zlib
 from collections import defaultdict
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from ipam.allocator import Ipam
@@ -480,31 +479,25 @@ class NetworkDriver:
             raise
         except Exception as err:
             raise Unavailable(f"could not create the endpoint's interface: {err}") from err
-        ep.joined = True
+        routes = self._dns_route(local, req.SandboxKey, req.EndpointID)
+        ep.joined, ep.sandbox, ep.dns_route = True, req.SandboxKey, bool(routes)
         self.state.put_endpoint(ep)
         reply: dict[str, Any] = {"InterfaceName": {"SrcName": ifname, "DstPrefix": "eth"},
                                  "DisableGatewayService": False}
-        routes = self._dns_route(local, req.SandboxKey)
         if routes:
             reply["StaticRoutes"] = routes
         return reply
 
-    def _dns_route(self, local: LocalNetwork, sandbox_key: str) -> list[dict[str, Any]]:
+    def _dns_route(self, local: LocalNetwork, sandbox: str, endpoint_id: str) -> list[dict[str, Any]]:
         """The host-wide DNS address through this network's gateway: Docker's embedded DNS forwards what it
         does not know to daemon.json's "dns" from inside the container, and so reaches this network's names.
 
         A container on two pyoverlay networks keeps the route its first one gave (the kernel has one route to
-        an address; Docker fails a Join whose route already exists)."""
+        an address, and Docker fails a Join whose route exists already)."""
         address, gateway = self.settings.dns_address, local.record.gateway
         if not (self.settings.dns and address and gateway):
             return []
-        sandbox = sandbox_path(sandbox_key)
-        routed = None if sandbox is None else self.datapath.sandbox_routes_to(sandbox, address)
-        if routed is None:
-            log.warning("Join: cannot open the container's namespace %s; no route to the DNS address %s "
-                        "(names on other hosts need --dns %s there)", sandbox_key, address, gateway.split("/")[0])
-            return []
-        if routed:
+        if any(other.dns_route for eid, other in self.state.endpoints_in(sandbox) if eid != endpoint_id):
             return []
         return [{"Destination": f"{address}/32", "RouteType": 0, "NextHop": gateway.split("/")[0]}]
 
@@ -515,7 +508,7 @@ class NetworkDriver:
         local = self.state.network(ep.record.docker_network_id)
         if local is not None:
             self.datapath.remove_endpoint_later(local.record.vni, req.EndpointID)
-        ep.joined = False
+        ep.joined, ep.sandbox, ep.dns_route = False, None, False
         self.state.put_endpoint(ep)
         return {}
 
@@ -602,22 +595,3 @@ class NetworkDriver:
                         held[str(ipaddress.ip_interface(addr).ip)] = rec.endpoint_id
             self.ipam.reclaim(pool_id(net, explicit), cidr, gateway, held)
 
-
-# Where the managed plugin sees the host's /var/run (config.json's "docker" mount).
-DOCKER_RUN_MOUNT = Path("/run/docker-host")
-
-
-def sandbox_path(key: str) -> Path | None:
-    """A container's namespace file as Docker names it (SandboxKey), or as the managed plugin sees it."""
-    path = Path(key)
-    if not path.is_absolute() or ".." in path.parts:
-        return None
-    if path.exists():
-        return path
-    # The mount's source is a directory above dockerd's exec root (default /var/run above /var/run/docker):
-    # the most specific tail of the path that exists under the mount.
-    parts = path.parts[1:]
-    for start in range(len(parts) - 1):
-        if (moved := DOCKER_RUN_MOUNT.joinpath(*parts[start:])).exists():
-            return moved
-    return None

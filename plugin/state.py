@@ -29,6 +29,8 @@ class LocalEndpoint(BaseModel):
     model_config = ConfigDict(extra="ignore")
     record: EndpointRecord
     joined: bool = False
+    sandbox: str | None = None    # the container's SandboxKey while joined
+    dns_route: bool = False       # Join gave this container the route to the DNS address
 
 
 class StateFile(BaseModel):
@@ -91,6 +93,11 @@ class LocalState:
     def endpoint(self, endpoint_id: str) -> LocalEndpoint | None:
         with self.lock:
             return self.data.endpoints.get(endpoint_id)
+
+    def endpoints_in(self, sandbox: str) -> list[tuple[str, LocalEndpoint]]:
+        """The joined endpoints of one container (by its SandboxKey)."""
+        with self.lock:
+            return [(eid, ep) for eid, ep in self.data.endpoints.items() if ep.joined and ep.sandbox == sandbox]
 
     def put_network(self, net: LocalNetwork) -> None:
         with self.lock:

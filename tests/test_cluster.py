@@ -149,6 +149,11 @@ def test_names_resolve_across_hosts(rig3: Rig) -> None:
     wait_for("web resolves on h2", lambda: lookup(h2, "client", "web") == ["10.61.0.80"], timeout=10)
     assert h2.exec("client", "ping", "-c1", "-W2", "web", check=False).returncode == 0
     assert lookup(h2, "client", "www") == ["10.61.0.80"], "--network-alias resolves too"
+    # A second pyoverlay network on the same container: its Join gives no second route to the DNS address
+    # (Docker would fail the connect), and names keep resolving through the first.
+    h2.docker("network", "create", *PY, "--subnet", "10.64.0.0/24", "app2")
+    h2.docker("network", "connect", "app2", "client")
+    assert lookup(h2, "client", "web") == ["10.61.0.80"]
     page = h2.exec("client", "wget", "-q", "-O-", "http://web/", check=False, timeout=20)
     assert page.stdout.strip() == "hello-from-web", page.stdout + page.stderr
     # --dns <gateway> keeps working (the way before the host-wide address).

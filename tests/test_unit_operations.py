@@ -10,7 +10,7 @@ import pytest
 
 from kvstore import KV, Keys, StoreUnavailable
 from kvstore.records import NetworkRecord
-from plugin import config, doctor, driver
+from plugin import config, doctor
 from plugin.datapath import Underlay
 from plugin.reconciler import Garbage, Reconciler
 from plugin.state import LocalNetwork, LocalState
@@ -207,22 +207,6 @@ def test_the_dns_address_must_be_a_unicast_ipv4_address(monkeypatch: pytest.Monk
     monkeypatch.setenv("PYOVERLAY_DNS_ADDRESS", value)
     with pytest.raises(config.ConfigError, match="PYOVERLAY_DNS_ADDRESS"):
         config.load()
-
-
-def test_a_sandbox_key_is_found_where_the_managed_plugin_sees_it(monkeypatch: pytest.MonkeyPatch,
-                                                                 tmp_path: Path) -> None:
-    monkeypatch.setattr(driver, "DOCKER_RUN_MOUNT", tmp_path)
-    (tmp_path / "docker/netns").mkdir(parents=True)
-    (tmp_path / "docker/netns/abc").touch()
-    assert driver.sandbox_path("/var/run/docker/netns/abc") == tmp_path / "docker/netns/abc"
-    assert driver.sandbox_path("/run/docker/netns/abc") == tmp_path / "docker/netns/abc"
-    assert driver.sandbox_path(str(tmp_path / "docker/netns/abc")) == tmp_path / "docker/netns/abc"
-    # dockerd with --exec-root /srv/h1/exec, the plugin's docker mount from /srv/h1
-    (tmp_path / "exec/netns").mkdir(parents=True)
-    (tmp_path / "exec/netns/def").touch()
-    assert driver.sandbox_path("/srv/h1/exec/netns/def") == tmp_path / "exec/netns/def"
-    for bad in ("/var/run/docker/netns/none", "docker/netns/abc", "/var/run/../run/docker/netns/abc"):
-        assert driver.sandbox_path(bad) is None
 
 
 def test_plugin_interface_types_in_both_engines_shapes() -> None:
