@@ -48,7 +48,7 @@ run: setup-run venv
 # current engine, Docker 28; then a representative subset again on Debian 12's Docker 20.10
 # (docs/compatibility.md). Both passes always run; the result fails if either does (or runs no test).
 ENGINE_SUBSET ?= tests/test_single_host.py tests/test_multi_host.py tests/test_cluster.py tests/test_ipv6.py \
-                 tests/test_managed_plugin.py tests/test_swarm.py tests/test_ipsec.py
+                 tests/test_managed_plugin.py tests/test_swarm.py
 test: setup-test venv
 	@status=0; \
 	for pass in "28:" "20.10:$(ENGINE_SUBSET)"; do \
