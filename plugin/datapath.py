@@ -418,8 +418,11 @@ class DataPath:
         with self._lock:
             self._ensure_host_address(self._host, self._host.link_lookup(ifname="lo")[0], address, DNS_LABEL)
             for vni in vnis:
-                ipr = self._ipr(vni)
-                br = ipr.link_lookup(ifname=BRIDGE)
+                try:
+                    ipr = self._ipr(vni)
+                    br = ipr.link_lookup(ifname=BRIDGE)
+                except (OSError, NetlinkError):
+                    continue  # a network being removed this moment: its namespace is gone
                 if br:
                     self._ensure_host_address(ipr, br[0], address)
 
