@@ -24,7 +24,6 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -57,7 +56,7 @@ class Garbage:
 class Reconciler:
     def __init__(self, driver: NetworkDriver, datapath: DataPath, peers: PeerSync, state: LocalState,
                  store: Store, keys: Keys, host: str, docker: DockerAPI | None, vtep_filter: VtepFilter | None,
-                 vteps: Callable[[], set[str]], grace: float, encryption: Encryption) -> None:
+                 grace: float, encryption: Encryption) -> None:
         self.driver = driver
         self.datapath = datapath
         self.peers = peers
@@ -67,7 +66,6 @@ class Reconciler:
         self.host = host
         self.docker = docker          # None in swarm: the managers own addresses there
         self.vtep_filter = vtep_filter
-        self.vteps = vteps
         self.grace = grace
         self.encryption = encryption
         self._guard_down: set[int] = set()   # encrypted VNIs whose VXLAN this reconciler took down
@@ -127,7 +125,7 @@ class Reconciler:
         vf = self.vtep_filter
         if vf is not None and self.peers.synced and not vf.present():
             lost = vf.applied  # installed before: the kernel lost it (a firewall reload, say)
-            if vf.sync(self.vteps()) and lost:
+            if vf.refresh() and lost:
                 done.append("VXLAN filter of registered VTEPs re-installed")
                 metrics.RECONCILE_REPAIRS.labels("vtep-filter").inc()
         for line in done:

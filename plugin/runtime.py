@@ -74,14 +74,15 @@ class Runtime:
         if self.propagation is not None:
             self.propagation.watcher = self.docker
         self.driver.on_network_change = self._network_changed
-        self.vtep_filter = VtepFilter([settings.vxlan_port, settings.esp_port]) if settings.vtep_filter else None
+        self.vtep_filter = VtepFilter([settings.vxlan_port, settings.esp_port], self._vteps) \
+            if settings.vtep_filter else None
         self.peers.on_hosts = self._hosts_changed
         # Its own Docker client: the reconciler's calls must not queue behind the event worker's.
         reconcile_docker = DockerAPI(settings.docker_host, socket_name(settings.socket), settings.docker_name) \
             if settings.scope == "local" else None
         self.reconciler = Reconciler(self.driver, self.datapath, self.peers, self.state, self.store, self.keys,
-                                     settings.host, reconcile_docker, self.vtep_filter, self._vteps,
-                                     settings.reconcile_grace, self.encryption)
+                                     settings.host, reconcile_docker, self.vtep_filter, settings.reconcile_grace,
+                                     self.encryption)
         self.departures = Departures(self.store, self.keys, settings.host, settings.dead_host_grace,
                                      [self.driver.forget_host, self.ipam.forget_host])
         self.ready = threading.Event()
@@ -113,16 +114,16 @@ class Runtime:
         self._reconcile_thread.start()
         self._lease_thread.start()
 
-    def _vteps(self, hosts: dict[str, HostRecord] | None = None) -> set[str]:
+    def _vteps(self) -> set[str]:
         """VTEPs that may send us VXLAN: every known host's (live, or not yet departed), and ours."""
-        live = self.peers.known if hosts is None else hosts
-        return {h.vtep for h in live.values()} | {self.datapath.underlay().address}
+        known = dict(self.peers.known)   # one copy: the watch thread may change it meanwhile
+        return {h.vtep for h in known.values()} | {self.datapath.underlay().address}
 
     def _hosts_changed(self, hosts: dict[str, HostRecord]) -> None:
         # Called on every host record change (key rotations, acks): only a changed set of VTEPs reaches nft,
         # and never on the watch's thread, which programs the peers and their keys.
         if self.vtep_filter is not None:
-            self.vtep_filter.sync_later(self._vteps(hosts))
+            self.vtep_filter.sync_later()
 
     def _reconcile_loop(self) -> None:
         """At start (once the data path is restored and the watches hold a full view), then periodically."""

@@ -20,6 +20,7 @@ import ipaddress
 import logging
 import socket
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
@@ -220,11 +221,14 @@ def choose_backend(ports: list[int]) -> Backend | None:
 
 
 class VtepFilter:
-    def __init__(self, ports: list[int]) -> None:
+    def __init__(self, ports: list[int], desired: Callable[[], set[str]] | None = None) -> None:
         self.ports = sorted(set(ports))   # the clear and the encrypted networks' VXLAN ports
-        self._lock = threading.Lock()
+        # The VTEPs that may send us VXLAN now, read afresh under the lock at every refresh: a set computed
+        # earlier (before a host appeared) can never overwrite a newer one.
+        self.desired = desired
+        self._lock = threading.RLock()
         self._applied: frozenset[str] | None = None
-        self._requested: frozenset[str] | None = None
+        self._pending = threading.Event()   # a refresh is queued and has not read the VTEPs yet
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="vtep-filter")
         self.error = ""          # why the filter is not in place ("" when it is)
         self._backend: Backend | None = None
@@ -240,22 +244,28 @@ class VtepFilter:
         kind = {NftBackend: "nftables", IptablesBackend: "ipset+iptables"}.get(type(b), "none")
         return f"{kind} ({', '.join(b.families)})" if b else kind
 
-    def sync_later(self, vteps: set[str]) -> None:
-        """sync() in the background, and only when the set differs from the last one asked for (a failed
-        attempt is retried by the reconciler's periodic repair, not by every host record change)."""
-        wanted = frozenset(vteps)
-        if wanted == self._requested:
+    def sync_later(self) -> None:
+        """refresh() in the background; a burst of calls makes one (a failed attempt is retried by the
+        reconciler's periodic repair, not by every host record change)."""
+        if self._pending.is_set():
             return
-        self._requested = wanted
+        self._pending.set()
 
         def run() -> None:
-            if self._requested == wanted:  # a newer set supersedes this one
-                try:
-                    self.sync(set(wanted))
-                except Exception:  # noqa: BLE001 - logged; the reconciler retries
-                    log.exception("VTEP filter")
+            self._pending.clear()   # a change from now on queues another refresh
+            try:
+                self.refresh()
+            except Exception:  # noqa: BLE001 - logged; the reconciler retries
+                log.exception("VTEP filter")
 
         self._worker.submit(run)
+
+    def refresh(self) -> bool:
+        """sync() to the VTEPs wanted now; True when the kernel had to be changed."""
+        if self.desired is None:
+            return False
+        with self._lock:
+            return self.sync(self.desired())
 
     @property
     def applied(self) -> bool:

@@ -216,3 +216,32 @@ def test_plugin_interface_types_in_both_engines_shapes() -> None:
     docker28 = {"Interface": {"Types": ["docker.networkdriver/1.0", "docker.ipamdriver/1.0"]}}
     assert interface_types(docker20) == interface_types(docker28) == {NETWORK_DRIVER, "docker.ipamdriver/1.0"}
     assert interface_types({}) == set() and interface_types({"Interface": {"Types": [7, None]}}) == set()
+
+
+def test_vtep_filter_never_applies_a_set_read_before_a_newer_one() -> None:
+    """The reconciler and the host watch both refresh the filter: each reads the wanted VTEPs under the
+    filter's lock, so one that waited for the lock cannot install the set it would have read before."""
+    from plugin.vtepfilter import VtepFilter
+
+    class Backend:
+        families = ["ip"]
+        sets: list[list[str]] = []
+
+        def present(self) -> bool:
+            return True
+
+        def apply(self, addrs: list[str]) -> str:
+            self.sets.append(addrs)
+            return ""
+
+    known = {"10.0.0.1"}
+    vf = VtepFilter([4800], lambda: set(known))
+    vf._backend, vf._chosen = Backend(), True  # type: ignore[assignment]
+    with vf._lock:                      # a refresh (the reconciler's) waits for the lock ...
+        waiting = threading.Thread(target=vf.refresh)
+        waiting.start()
+        known.add("10.0.0.2")           # ... while a host appears
+        vf.sync_later()
+    waiting.join(5)
+    vf._worker.submit(lambda: None).result(5)
+    assert Backend.sets[-1] == ["10.0.0.1", "10.0.0.2"] and vf._applied == {"10.0.0.1", "10.0.0.2"}
