@@ -1,8 +1,9 @@
 """What the host-wide DNS address costs the containers that do not use pyoverlay: the latency of an external
 name lookup from a default-bridge container, before (its resolver is the host's resolver itself, as without
-pyoverlay) and after (daemon.json's "dns" names pyoverlay's address, which forwards to that resolver); and the
-same lookup from a pyoverlay container with no flag (127.0.0.11 -> pyoverlay -> the resolver), and a name of
-the container's own network answered by pyoverlay itself.
+pyoverlay) and after (daemon.json's "dns" names pyoverlay's address, which the kernel rewrites to that
+resolver: plugin/dnsredirect.py), and through the plugin's own forwarder (the way before that rule, and
+where the rule cannot be had); and the same lookup from a pyoverlay container with no flag (127.0.0.11 ->
+pyoverlay -> the resolver), and a name of the container's own network answered by pyoverlay itself.
 
 One simulated host; "the internet" is tests/dns_upstream.py on the root namespace's underlay address. Each
 series: --queries queries (300 by default), one at a time, from inside the container's network namespace.
@@ -66,7 +67,11 @@ def main() -> int:
         h.run("named", "dnsbench")
         n = args.queries
         res["bridge_direct"] = lookups(h, "before", EXTERNAL[0], rig.root_ip, n)
+        other = h.cli_json("status")["dns"]["other_networks"]
+        assert other.startswith("kernel DNAT"), other
         res["bridge_via_pyoverlay"] = lookups(h, "after", EXTERNAL[0], DEFAULT_DNS_ADDRESS, n)
+        h.ns("nft", "delete", "table", "ip", "pyoverlay_dns")  # what is left: the plugin's forwarder on lo
+        res["bridge_via_forwarder"] = lookups(h, "after", EXTERNAL[0], DEFAULT_DNS_ADDRESS, n)
         res["overlay_external"] = lookups(h, "overlay", EXTERNAL[0], "127.0.0.11", n)
         res["overlay_network_name"] = lookups(h, "overlay", "named", DEFAULT_DNS_ADDRESS, n)
         engine = rig.engine.version()
@@ -76,7 +81,8 @@ def main() -> int:
         rig.down()
     stats = {k: summary(v, 3) for k, v in res.items()}
     labels = {"bridge_direct": "default bridge, resolver = the host's resolver (before)",
-              "bridge_via_pyoverlay": "default bridge, resolver = 169.254.53.53 (after)",
+              "bridge_via_pyoverlay": "default bridge, resolver = 169.254.53.53 (after: kernel DNAT)",
+              "bridge_via_forwarder": "default bridge, resolver = 169.254.53.53 through the plugin's forwarder",
               "overlay_external": "pyoverlay container, external name via 127.0.0.11",
               "overlay_network_name": "pyoverlay container, its network's name via 169.254.53.53"}
     md = stats_table("lookup (ms)", labels, stats)

@@ -15,6 +15,7 @@ from kvstore.base import Watch
 from kvstore.records import AliasRecord, EndpointRecord, HostRecord, InvalidRecord
 from plugin.datapath import DataPath
 from plugin.dns import FORWARD_ONLY, HOST_NAMESPACE, NameServer, build_zones
+from plugin.dnsredirect import DnsRedirect
 from plugin.state import LocalState
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,8 @@ class NameService:
         self.datapath = datapath
         self.address = address     # the host-wide DNS address (daemon.json "dns"), None = gateways only
         self.server = NameServer(upstreams, exclude=[address] if address else [])
+        # Other networks' lookups to the address skip the plugin (plugin/dnsredirect.py).
+        self.redirect = DnsRedirect(address, self.server.upstreams) if address else None
         self.aliases: dict[str, AliasRecord] = {}
         self._endpoints: list[EndpointRecord] = []
         self._hosts: set[str] = set()
@@ -96,7 +99,9 @@ class NameService:
         if self.address:
             try:
                 self.datapath.ensure_dns_address(self.address, with_address)
-                wanted[(HOST_NAMESPACE, self.address)] = (FORWARD_ONLY, False)
+                wanted[(HOST_NAMESPACE, self.address)] = (FORWARD_ONLY, False)  # where the kernel cannot
+                if self.redirect is not None:
+                    self.redirect.apply()
             except Exception as err:  # noqa: BLE001 - names through the gateways keep working
                 log.error("DNS address %s: %s; containers without --dns resolve names of this host only",
                           self.address, err)
@@ -106,6 +111,7 @@ class NameService:
         zones = self.server.zones
         return {"serving": [f"{n or 'other networks (forwarded)'} on {a}:53" for n, a in self.server.serving()],
                 "address": self.address,
+                "other_networks": None if self.redirect is None else self.redirect.status(),
                 "names": {nkey: sorted(z.forward) for nkey, z in sorted(zones.items())},
                 "queries": self.server.queries, "dropped": self.server.dropped, "upstreams": self.server.upstreams}
 

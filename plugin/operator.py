@@ -118,6 +118,8 @@ def status(settings: Settings, as_json: bool) -> int:
     names = st.get("dns")
     if names is not None:
         print(f"DNS: {'; '.join(names['serving']) or 'no network'}; upstreams {', '.join(names['upstreams']) or '-'}")
+        if names.get("other_networks"):
+            print(f"DNS address {names['address']} for other networks' containers: {names['other_networks']}")
     return 0
 
 

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
 import threading
 from pathlib import Path
 from typing import Any
@@ -245,3 +250,33 @@ def test_vtep_filter_never_applies_a_set_read_before_a_newer_one() -> None:
     waiting.join(5)
     vf._worker.submit(lambda: None).result(5)
     assert Backend.sets[-1] == ["10.0.0.1", "10.0.0.2"] and vf._applied == {"10.0.0.1", "10.0.0.2"}
+
+
+def test_the_dns_redirect_targets_the_first_upstream_the_kernel_can_forward_to() -> None:
+    from plugin.dnsredirect import target
+    assert target(["127.0.0.53", "fd00::1", "192.0.2.1", "192.0.2.2"], "169.254.53.53") == "192.0.2.1"
+    assert target(["169.254.53.53", "10.0.0.2"], "169.254.53.53") == "10.0.0.2", "never to the address itself"
+    assert target(["127.0.0.53", "::1", "0.0.0.0", "not-an-address"], "169.254.53.53") is None
+
+
+@pytest.mark.skipif(shutil.which("nft") is None or shutil.which("unshare") is None or os.geteuid() != 0,
+                    reason="needs root, nft and unshare")
+def test_the_dns_redirect_in_a_real_kernel_is_idempotent_and_removable() -> None:
+    """In a throwaway network namespace (gone with its process): the rule goes in once, reads back, is not
+    rewritten when it is current, follows a new upstream and goes away."""
+    script = textwrap.dedent("""
+        from plugin.dnsredirect import DnsRedirect
+        r = DnsRedirect("169.254.53.53", ["127.0.0.53", "192.0.2.1"])
+        assert r.current() is None
+        assert r.apply() and r.current() == "192.0.2.1", r.reason
+        assert r.apply() and r.status().startswith("kernel DNAT to 192.0.2.1:53")
+        r.upstreams[:] = ["192.0.2.9"]
+        assert r.apply() and r.current() == "192.0.2.9"
+        r.upstreams[:] = ["127.0.0.53"]
+        assert not r.apply() and r.current() is None and "no IPv4 upstream" in r.reason
+        assert r.status().startswith("plugin forwarder")
+        print("ok")
+    """)
+    res = subprocess.run(["unshare", "-n", sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60, cwd=Path(__file__).resolve().parent.parent, check=False)
+    assert res.stdout.strip() == "ok", res.stdout + res.stderr
