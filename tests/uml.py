@@ -138,7 +138,14 @@ def run(command: list[str], mem: str = "3G", timeout: float = 1500, env: dict[st
         print(log, flush=True)
     took = time.monotonic() - began
     if not rc_text:
-        return 125, f"guest ended without a result after {took:.0f}s\nconsole:\n{guest.stdout[-4000:]}\n{log}"
+        why = ""
+        if "ptrace set fp regs failed" in guest.stdout:
+            # Seen on hosts whose CPU has AMX: user-mode-linux 6.1 cannot save its processes' registers there.
+            why = ("this host's CPU state is larger than user-mode-linux 6.1 can handle (AMX: "
+                   f"{', '.join(_cpu_flags(['amx_tile', 'amx_int8', 'amx_bf16'])) or 'none seen'}); "
+                   "the guest cannot boot on this machine\n")
+        return 125, (f"guest ended without a result after {took:.0f}s\n{why}console:\n{guest.stdout[-4000:]}"
+                     f"\n{log}")
     shutil.rmtree(work, ignore_errors=True)
     return int(rc_text), log
 
@@ -189,6 +196,11 @@ def host_cpu_hog(timeout: float = 60) -> Iterator[int]:
         deadline = time.monotonic() + timeout
         while running() and time.monotonic() < deadline:
             time.sleep(0.2)
+
+
+def _cpu_flags(wanted: list[str]) -> list[str]:
+    text = _read(Path("/proc/cpuinfo"))
+    return [f for f in wanted if f" {f}" in text]
 
 
 def _read(path: Path) -> str:
