@@ -288,7 +288,8 @@ class KVStore:
         w.start()
         return w
 
-    def _watch_stream(self, prefix: str, start_revision: int) -> tuple[Iterable[Any], Callable[[], None]]:
+    def _watch_stream(self, prefix: str, start_revision: int
+                      ) -> tuple[Iterable[Any], Callable[[], None], etcd3.Etcd3Client]:
         client = self._current()
         create = rpc.WatchCreateRequest(
             key=prefix.encode(), range_end=prefix_end(prefix), start_revision=start_revision,
@@ -301,13 +302,16 @@ class KVStore:
             yield rpc.WatchRequest(create_request=create)
             stop.wait()
 
-        call = stub.Watch(requests(), credentials=client.call_credentials, metadata=client.metadata)
+        # "hasleader": a member cut off from the majority ends the stream (etcd's WithRequireLeader) instead
+        # of keeping it open with nothing to say; the watch then moves to another member.
+        metadata = (*(client.metadata or ()), ("hasleader", "true"))
+        call = stub.Watch(requests(), credentials=client.call_credentials, metadata=metadata)
 
         def cancel() -> None:
             stop.set()
             call.cancel()
 
-        return call, cancel
+        return call, cancel, client
 
 
 class PrefixWatch(SnapshotFirst):
@@ -357,7 +361,7 @@ class PrefixWatch(SnapshotFirst):
 
     def _follow(self) -> None:
         try:
-            stream, cancel = self.store._watch_stream(self.prefix, self.revision)
+            stream, cancel, client = self.store._watch_stream(self.prefix, self.revision)
         except grpc.RpcError as err:
             raise StoreUnavailable(_describe(err)) from err
         self._cancel = cancel
@@ -388,6 +392,8 @@ class PrefixWatch(SnapshotFirst):
         except grpc.RpcError as err:
             if self._stop.is_set():
                 return
+            if (err.code() if hasattr(err, "code") else None) == grpc.StatusCode.UNAVAILABLE:
+                self.store._drop(client)   # that member is gone or without a leader: try the next
             raise StoreUnavailable(_describe(err)) from err
         finally:
             cancel()
