@@ -68,7 +68,8 @@ def run_with_retry(h: DockerHost, name: str, outcomes: collections.Counter[str])
             return
         err = res.stderr.strip()
         assert err, f"{name}: docker run failed without saying why"
-        outcomes[f"error: {err.splitlines()[-1][:100]}"] += 1
+        why = next((line for line in err.splitlines() if "rror" in line), err.splitlines()[0])
+        outcomes[f"error: {why[:300]}"] += 1
         h.docker("rm", "-f", name, check=False)
         time.sleep(1)
     raise AssertionError(f"{name} did not start in 4 tries")
