@@ -18,6 +18,7 @@ from kvstore.records import AliasRecord, EndpointRecord, HostRecord, InvalidReco
 from plugin.datapath import DataPath
 from plugin.dns import FORWARD_ONLY, HOST_NAMESPACE, NameIndex, Names, NameServer, endpoint_names
 from plugin.dnsredirect import DnsRedirect
+from plugin.multimap import link, unlink
 from plugin.state import LocalState
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ class NameService:
         self._alias_of: dict[str, AliasRecord] = {}        # endpoint ID -> its aliases
         self._endpoints: dict[str, EndpointRecord] = {}    # etcd key -> record (as the peer watch has them)
         self._keys_of: dict[str, set[str]] = {}            # endpoint ID -> etcd keys (two while it moves)
+        self._keys_on: dict[str, set[str]] = {}            # host -> etcd keys of its endpoints
         self._hosts: set[str] = set()
         self._index = NameIndex()
         self._lock = threading.Lock()
@@ -90,22 +92,27 @@ class NameService:
         every record there is; `hosts` are the hosts whose endpoints count."""
         with self._lock:
             if whole:
-                self._endpoints, self._keys_of = {}, {}
+                self._endpoints, self._keys_of, self._keys_on = {}, {}, {}
             for key, ep in updates.items():
                 old = self._endpoints.pop(key, None)
                 if old is not None:
-                    keys = self._keys_of.get(old.endpoint_id, set())
-                    keys.discard(key)
-                    if not keys:
-                        self._keys_of.pop(old.endpoint_id, None)
+                    unlink(self._keys_of, old.endpoint_id, key)
+                    unlink(self._keys_on, old.host, key)
                 if ep is not None:
                     self._endpoints[key] = ep
-                    self._keys_of.setdefault(ep.endpoint_id, set()).add(key)
-            if whole or set(hosts) != self._hosts:
-                self._hosts = set(hosts)
+                    link(self._keys_of, ep.endpoint_id, key)
+                    link(self._keys_on, ep.host, key)
+            live = set(hosts)
+            if whole:
+                self._hosts = live
                 self._rebuild()
                 return
-            for key in updates:
+            # A host that came or went changes the names of its endpoints only.
+            touched = set(updates)
+            for host in live ^ self._hosts:
+                touched.update(self._keys_on.get(host, ()))
+            self._hosts = live
+            for key in touched:
                 self._index.set(key, self._names(key))
 
     def _names(self, key: str) -> Names | None:

@@ -28,6 +28,7 @@ from kvstore.records import EndpointRecord, HostRecord, InvalidRecord
 from plugin import metrics
 from plugin.datapath import DataPath
 from plugin.encryption import Encryption
+from plugin.multimap import link, unlink
 from plugin.state import LocalState
 
 log = logging.getLogger(__name__)
@@ -149,7 +150,7 @@ class PeerSync:
             self.endpoints = EndpointRecord.load_valid(kvs)
             self._by_host = {}
             for key, ep in self.endpoints.items():
-                self._by_host.setdefault(ep.host, set()).add(key)
+                link(self._by_host, ep.host, key)
             self._views.add("endpoints")
             self._full = self._names_whole = True
             self._prune_known()
@@ -224,14 +225,10 @@ class PeerSync:
 
     def _index(self, key: str, ep: EndpointRecord | None) -> None:
         old = self.endpoints.get(key)
-        if old is not None and (ep is None or old.host != ep.host):
-            keys = self._by_host.get(old.host)
-            if keys is not None:
-                keys.discard(key)
-                if not keys:
-                    del self._by_host[old.host]
+        if old is not None:
+            unlink(self._by_host, old.host, key)
         if ep is not None:
-            self._by_host.setdefault(ep.host, set()).add(key)
+            link(self._by_host, ep.host, key)
 
     def reconcile(self) -> None:
         """Program the difference between what should be and what is, all of it (safe to call any time)."""
