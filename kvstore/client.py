@@ -45,6 +45,8 @@ _GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", 256 * 1024 * 1024),
 ]
 RANGE_PAGE = 1000  # keys per range request
+REQUIRE_LEADER = ("hasleader", "true")
+FAILED_FOR = 10.0  # seconds an endpoint that failed is passed over while others remain
 
 
 def _kv(raw: Any) -> KV:
@@ -73,6 +75,7 @@ class KVStore:
         self._lock = threading.Lock()
         self._client: etcd3.Etcd3Client | None = None
         self._index = 0
+        self._failed_until: dict[int, float] = {}   # endpoint index -> skipped until (monotonic)
         self._observe = observe or (lambda op, seconds, ok: None)
         # Read by health(): under pyoverlay's prefix, as an etcd user limited to it may read nothing else.
         self.health_key = health_key
@@ -107,11 +110,23 @@ class KVStore:
     def _current(self) -> etcd3.Etcd3Client:
         with self._lock:
             if self._client is None:
-                endpoint = self.config.endpoints[self._index % len(self.config.endpoints)]
+                # Skip members that failed a moment ago (a cut-off one costs a whole timeout per try), unless
+                # every one did.
+                now, n = time.monotonic(), len(self.config.endpoints)
+                for _ in range(n):
+                    if self._failed_until.get(self._index % n, 0.0) <= now:
+                        break
+                    self._index += 1
+                endpoint = self.config.endpoints[self._index % n]
                 try:
                     self._client = self._connect(endpoint)
+                    # Every request requires a leader (etcd's WithRequireLeader): a member cut off from the
+                    # majority answers "no leader" at once, and the call moves on to the next member, instead
+                    # of waiting out its request timeout.
+                    self._client.metadata = (*(self._client.metadata or ()), REQUIRE_LEADER)
                 except (grpc.RpcError, etcd_exc.Etcd3Exception) as err:
                     # Authentication happens while connecting: an unreachable endpoint fails here.
+                    self._failed_until[self._index % n] = now + FAILED_FOR
                     self._index += 1
                     raise StoreUnavailable(f"etcd at {endpoint} unreachable: {_describe(err)}") from err
             return self._client
@@ -120,6 +135,7 @@ class KVStore:
         with self._lock:
             if self._client is client:
                 self._client = None
+                self._failed_until[self._index % len(self.config.endpoints)] = time.monotonic() + FAILED_FOR
                 self._index += 1
         try:
             client.close()
@@ -288,7 +304,8 @@ class KVStore:
         w.start()
         return w
 
-    def _watch_stream(self, prefix: str, start_revision: int) -> tuple[Iterable[Any], Callable[[], None]]:
+    def _watch_stream(self, prefix: str, start_revision: int
+                      ) -> tuple[Iterable[Any], Callable[[], None], etcd3.Etcd3Client]:
         client = self._current()
         create = rpc.WatchCreateRequest(
             key=prefix.encode(), range_end=prefix_end(prefix), start_revision=start_revision,
@@ -301,13 +318,15 @@ class KVStore:
             yield rpc.WatchRequest(create_request=create)
             stop.wait()
 
+        # The client's metadata requires a leader (see _current): a member cut off from the majority ends the
+        # stream instead of keeping it open with nothing to say; the watch then moves to another member.
         call = stub.Watch(requests(), credentials=client.call_credentials, metadata=client.metadata)
 
         def cancel() -> None:
             stop.set()
             call.cancel()
 
-        return call, cancel
+        return call, cancel, client
 
 
 class PrefixWatch(SnapshotFirst):
@@ -357,7 +376,7 @@ class PrefixWatch(SnapshotFirst):
 
     def _follow(self) -> None:
         try:
-            stream, cancel = self.store._watch_stream(self.prefix, self.revision)
+            stream, cancel, client = self.store._watch_stream(self.prefix, self.revision)
         except grpc.RpcError as err:
             raise StoreUnavailable(_describe(err)) from err
         self._cancel = cancel
@@ -388,6 +407,8 @@ class PrefixWatch(SnapshotFirst):
         except grpc.RpcError as err:
             if self._stop.is_set():
                 return
+            if (err.code() if hasattr(err, "code") else None) == grpc.StatusCode.UNAVAILABLE:
+                self.store._drop(client)   # that member is gone or without a leader: try the next
             raise StoreUnavailable(_describe(err)) from err
         finally:
             cancel()

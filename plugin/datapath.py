@@ -30,21 +30,27 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from ipam.subnets import mac_from_ip
-from plugin import netns
+from plugin import neighbours, netns
 from plugin.errors import Conflict, InvalidRequest, Unavailable
+from plugin.neighbours import NTF_SELF, NUD_NOARP, NUD_PERMANENT
 
 log = logging.getLogger(__name__)
 
 VXLAN_OVERHEAD = 50      # inner Ethernet 14 + outer IPv4 20 + UDP 8 + VXLAN 8
 VXLAN6_EXTRA = 20        # an IPv6 outer header is 20 bytes longer
-NUD_PERMANENT = 0x80
-NTF_SELF = 0x02
-NTF_MASTER = 0x04
-NUD_NOARP = 0x40         # a bridge FDB entry that is static (NUD_PERMANENT there means "local to the bridge")
 TAG = "pyoverlay"
 BRIDGE = "br0"
 VXLAN = "vxlan0"
 DNS_LABEL = "lo:pyodns"  # host namespace: the label of the host-wide DNS address on lo (ours, by this tag)
+
+
+@dataclass
+class PeerIO:
+    """A network's sockets for programming peers, made in its namespace: rtnetlink, and a packet socket on
+    its bridge for announcements; with the VXLAN device's index."""
+    netlink: socket.socket
+    packet: socket.socket
+    vxlan: int
 
 
 @dataclass(frozen=True)
@@ -121,6 +127,7 @@ class DataPath:
         self._tid = self._exec.submit(threading.get_ident).result()
         self._host: IPRoute = self._exec.submit(IPRoute).result()
         self._ns: dict[int, IPRoute] = {}
+        self._peer_ios: dict[int, PeerIO] = {}    # vni -> sockets for peer programming (see _peer_io)
         self._lock = threading.RLock()
         self._underlay: Underlay | None = None
 
@@ -130,6 +137,8 @@ class DataPath:
             for ipr in self._ns.values():
                 ipr.close()
             self._ns.clear()
+            for vni in list(self._peer_ios):
+                self._drop_peer_io(vni)
             self._host.close()
 
     # -- the underlay -----------------------------------------------------------------------------------
@@ -237,6 +246,7 @@ class DataPath:
             fresh = False
             if not netns.is_pinned(path):
                 self._ns.pop(plan.vni, None)
+                self._drop_peer_io(plan.vni)
                 netns.create(path)
                 fresh = True
             try:
@@ -365,6 +375,7 @@ class DataPath:
         """Delete the network's devices and namespace; missing pieces are fine."""
         with self._lock:
             ipr = self._ns.pop(vni, None)
+            self._drop_peer_io(vni)
             path = self.ns_path(vni)
             if ipr is None and netns.is_pinned(path):
                 try:
@@ -530,37 +541,54 @@ class DataPath:
                       remove: list[tuple[str, str, str]]) -> list[tuple[tuple[str, str, str], Exception]]:
         """Remove, then add, many (ip, mac, vtep) peers in one pass; returns the ones that failed.
 
-        One lookup of the VXLAN device and one trip to the netlink thread for a whole batch: a host
-        joining a network with thousands of remote endpoints programs them in seconds.
+        One lookup of the VXLAN device, one trip to the netlink thread and a few netlink writes for a whole
+        batch (plugin/neighbours.py): a host joining a network with 20,000 remote endpoints programs them
+        in about a second.
         """
-        ipr = self._ipr(vni)
-        vx = ipr.link_lookup(ifname=VXLAN)
         failed: list[tuple[tuple[str, str, str], Exception]] = []
-        if not vx:
-            err = Unavailable(f"network namespace {ns_name(vni)} has no {VXLAN}")
-            return [(p, err) for p in add]
-        for ip, mac, vtep in remove:
+        for attempt in (1, 2):
             try:
-                _ignore_gone(lambda i=ip, m=mac: ipr.neigh("del", dst=i, lladdr=m, ifindex=vx[0]))
-                _ignore_gone(lambda m=mac, v=vtep: ipr.fdb("del", ifindex=vx[0], lladdr=m, dst=v, flags=NTF_SELF))
-                _ignore_gone(lambda m=mac: ipr.fdb("del", ifindex=vx[0], lladdr=m, flags=NTF_MASTER))
-            except Exception as err:  # noqa: BLE001 - one bad entry must not stop the others
-                failed.append(((ip, mac, vtep), err))
-        for ip, mac, vtep in add:
-            try:
-                ipr.fdb("replace", ifindex=vx[0], lladdr=mac, dst=vtep, flags=NTF_SELF, state=NUD_PERMANENT)
-                # The bridge's own entry too (as Docker's overlay does): with learning off on the VXLAN port the
-                # bridge would otherwise flood every frame for a remote container to every local one.
-                ipr.fdb("replace", ifindex=vx[0], lladdr=mac, flags=NTF_MASTER, state=NUD_NOARP)
-                ipr.neigh("replace", dst=ip, lladdr=mac, ifindex=vx[0], state=NUD_PERMANENT)
-            except Exception as err:  # noqa: BLE001
-                failed.append(((ip, mac, vtep), err))
+                io = self._peer_io(vni)
+            except (Unavailable, OSError, NetlinkError) as err:
+                return [(p, err) for p in add]
+            failed = neighbours.program(io.netlink, io.vxlan, add, remove)
+            # The device was re-created (a repair): its index changed under us. Once more, looked up afresh.
+            if attempt == 1 and any(getattr(e, "errno", None) == errno.ENODEV for _, e in failed):
+                self._drop_peer_io(vni)
+                continue
+            break
         if 0 < len(add) <= ANNOUNCE_MAX:
             try:
-                netns.run_in(self.ns_path(vni), lambda: _announce(add))
+                _announce(io.packet, add)
             except OSError as err:
                 log.debug("vni %d: gratuitous ARP: %s", vni, err)
+                self._drop_peer_io(vni)   # the bridge was re-created: bind afresh next time
         return failed
+
+    def _peer_io(self, vni: int) -> PeerIO:
+        """The network's sockets for peer programming, made once (in its namespace) and kept."""
+        with self._lock:
+            io = self._peer_ios.get(vni)
+            if io is None:
+                vx = self._ipr(vni).link_lookup(ifname=VXLAN)
+                if not vx:
+                    raise Unavailable(f"network namespace {ns_name(vni)} has no {VXLAN}")
+
+                def make() -> tuple[socket.socket, socket.socket]:
+                    packet = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+                    packet.bind((BRIDGE, 0))
+                    return neighbours.open_socket(), packet
+
+                nl, packet = netns.run_in(self.ns_path(vni), make)
+                io = self._peer_ios[vni] = PeerIO(nl, packet, vx[0])
+            return io
+
+    def _drop_peer_io(self, vni: int) -> None:
+        with self._lock:
+            io = self._peer_ios.pop(vni, None)
+        if io is not None:
+            io.netlink.close()
+            io.packet.close()
 
     @kernel
     def peer_entries(self, vni: int) -> list[tuple[str, str, str]]:
@@ -606,26 +634,25 @@ def _quiet_namespace() -> None:
 ANNOUNCE_MAX = 64  # a bulk snapshot needs no announcements: nobody was waiting for those addresses
 
 
-def _announce(peers: list[tuple[str, str, str]]) -> None:
-    """Gratuitous ARP (IPv6: unsolicited Neighbor Advertisement) for new remote endpoints onto the bridge.
+def _announce(s: socket.socket, peers: list[tuple[str, str, str]]) -> None:
+    """Gratuitous ARP (IPv6: unsolicited Neighbor Advertisement) for new remote endpoints onto the bridge,
+    through a packet socket bound to it (made in the network's namespace).
 
     A local container that tried to reach the address before it was programmed holds an unresolved
     neighbour entry, which the kernel retries only once a second; the announcement resolves it at once
-    (existing entries are updated even with arp_accept=0). Runs inside the network's namespace.
+    (existing entries are updated even with arp_accept=0).
     """
-    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as s:
-        s.bind((BRIDGE, 0))
-        for ip, mac, _ in peers:
-            try:
-                addr = ipaddress.ip_address(ip)
-            except ValueError:
-                continue
-            hw = bytes.fromhex(mac.replace(":", ""))
-            if addr.version == 4:
-                arp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 1, hw, addr.packed, b"\0" * 6, addr.packed)
-                s.send(b"\xff" * 6 + hw + b"\x08\x06" + arp)
-            else:
-                s.send(_unsolicited_na(addr.packed, hw))
+    for ip, mac, _ in peers:
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            continue
+        hw = bytes.fromhex(mac.replace(":", ""))
+        if addr.version == 4:
+            arp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 1, hw, addr.packed, b"\0" * 6, addr.packed)
+            s.send(b"\xff" * 6 + hw + b"\x08\x06" + arp)
+        else:
+            s.send(_unsolicited_na(addr.packed, hw))
 
 
 def _unsolicited_na(ip: bytes, hw: bytes) -> bytes:

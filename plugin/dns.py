@@ -36,6 +36,7 @@ import socket
 import struct
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -108,34 +109,88 @@ def to_wire(reply: dns.message.Message, query: dns.message.Message, limit: int) 
 
 @dataclass
 class Zone:
-    """The names of one network: name -> addresses, address -> names."""
-    forward: dict[str, set[str]] = field(default_factory=dict)
-    reverse: dict[str, set[str]] = field(default_factory=dict)
+    """The names of one network: name -> addresses, address -> names.
+
+    The sets are frozen and replaced, never changed in place: the serving thread reads them while a change
+    is being applied, and sees each name's old or new addresses, never a set in the middle of a change."""
+    forward: dict[str, frozenset[str]] = field(default_factory=dict)
+    reverse: dict[str, frozenset[str]] = field(default_factory=dict)
 
     def add(self, name: str, address: str) -> None:
-        name = name.strip().rstrip(".").lower()
-        if not name:
+        name = _name(name)
+        if name:
+            self.forward[name] = self.forward.get(name, frozenset()) | {address}
+            self.reverse[address] = self.reverse.get(address, frozenset()) | {name}
+
+    def discard(self, name: str, address: str) -> None:
+        name = _name(name)
+        for table, k, v in ((self.forward, name, address), (self.reverse, address, name)):
+            rest = table.get(k, frozenset()) - {v}
+            if rest:
+                table[k] = rest
+            else:
+                table.pop(k, None)
+
+
+def _name(name: str) -> str:
+    return name.strip().rstrip(".").lower()
+
+
+Names = tuple[str, tuple[tuple[str, str], ...]]   # (network key, ((name, address), ...)) of one endpoint
+
+
+def endpoint_names(ep: EndpointRecord, docker_names: list[str] | None) -> Names:
+    """What one endpoint puts in its network's zone. What Docker says now (a rename, aliases) wins over the
+    name given at CreateEndpoint."""
+    names = [n for n in map(_name, docker_names or ([ep.name] if ep.name else [])) if n]
+    return ep.network_key, tuple((name, addr.split("/")[0]) for addr in (ep.address, ep.address6) if addr
+                                 for name in names)
+
+
+class NameIndex:
+    """Every network's zone, kept current endpoint by endpoint: a change costs that endpoint's names, not
+    everyone's. Two endpoints may give the same name and address (a container moving between hosts has a
+    record on each for a moment); the pair stays until neither gives it."""
+
+    def __init__(self) -> None:
+        self.zones: dict[str, Zone] = {}
+        self._of: dict[str, Names] = {}                   # endpoint key -> what it gave
+        self._count: Counter[tuple[str, str, str]] = Counter()   # (network key, name, address) -> givers
+
+    def set(self, key: str, names: Names | None) -> None:
+        """The endpoint's names now (None: it gives none: gone, or its host is not live)."""
+        old = self._of.pop(key, None)
+        if old == names:
+            if names is not None:
+                self._of[key] = names
             return
-        self.forward.setdefault(name, set()).add(address)
-        self.reverse.setdefault(address, set()).add(name)
+        if old is not None:
+            nkey, pairs = old
+            for name, addr in pairs:
+                self._count[(nkey, name, addr)] -= 1
+                if self._count[(nkey, name, addr)] <= 0:
+                    del self._count[(nkey, name, addr)]
+                    self.zones[nkey].discard(name, addr)
+        if names is not None:
+            self._of[key] = names
+            nkey, pairs = names
+            zone = self.zones.get(nkey)
+            if zone is None:
+                zone = self.zones[nkey] = Zone()
+            for name, addr in pairs:
+                self._count[(nkey, name, addr)] += 1
+                zone.add(name, addr)
 
 
 def build_zones(endpoints: Iterable[EndpointRecord], live_hosts: set[str],
                 aliases: Iterable[AliasRecord]) -> dict[str, Zone]:
     """Network key -> its names, from the endpoint records of live hosts and their aliases."""
     docker_names = {al.endpoint_id: al.names for al in aliases}
-    zones: dict[str, Zone] = {}
-    for ep in endpoints:
-        if ep.host not in live_hosts:
-            continue
-        zone = zones.setdefault(ep.network_key, Zone())
-        # What Docker says now (a rename, aliases) wins over the name given at CreateEndpoint.
-        names = docker_names.get(ep.endpoint_id) or ([ep.name] if ep.name else [])
-        for addr in (ep.address, ep.address6):
-            if addr:
-                for name in names:
-                    zone.add(name, addr.split("/")[0])
-    return zones
+    index = NameIndex()
+    for i, ep in enumerate(endpoints):
+        if ep.host in live_hosts:
+            index.set(str(i), endpoint_names(ep, docker_names.get(ep.endpoint_id)))
+    return index.zones
 
 
 def answer(query: dns.message.Message, zone: Zone | None) -> dns.message.Message | None:

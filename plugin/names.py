@@ -1,8 +1,10 @@
 """Feeds the DNS server (plugin/dns.py): which networks it serves here, and every network's names.
 
-Endpoints and live hosts come from the peer watches (plugin/peers.py calls `changed`); aliases from a
-watch of their own. Zones are rebuilt whole on each change (a few thousand names take milliseconds) and
-swapped in, so a name that moves or goes is answered differently at the next query.
+Endpoints and live hosts come from the peer watches (plugin/peers.py calls `changed` with the endpoint
+records that changed); aliases from a watch of their own. A change updates the names of the endpoints it
+touched, in place (plugin/dns.py's NameIndex), so a name that moves or goes is answered differently at the
+next query and a fleet's churn costs each change its own names. A new view (a snapshot, the live hosts
+changed) builds the index anew and swaps it in.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from kvstore import KV, Keys, Store, WatchEvent
 from kvstore.base import Watch
 from kvstore.records import AliasRecord, EndpointRecord, HostRecord, InvalidRecord
 from plugin.datapath import DataPath
-from plugin.dns import FORWARD_ONLY, HOST_NAMESPACE, NameServer, build_zones
+from plugin.dns import FORWARD_ONLY, HOST_NAMESPACE, NameIndex, Names, NameServer, endpoint_names
 from plugin.dnsredirect import DnsRedirect
+from plugin.multimap import link, unlink
 from plugin.state import LocalState
 
 log = logging.getLogger(__name__)
@@ -32,9 +35,13 @@ class NameService:
         self.server = NameServer(upstreams, exclude=[address] if address else [])
         # Other networks' lookups to the address skip the plugin (plugin/dnsredirect.py).
         self.redirect = DnsRedirect(address, self.server.upstreams) if address else None
-        self.aliases: dict[str, AliasRecord] = {}
-        self._endpoints: list[EndpointRecord] = []
+        self.aliases: dict[str, AliasRecord] = {}          # etcd key -> record
+        self._alias_of: dict[str, AliasRecord] = {}        # endpoint ID -> its aliases
+        self._endpoints: dict[str, EndpointRecord] = {}    # etcd key -> record (as the peer watch has them)
+        self._keys_of: dict[str, set[str]] = {}            # endpoint ID -> etcd keys (two while it moves)
+        self._keys_on: dict[str, set[str]] = {}            # host -> etcd keys of its endpoints
         self._hosts: set[str] = set()
+        self._index = NameIndex()
         self._lock = threading.Lock()
         self._watch: Watch | None = None
 
@@ -55,32 +62,73 @@ class NameService:
                 rec = _load(kv.value, kv.key)
                 if rec is not None:
                     self.aliases[kv.key] = rec
-        self._rebuild()
+            self._alias_of = {al.endpoint_id: al for al in self.aliases.values()}
+            self._rebuild()
 
     def _events(self, events: list[WatchEvent]) -> None:
         with self._lock:
+            touched = set()
             for ev in events:
+                old = self.aliases.get(ev.key)
                 if ev.kind == "delete":
                     AliasRecord.deleted(ev.key)
                     self.aliases.pop(ev.key, None)
+                    if old is not None and self._alias_of.get(old.endpoint_id) is old:
+                        del self._alias_of[old.endpoint_id]
+                        touched.add(old.endpoint_id)
                 elif (rec := _load(ev.value, ev.key)) is not None:
-                    self.aliases[ev.key] = rec   # an invalid record changes nothing: the last valid one stays
-        self._rebuild()
+                    self.aliases[ev.key] = self._alias_of[rec.endpoint_id] = rec
+                    touched.add(rec.endpoint_id)   # an invalid record changes nothing: the last valid one stays
+            for eid in touched:
+                for key in self._keys_of.get(eid, ()):
+                    self._index.set(key, self._names(key))
 
     def current_aliases(self) -> dict[str, AliasRecord]:
         with self._lock:
             return dict(self.aliases)
 
-    def changed(self, endpoints: list[EndpointRecord], hosts: dict[str, HostRecord]) -> None:
-        """The peer watches moved (endpoints or live hosts)."""
+    def changed(self, updates: dict[str, EndpointRecord | None], whole: bool, hosts: dict[str, HostRecord]) -> None:
+        """The peer watches moved: these endpoint records changed (None: gone), or, with whole, `updates` is
+        every record there is; `hosts` are the hosts whose endpoints count."""
         with self._lock:
-            self._endpoints, self._hosts = endpoints, set(hosts)
-        self._rebuild()
+            if whole:
+                self._endpoints, self._keys_of, self._keys_on = {}, {}, {}
+            for key, ep in updates.items():
+                old = self._endpoints.pop(key, None)
+                if old is not None:
+                    unlink(self._keys_of, old.endpoint_id, key)
+                    unlink(self._keys_on, old.host, key)
+                if ep is not None:
+                    self._endpoints[key] = ep
+                    link(self._keys_of, ep.endpoint_id, key)
+                    link(self._keys_on, ep.host, key)
+            live = set(hosts)
+            if whole:
+                self._hosts = live
+                self._rebuild()
+                return
+            # A host that came or went changes the names of its endpoints only.
+            touched = set(updates)
+            for host in live ^ self._hosts:
+                touched.update(self._keys_on.get(host, ()))
+            self._hosts = live
+            for key in touched:
+                self._index.set(key, self._names(key))
+
+    def _names(self, key: str) -> Names | None:
+        ep = self._endpoints.get(key)
+        if ep is None or ep.host not in self._hosts:
+            return None
+        al = self._alias_of.get(ep.endpoint_id)
+        return endpoint_names(ep, al.names if al is not None else None)
 
     def _rebuild(self) -> None:
-        with self._lock:
-            zones = build_zones(self._endpoints, self._hosts, list(self.aliases.values()))
-        self.server.set_zones(zones)
+        """Called with the lock held: a new index from everything, swapped in whole."""
+        index = NameIndex()
+        for key in self._endpoints:
+            index.set(key, self._names(key))
+        self._index = index
+        self.server.set_zones(index.zones)
 
     def networks_changed(self) -> None:
         """Listen on the gateway of every local network, on the host-wide DNS address in each IPv4 network's

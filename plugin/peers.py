@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
@@ -27,6 +28,7 @@ from kvstore.records import EndpointRecord, HostRecord, InvalidRecord
 from plugin import metrics
 from plugin.datapath import DataPath
 from plugin.encryption import Encryption
+from plugin.multimap import link, unlink
 from plugin.state import LocalState
 
 log = logging.getLogger(__name__)
@@ -52,7 +54,17 @@ class PeerSync:
         self.hosts: dict[str, HostRecord] = {}            # host name -> record, live hosts (lease held)
         self.known: dict[str, HostRecord] = {}            # the last valid record of every host that is live
         #                                                   or still has endpoint records (not departed)
-        self.programmed: dict[int, dict[str, Peer]] = {}  # vni -> endpoint key -> peer
+        self.programmed: dict[int, dict[str, Peer]] = {}  # vni -> entry key (endpoint key#address) -> peer
+        # What should be programmed, kept current change by change (see reconcile):
+        self.want: dict[int, dict[str, Peer]] = {}        # vni -> entry key -> peer
+        self._want_of: dict[str, list[tuple[int, str]]] = {}  # endpoint key -> its (vni, entry key) in want
+        self._users: dict[int, Counter[tuple[str, str]]] = {}  # vni -> (ip, mac) -> entries in want
+        self._by_host: dict[str, set[str]] = {}          # host name -> its endpoint keys
+        self._dirty: set[str] = set()                     # endpoint keys changed since the last pass
+        self._full = True                                 # the next pass recomputes everything
+        self._named: set[str] = set()                     # endpoint keys changed since the names heard
+        self._names_whole = True                          # the names hear every record at the next pass
+        self._last_local: tuple[dict[str, int], set[tuple[str, str]]] = ({}, set())
         self._watches: list[Watch] = []
         # Which snapshots have arrived ("hosts", "endpoints"). Nothing is programmed, removed or pruned on half
         # a view: at a restart, hosts without their endpoints would look like peers to remove.
@@ -63,7 +75,9 @@ class PeerSync:
         self.passes = 0      # reconcile passes run for watch changes (a burst is coalesced into few)
         self.on_seen_change: Callable[[], None] = lambda: None
         # Endpoints and live hosts changed (the DNS names follow them).
-        self.on_change: Callable[[list[EndpointRecord], dict[str, HostRecord]], None] = lambda e, h: None
+        # Called with the records that changed (None: gone) or, when the flag is set, all of them.
+        self.on_change: Callable[[dict[str, EndpointRecord | None], bool, dict[str, HostRecord]], None] = \
+            lambda e, w, h: None
         # The known hosts changed (the VTEP filter follows them); only ever called from a synced watch.
         self.on_hosts: Callable[[dict[str, HostRecord]], None] = lambda h: None
 
@@ -89,6 +103,7 @@ class PeerSync:
             self.hosts = {rec.host: rec for rec in HostRecord.load_valid(kvs).values()}
             self.known.update(self.hosts)
             self._views.add("hosts")
+            self._full = True
             self._prune_known()
             self._hosts_changed()
         self._reconcile_soon()
@@ -97,6 +112,7 @@ class PeerSync:
         with self._lock:
             for ev in events:
                 name = Keys.last(ev.key)
+                self._mark_hosts([name])
                 if ev.kind == "delete":
                     log.info("host %s: lease expired or host stopped; its endpoints stay programmed until they "
                              "are removed or it is declared departed", name)
@@ -118,8 +134,7 @@ class PeerSync:
         """Forget hosts that are neither live nor hold endpoint records (departed, or never had any)."""
         if not self._whole_view():
             return
-        holding = {ep.host for ep in self.endpoints.values()}
-        for name in [n for n in self.known if n not in self.hosts and n not in holding]:
+        for name in [n for n in self.known if n not in self.hosts and n not in self._by_host]:
             del self.known[name]
 
     def _hosts_changed(self) -> None:
@@ -133,7 +148,11 @@ class PeerSync:
     def _endpoint_snapshot(self, kvs: list[KV], revision: int) -> None:
         with self._lock:
             self.endpoints = EndpointRecord.load_valid(kvs)
+            self._by_host = {}
+            for key, ep in self.endpoints.items():
+                link(self._by_host, ep.host, key)
             self._views.add("endpoints")
+            self._full = self._names_whole = True
             self._prune_known()
             self._hosts_changed()
         self._reconcile_soon()
@@ -142,13 +161,18 @@ class PeerSync:
         with self._lock:
             for ev in events:
                 if ev.kind == "delete":
+                    self._index(ev.key, None)
                     self.endpoints.pop(ev.key, None)
                     EndpointRecord.deleted(ev.key)
                 else:
                     try:
-                        self.endpoints[ev.key] = EndpointRecord.load(ev.value, ev.key)
+                        rec = EndpointRecord.load(ev.value, ev.key)
                     except InvalidRecord:
                         continue  # noted in the quarantine; the last valid record stays
+                    self._index(ev.key, rec)
+                    self.endpoints[ev.key] = rec
+                self._dirty.add(ev.key)
+                self._named.add(ev.key)
             if len(self.known) > len(self.hosts):
                 before = set(self.known)
                 self._prune_known()
@@ -157,62 +181,140 @@ class PeerSync:
         self._reconcile_soon()
 
     # -- desired vs programmed --------------------------------------------------------------------------
+    #
+    # The desired entries are kept current change by change: a watch answer marks the endpoint keys it touched
+    # (or every key of a host whose record changed) dirty, and a pass recomputes and diffs only those, so a
+    # change costs O(changed endpoints), not O(all). A full pass (snapshots, local networks or endpoints
+    # changed, the periodic repair) recomputes everything, exactly as a fresh start would.
 
-    def desired(self) -> dict[int, dict[str, Peer]]:
+    def _local_view(self) -> tuple[dict[str, int], set[tuple[str, str]]]:
+        """This host's networks (key -> VNI) and its own endpoints' addresses per network."""
         local = {n.record.key: n.record.vni for n in list(self.state.data.networks.values())}
-        # An address of one of this host's own endpoints is never sent elsewhere, whatever a record claims.
         mine = {(e.record.network_key, a.split("/")[0]) for e in list(self.state.data.endpoints.values())
                 for a in (e.record.address, e.record.address6) if a}
+        return local, mine
+
+    def _entries_of(self, key: str, local: dict[str, int], mine: set[tuple[str, str]]) -> list[tuple[int, str, Peer]]:
+        """The kernel entries one endpoint record should give: (vni, entry key, peer)."""
+        ep = self.endpoints.get(key)
+        if ep is None:
+            return []
+        vni = local.get(ep.network_key)
+        host = self.known.get(ep.host)
+        # Only through the VTEP its host registered: a record cannot point traffic anywhere else.
+        if vni is None or ep.host == self.host or host is None or host.vtep != ep.vtep:
+            return []
+        # An address of one of this host's own endpoints is never sent elsewhere, whatever a record claims.
+        return [(vni, f"{key}#{addr}", Peer(addr.split("/")[0], ep.mac, ep.vtep)) for addr in (ep.address, ep.address6)
+                if addr and (ep.network_key, addr.split("/")[0]) not in mine]
+
+    def desired(self) -> dict[int, dict[str, Peer]]:
+        local, mine = self._local_view()
         want: dict[int, dict[str, Peer]] = {vni: {} for vni in local.values()}
-        for key, ep in self.endpoints.items():
-            vni = local.get(ep.network_key)
-            host = self.known.get(ep.host)
-            # Only through the VTEP its host registered: a record cannot point traffic anywhere else.
-            if vni is None or ep.host == self.host or host is None or host.vtep != ep.vtep:
-                continue
-            for addr in (ep.address, ep.address6):
-                if addr and (ep.network_key, addr.split("/")[0]) not in mine:
-                    want[vni][f"{key}#{addr}"] = Peer(addr.split("/")[0], ep.mac, ep.vtep)
+        for key in self.endpoints:
+            for vni, entry, peer in self._entries_of(key, local, mine):
+                want[vni][entry] = peer
         return want
 
+    def _mark(self, keys: Iterable[str]) -> None:
+        self._dirty.update(keys)
+
+    def _mark_hosts(self, names: Iterable[str]) -> None:
+        for name in names:
+            self._dirty.update(self._by_host.get(name, ()))
+
+    def _index(self, key: str, ep: EndpointRecord | None) -> None:
+        old = self.endpoints.get(key)
+        if old is not None:
+            unlink(self._by_host, old.host, key)
+        if ep is not None:
+            link(self._by_host, ep.host, key)
+
     def reconcile(self) -> None:
-        """Program the difference between what should be and what is (safe to call any time)."""
+        """Program the difference between what should be and what is, all of it (safe to call any time)."""
         with self._lock:
-            if not self._whole_view():
-                return  # the kernel keeps what it has until both watches have delivered their snapshot
-            want = self.desired()
-            for vni in set(self.programmed) - set(want):
+            self._full = True
+            self._reconcile()
+
+    def _reconcile(self) -> None:
+        if not self._whole_view():
+            return  # the kernel keeps what it has until both watches have delivered their snapshot
+        local, mine = self._local_view()
+        if self._full or (local, mine) != self._last_local or set(local.values()) - set(self.programmed):
+            self._full = False
+            self._dirty.clear()
+            self._last_local = (local, mine)
+            self.want = self.desired()
+            self._want_of = {}
+            self._users = {vni: Counter((p.ip, p.mac) for p in peers.values()) for vni, peers in self.want.items()}
+            for vni, peers in self.want.items():
+                for entry in peers:
+                    self._want_of.setdefault(entry.split("#", 1)[0], []).append((vni, entry))
+            for vni in set(self.programmed) - set(self.want):
                 self.programmed.pop(vni, None)  # network gone here: its namespace took the entries along
-            added = removed = 0
-            for vni, peers in want.items():
-                if vni not in self.programmed:
-                    removed += self._adopt(vni, peers)
-                have = self.programmed.setdefault(vni, {})
-                drop = []
-                for key in [k for k in have if k not in peers or have[k] != peers[k]]:
-                    old = have.pop(key)
+            considered = {vni: set(peers) | set(self.programmed.get(vni, {})) for vni, peers in self.want.items()}
+        else:
+            considered = self._follow(local, mine)
+        added = removed = 0
+        for vni, entries in considered.items():
+            peers = self.want.get(vni, {})
+            if vni not in self.programmed:
+                removed += self._adopt(vni, peers)
+            have = self.programmed.setdefault(vni, {})
+            users = self._users.get(vni, Counter())
+            drop, todo = [], {}
+            for entry in entries:
+                old, new = have.get(entry), peers.get(entry)
+                if old is not None and old != new:
+                    del have[entry]
                     removed += 1
-                    if not self._still_used(peers, old):
+                    # A moved endpoint keeps its IP and MAC: the new entry replaces the old one in the kernel.
+                    if not users[(old.ip, old.mac)]:
                         drop.append(old)
-                todo = {k: p for k, p in peers.items() if have.get(k) != p}
-                failed = self._program(vni, list(todo.values()), drop)
-                for key, peer in todo.items():
-                    if peer not in failed:
-                        have[key] = peer
-                        added += 1
-            if added or removed:
-                log.info("peers: %d programmed, %d removed", added, removed)
-            for vni, have in self.programmed.items():
-                metrics.PEERS.labels(str(vni)).set(len(have))
-            try:
-                self.on_change(list(self.endpoints.values()), dict(self.known))
-            except Exception:  # noqa: BLE001
-                log.exception("updating names")
-            try:
-                if self.encryption.sync(dict(self.known), self.state.encrypted_vnis()):
-                    self.on_seen_change()  # peers switch their sending on our ack: publish it now
-            except Exception as err:  # noqa: BLE001 - retried at the next change; the guard stays closed
-                log.error("programming IPsec: %s", err)
+                if new is not None and have.get(entry) != new:
+                    todo[entry] = new
+            failed = self._program(vni, list(todo.values()), drop)
+            for entry, peer in todo.items():
+                if peer in failed:
+                    self._dirty.add(entry.split("#", 1)[0])  # retried at the next pass
+                else:
+                    have[entry] = peer
+                    added += 1
+        if added or removed:
+            log.info("peers: %d programmed, %d removed", added, removed)
+        for vni, have in self.programmed.items():
+            metrics.PEERS.labels(str(vni)).set(len(have))
+        whole, self._names_whole = self._names_whole, False
+        updates: dict[str, EndpointRecord | None] = dict(self.endpoints) if whole else \
+            {k: self.endpoints.get(k) for k in self._named}
+        self._named = set()
+        try:
+            self.on_change(updates, whole, dict(self.known))
+        except Exception:  # noqa: BLE001
+            self._names_whole = True   # the next pass gives the names everything
+            log.exception("updating names")
+        try:
+            if self.encryption.sync(dict(self.known), self.state.encrypted_vnis()):
+                self.on_seen_change()  # peers switch their sending on our ack: publish it now
+        except Exception as err:  # noqa: BLE001 - retried at the next change; the guard stays closed
+            log.error("programming IPsec: %s", err)
+
+    def _follow(self, local: dict[str, int], mine: set[tuple[str, str]]) -> dict[int, set[str]]:
+        """Bring the desired entries of the dirty endpoint keys up to date; returns the entries to diff."""
+        considered: dict[int, set[str]] = {}
+        dirty, self._dirty = self._dirty, set()
+        for key in dirty:
+            for vni, entry in self._want_of.pop(key, []):
+                old = self.want.get(vni, {}).pop(entry, None)
+                if old is not None:
+                    self._users[vni][(old.ip, old.mac)] -= 1
+                considered.setdefault(vni, set()).add(entry)
+            for vni, entry, peer in self._entries_of(key, local, mine):
+                self.want[vni][entry] = peer
+                self._users[vni][(peer.ip, peer.mac)] += 1
+                self._want_of.setdefault(key, []).append((vni, entry))
+                considered.setdefault(vni, set()).add(entry)
+        return considered
 
     def _adopt(self, vni: int, peers: dict[str, Peer]) -> int:
         """First look at a network (start-up, new network): take over what the kernel already has.
@@ -232,11 +334,6 @@ class PeerSync:
         stale = existing - set(peers.values())
         self._program(vni, [], list(stale))
         return len(stale)
-
-    @staticmethod
-    def _still_used(peers: dict[str, Peer], old: Peer) -> bool:
-        # A moved endpoint keeps its IP and MAC: the new entry replaced the old one already.
-        return any(p.ip == old.ip and p.mac == old.mac for p in peers.values())
 
     def _program(self, vni: int, add: list[Peer], remove: list[Peer]) -> set[Peer]:
         """Batch to the kernel; returns the peers that could not be added (retried at the next change)."""
@@ -273,12 +370,16 @@ class PeerSync:
         with self._pending_lock:
             self._pending = False
         self.passes += 1
-        self._reconcile_logged()
+        self._reconcile_logged(full=False)
 
-    def _reconcile_logged(self) -> None:
+    def _reconcile_logged(self, full: bool = True) -> None:
         try:
-            self.reconcile()
+            with self._lock:
+                self._full = self._full or full
+                self._reconcile()
         except Exception:  # noqa: BLE001 - the next change or watch event retries
+            with self._lock:
+                self._full = True
             log.exception("reconciling peers (the next change or the periodic pass retries)")
 
     def verify_kernel(self) -> list[int]:
@@ -310,5 +411,5 @@ class PeerSync:
     def counts(self) -> dict[int, tuple[int, int]]:
         """Per VNI: peers expected, peers programmed."""
         with self._lock:
-            want = self.desired()
+            want = self.desired() if self._full or not self.want else self.want
             return {vni: (len(want.get(vni, {})), len(self.programmed.get(vni, {}))) for vni in want}

@@ -6,16 +6,19 @@ Used by tests/test_unit_peers.py (correctness) and bench/peer_churn.py (figures)
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from ipam.subnets import mac_from_ip
 from kvstore import Keys, MemoryStore, Txn
 from kvstore.records import EndpointRecord, HostRecord, NetworkRecord
+from plugin.names import NameService
 from plugin.peers import Peer, PeerSync
 from plugin.state import LocalNetwork, LocalState
 
@@ -23,28 +26,38 @@ NKEY, VNI, SUBNET = "10.200.0.0_16", 4242, "10.200.0.0/16"
 
 
 class RecordingKernel:
-    """DataPath's peer interface over a dict: vni -> set of (ip, mac, vtep)."""
+    """DataPath's peer interface over dicts shaped like the kernel's tables: per VNI, neighbours (ip -> mac)
+    and VXLAN FDB entries (mac -> vtep). Like the kernel, a `replace` overwrites the entry of that IP or
+    MAC, and a removal takes only the entry that matches."""
 
     def __init__(self) -> None:
-        self.entries: dict[int, set[tuple[str, str, str]]] = {}
+        self.neigh: dict[int, dict[str, str]] = {}
+        self.fdb: dict[int, dict[str, str]] = {}
         self.batches = 0
         self.lock = threading.Lock()
 
     def program_peers(self, vni: int, add: list[Peer], remove: list[Peer]) -> list[Any]:
         with self.lock:
-            have = self.entries.setdefault(vni, set())
-            have.difference_update(tuple(p) for p in remove)
-            have.update(tuple(p) for p in add)
+            neigh, fdb = self.neigh.setdefault(vni, {}), self.fdb.setdefault(vni, {})
+            for ip, mac, vtep in remove:
+                if neigh.get(ip) == mac:
+                    del neigh[ip]
+                if fdb.get(mac) == vtep:
+                    del fdb[mac]
+            for ip, mac, vtep in add:
+                neigh[ip], fdb[mac] = mac, vtep
             self.batches += 1
         return []
 
     def peer_entries(self, vni: int) -> list[tuple[str, str, str]]:
         with self.lock:
-            return sorted(self.entries.get(vni, set()))
+            fdb = self.fdb.get(vni, {})
+            return sorted((ip, mac, fdb[mac]) for ip, mac in self.neigh.get(vni, {}).items() if mac in fdb)
 
     def count(self) -> int:
+        """Neighbour entries (cheap; peer_entries says which are complete)."""
         with self.lock:
-            return len(self.entries.get(VNI, set()))
+            return len(self.neigh.get(VNI, {}))
 
 
 class NoEncryption:
@@ -66,6 +79,9 @@ class Fleet:
         self.hosts, self.per_host = hosts, per_host
         self.peers = PeerSync(self.store, self.keys, self.kernel, self.state, "local",  # type: ignore[arg-type]
                               NoEncryption())  # type: ignore[arg-type]
+        # The names follow every pass, as in the plugin (their sockets are never opened here).
+        self.names = NameService(self.store, self.keys, self.state, None, ["192.0.2.1"])  # type: ignore[arg-type]
+        self.peers.on_change = self.names.changed
         self.next_ip = 1
         self.want: dict[str, tuple[str, str, str]] = {}   # endpoint key -> the entry it should give
 
@@ -82,7 +98,7 @@ class Fleet:
         self.next_ip += 1
         eid = f"e{self.next_ip:08d}"
         rec = EndpointRecord(endpoint_id=eid, network_key=NKEY, docker_network_id="d" * 12, host=f"r{h}",
-                             vtep=self.vtep(h), mac=mac_from_ip(ip), address=f"{ip}/16")
+                             vtep=self.vtep(h), mac=mac_from_ip(ip), address=f"{ip}/16", name=f"c-{eid}")
         key = self.keys.endpoint(NKEY, eid)
         self.want[key] = (str(ip), rec.mac, rec.vtep)
         return key, rec.dump()
@@ -103,6 +119,18 @@ class Fleet:
         for key in keys:
             self.store.delete(key)
             self.want.pop(key, None)
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[list[str]]:
+        """The hosts and all their endpoints written and programmed; yields the endpoint keys."""
+        self.write_hosts()
+        self.peers.start()
+        try:
+            keys = self.write_endpoints()
+            self.wait_programmed()
+            yield keys
+        finally:
+            self.peers.stop()
 
     def write_endpoints(self) -> list[str]:
         records = self.prepare(self.hosts * self.per_host)

@@ -204,6 +204,15 @@ class Etcd:
     def url(self, ip: str) -> str:
         return f"http://{ip}:{self.port}"
 
+    @property
+    def endpoints(self) -> list[str]:
+        """Where the harness (root namespace) reaches etcd."""
+        return [self.local_url]
+
+    def hosts_url(self, root_ip: str) -> str:
+        """ETCD_ENDPOINTS for the hosts' plugins."""
+        return self.url(root_ip)
+
     def start(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         clients = ",".join(f"http://{ip}:{self.port}" for ip in self.listen)
@@ -225,7 +234,7 @@ class Etcd:
         self.proc = None
 
     def ctl(self, *args: str) -> str:
-        return sh("etcdctl", f"--endpoints={self.local_url}", *args, timeout=10).stdout
+        return sh("etcdctl", f"--endpoints={','.join(self.endpoints)}", *args, timeout=10).stdout
 
     def keys(self, prefix: str = "/") -> list[str]:
         return [k for k in self.ctl("get", prefix, "--prefix", "--keys-only").splitlines() if k.strip()]
@@ -233,6 +242,116 @@ class Etcd:
     def get_json(self, key: str) -> dict | None:  # type: ignore[type-arg]
         out = self.ctl("get", key, "--print-value-only")
         return json.loads(out) if out.strip() else None
+
+
+class EtcdMember:
+    """One member of an etcd cluster, in a network namespace of its own on the underlay (so it can be
+    partitioned by taking its link down)."""
+
+    def __init__(self, rig: Rig, index: int, names: list[str]) -> None:
+        self.rig, self.index, self.names = rig, index, names
+        self.name = names[index]
+        self.ip = f"{UNDERLAY_NET}.{241 + index}"
+        self.netns = f"{PREFIX}-{rig.tag}-e{index}"
+        self.outer = f"{PREFIX}-{rig.tag}e{index}"
+        self.dir = rig.workdir / f"etcd-{index}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.ip}:2379"
+
+    def up(self) -> None:
+        ul = self.rig.underlay_ns
+        sh("ip", "netns", "add", self.netns)
+        sh("ip", "link", "add", self.outer, "mtu", str(UNDERLAY_MTU), "type", "veth", "peer", "name", "eth0",
+           "mtu", str(UNDERLAY_MTU), "netns", self.netns)
+        sh("ip", "link", "set", self.outer, "netns", ul)
+        sh("ip", "-n", ul, "link", "set", self.outer, "master", "br0", "up")
+        sh("ip", "-n", self.netns, "addr", "add", f"{self.ip}/24", "dev", "eth0")
+        sh("ip", "-n", self.netns, "link", "set", "eth0", "up")
+        sh("ip", "-n", self.netns, "link", "set", "lo", "up")
+
+    def start(self, new: bool = True) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        cluster = ",".join(f"{n}=http://{UNDERLAY_NET}.{241 + i}:2380" for i, n in enumerate(self.names))
+        log = open(self.dir / "etcd.log", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", self.netns, "etcd", "--name", self.name, "--data-dir", str(self.dir / "data"),
+             "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
+             "--listen-peer-urls", f"http://{self.ip}:2380", "--initial-advertise-peer-urls", f"http://{self.ip}:2380",
+             "--initial-cluster", cluster, "--initial-cluster-state", "new" if new else "existing",
+             "--initial-cluster-token", f"pyt-{self.rig.tag}", "--log-level", "warn", "--logger", "zap"],
+            stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+        log.close()
+
+    def kill(self) -> None:
+        _stop_group(self.proc, signal.SIGKILL, 10)
+        self.proc = None
+
+    def partition(self, cut: bool) -> None:
+        """Its only link down (cut) or up again: the member keeps running, cut off from everyone."""
+        sh("ip", "-n", self.netns, "link", "set", "eth0", "down" if cut else "up")
+
+    def down(self) -> None:
+        self.kill()
+        sh("ip", "-n", self.rig.underlay_ns, "link", "del", self.outer, check=False)
+        sh("ip", "netns", "del", self.netns, check=False)
+
+
+class EtcdCluster:
+    """A 3-member etcd cluster (Debian's etcd-server), each member in its own namespace on the underlay;
+    the hosts name all three in ETCD_ENDPOINTS. Same interface as Etcd for the rest of the rig."""
+
+    def __init__(self, rig: Rig, size: int = 3) -> None:
+        names = [f"m{i}" for i in range(size)]
+        self.members = [EtcdMember(rig, i, names) for i in range(size)]
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [m.url for m in self.members]
+
+    @property
+    def local_url(self) -> str:
+        return self.members[0].url
+
+    def hosts_url(self, root_ip: str) -> str:
+        return ",".join(self.endpoints)
+
+    def start(self) -> None:
+        for m in self.members:
+            m.up()
+            m.start()
+        wait_for("etcd cluster healthy", lambda: self.healthy() == len(self.members), timeout=60)
+
+    def healthy(self) -> int:
+        res = sh("etcdctl", f"--endpoints={','.join(self.endpoints)}", "endpoint", "health", "-w", "json",
+                 check=False, timeout=10)
+        try:
+            return sum(1 for e in json.loads(res.stdout or "[]") if e.get("health"))
+        except ValueError:
+            return 0
+
+    def leader(self) -> EtcdMember:
+        """The member that leads now (asked of every member that answers)."""
+        res = sh("etcdctl", f"--endpoints={','.join(self.endpoints)}", "endpoint", "status", "-w", "json",
+                 check=False, timeout=10)
+        for st in json.loads(res.stdout or "[]"):
+            header, leader = st.get("Status", {}).get("header", {}), st.get("Status", {}).get("leader")
+            if leader and header.get("member_id") == leader:
+                return next(m for m in self.members if m.url == st["Endpoint"])
+        raise RuntimeError(f"no leader: {res.stdout} {res.stderr}")
+
+    def stop(self) -> None:
+        for m in self.members:
+            m.down()
+
+    def ctl(self, *args: str) -> str:
+        return sh("etcdctl", f"--endpoints={','.join(self.endpoints)}", *args, timeout=10).stdout
+
+    def keys(self, prefix: str = "/") -> list[str]:
+        return [k for k in self.ctl("get", prefix, "--prefix", "--keys-only").splitlines() if k.strip()]
 
 
 class DockerHost:
@@ -365,7 +484,7 @@ class DockerHost:
             "PYOVERLAY_STATE_DIR": str(self.state_dir),
             "PYOVERLAY_HOST": self.name,
             "PYOVERLAY_VTEP": self.ip,
-            "ETCD_ENDPOINTS": self.rig.etcd.url(self.rig.root_ip),
+            "ETCD_ENDPOINTS": self.rig.etcd.hosts_url(self.rig.root_ip),
             "PYOVERLAY_ETCD_PREFIX": self.rig.etcd_prefix,
             "LOG_LEVEL": "info",
             "DOCKER_HOST": f"unix://{self.sock}",
@@ -391,7 +510,8 @@ class DockerHost:
         env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
                "PYOVERLAY_SOCKET": str(self.plugin_sock), "PYOVERLAY_STATE_DIR": str(self.state_dir),
                "PYOVERLAY_HOST": self.name, "PYOVERLAY_VTEP": self.ip,
-               "ETCD_ENDPOINTS": self.rig.etcd.url(self.rig.root_ip), "PYOVERLAY_ETCD_PREFIX": self.rig.etcd_prefix,
+               "ETCD_ENDPOINTS": self.rig.etcd.hosts_url(self.rig.root_ip),
+               "PYOVERLAY_ETCD_PREFIX": self.rig.etcd_prefix,
                "DOCKER_HOST": f"unix://{self.sock}", "LOG_LEVEL": "warning", **self.plugin_env}
         return sh(*self.enter(), "env", "-i", *(f"{k}={v}" for k, v in env.items()), PYOVERLAY, *args,
                   check=check, timeout=timeout)
@@ -433,7 +553,7 @@ class DockerHost:
         # certs mount keeps its default, the host's /etc, which has no pyoverlay/ either.
         settings = {
             "state.source": str(self.managed_state),
-            "ETCD_ENDPOINTS": self.rig.etcd.url(self.rig.root_ip),
+            "ETCD_ENDPOINTS": self.rig.etcd.hosts_url(self.rig.root_ip),
             "PYOVERLAY_ETCD_PREFIX": self.rig.etcd_prefix,
             "PYOVERLAY_VTEP": self.ip,
             "docker.source": str(self.dir),  # this host's docker.sock is there
@@ -538,14 +658,16 @@ class DockerHost:
 
 class Rig:
     def __init__(self, workdir: Path | None = None, tag: str | None = None, engine: Engine | None = None,
-                 daemon: dict[str, Any] | None = None) -> None:
+                 daemon: dict[str, Any] | None = None, etcd_members: int = 1) -> None:
         self.engine = engine or engine_from_env()
         self.daemon = daemon or {}      # every host's /etc/docker/daemon.json
         self.tag = tag or os.urandom(2).hex()
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="pyoverlay-rig-"))
         self.underlay_ns = f"{PREFIX}-{self.tag}-ul"
         self.root_ip = f"{UNDERLAY_NET}.250"
-        self.etcd = Etcd(self.workdir, ["127.0.0.1", self.root_ip])
+        # One etcd in the root namespace, or a cluster of members on the underlay.
+        self.etcd: Etcd | EtcdCluster = (Etcd(self.workdir, ["127.0.0.1", self.root_ip]) if etcd_members == 1
+                                         else EtcdCluster(self, etcd_members))
         self.etcd_prefix = f"/pyoverlay-test-{self.tag}"
         self.hosts: list[DockerHost] = []
         self._root_leg = f"{PREFIX}-{self.tag}r"

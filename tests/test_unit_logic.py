@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from pathlib import Path
 
 import pytest
 
@@ -210,3 +211,61 @@ def test_propagation_definitions() -> None:
     assert same_network(d, other) is None, "who made it and its uid do not matter"
     assert "subnets" in (same_network(d, d.model_copy(update={"pools": []})) or "")
     assert "--opt" in (same_network(d, d.model_copy(update={"options": {}})) or "")
+
+
+def test_names_follow_each_change_and_equal_a_fresh_build() -> None:
+    """NameService applies each change in place; after moves, renames, aliases and a dead host the zones
+    equal what a build from everything gives."""
+    import random
+
+    from kvstore import Keys, MemoryStore, WatchEvent
+    from kvstore.records import AliasRecord, EndpointRecord, HostRecord
+    from plugin.dns import build_zones
+    from plugin.names import NameService
+    from plugin.state import LocalState
+
+    svc = NameService(MemoryStore(), Keys("/t"), LocalState(Path("/nonexistent/state.json")),
+                      None, ["192.0.2.1"])  # type: ignore[arg-type]
+    hosts = {h: HostRecord(host=h, vtep="10.99.0.1", port=4800, version="t", started=0.0) for h in ("h1", "h2")}
+    rng = random.Random(7)
+    records: dict[str, EndpointRecord] = {}
+    aliases: dict[str, AliasRecord] = {}
+
+    def ep(i: int, host: str, name: str) -> EndpointRecord:
+        return EndpointRecord(endpoint_id=f"e{i:04d}", network_key="n1", docker_network_id="d", host=host,
+                              vtep="10.99.0.1", mac="02:42:00:00:00:01", address=f"10.0.{i // 250}.{i % 250 + 1}/16",
+                              name=name)
+
+    for i in range(200):
+        records[f"/t/ep/{i}"] = ep(i, "h1" if i % 2 else "h2", f"c{i}")
+    svc.changed(dict(records), True, hosts)
+    for step in range(300):
+        i = rng.randrange(200)
+        key, updates = f"/t/ep/{i}", {}
+        roll = rng.random()
+        if roll < 0.3:                                     # removed
+            records.pop(key, None)
+            updates[key] = None
+        elif roll < 0.6:                                   # (re)created, renamed, on either host
+            records[key] = ep(i, rng.choice(["h1", "h2"]), rng.choice([f"c{i}", f"r{i}", "shared"]))
+            updates[key] = records[key]
+        elif roll < 0.7:                                   # moving: a second record, same container, same IP
+            old = records.get(key)
+            if old is not None:
+                records[key + "m"] = old.model_copy(update={"host": "h2" if old.host == "h1" else "h1"})
+                updates[key + "m"] = records[key + "m"]
+        else:                                              # Docker's aliases for it
+            al = AliasRecord(endpoint_id=f"e{i:04d}", network_key="n1", host="h1", container=f"c{i}",
+                             names=[f"c{i}", f"alias{step % 5}"])
+            aliases[al.endpoint_id] = al
+            svc._events([WatchEvent("put", svc.keys.aliases("n1", al.endpoint_id), al.dump(), step)])
+        if updates:
+            svc.changed(updates, False, hosts)
+        if step == 150:
+            hosts = {"h1": hosts["h1"]}                    # h2 no longer counts
+            svc.changed({}, False, hosts)
+        fresh = build_zones(records.values(), set(hosts), aliases.values()).get("n1")
+        got = svc.server.zones.get("n1")
+        assert (got.forward if got else {}) == (fresh.forward if fresh else {}), f"step {step}"
+        assert (got.reverse if got else {}) == (fresh.reverse if fresh else {}), f"step {step}"
+    svc.server.stop()

@@ -8,11 +8,7 @@ from tests.peer_fleet import VNI, Fleet
 
 def test_a_fleet_and_its_churn_end_exactly_as_etcd_says() -> None:
     fleet = Fleet(hosts=30, per_host=40)
-    fleet.write_hosts()
-    fleet.peers.start()
-    try:
-        keys = fleet.write_endpoints()
-        fleet.wait_programmed()
+    with fleet.running() as keys:
         assert fleet.kernel.count() == 1200
         keys = fleet.churn(keys, 400)
         fleet.wait_programmed()
@@ -23,5 +19,68 @@ def test_a_fleet_and_its_churn_end_exactly_as_etcd_says() -> None:
         fleet.wait_programmed()
         assert all(vtep != fleet.vtep(0) for _, _, vtep in fleet.kernel.peer_entries(VNI))
         print(f"passes: {fleet.peers.passes}, kernel batches: {fleet.kernel.batches}")
-    finally:
-        fleet.peers.stop()
+
+
+def _settle(fleet: Fleet) -> None:
+    """Wait until the peers thread has no pass queued or running (the kernel then holds its final word)."""
+    fleet.peers._background.submit(lambda: None).result(timeout=30)
+    fleet.peers._background.submit(lambda: None).result(timeout=30)
+
+
+def test_a_change_is_programmed_from_the_changed_records_alone() -> None:
+    """Moves, a re-registered VTEP, a record claiming a local address, a failed add: each pass diffs only
+    what changed, and the kernel still ends exactly as a full recomputation would have it."""
+    from kvstore.records import EndpointRecord, HostRecord
+    from plugin.state import LocalEndpoint
+
+    fleet = Fleet(hosts=10, per_host=20)
+    with fleet.running() as keys:
+        _settle(fleet)
+        assert not fleet.peers._full, "watch answers after the first view are followed incrementally"
+        # An endpoint moves to another host (same IP and MAC, other VTEP): one entry, through the new VTEP.
+        key = keys[0]
+        rec = EndpointRecord.load(fleet.store.get(key).value, key)  # type: ignore[union-attr]
+        moved = rec.model_copy(update={"host": "r5", "vtep": fleet.vtep(5)})
+        fleet.store.put(key, moved.dump())
+        fleet.want[key] = (rec.address.split("/")[0], rec.mac, fleet.vtep(5))
+        fleet.wait_programmed()
+        # A host re-registers with a new VTEP: its endpoint records (still naming the old one) are not
+        # followed there; records rewritten with the new VTEP are.
+        fleet.store.put(fleet.keys.host("r1"), HostRecord(host="r1", vtep="10.99.9.9", port=4800, version="t",
+                                                          started=0.0).dump())
+        r1 = [k for k in keys if fleet.want[k][2] == fleet.vtep(1)]
+        for k in r1:
+            fleet.want.pop(k)
+        fleet.wait_programmed()
+        for k in r1[:5]:
+            old = EndpointRecord.load(fleet.store.get(k).value, k)  # type: ignore[union-attr]
+            fleet.store.put(k, old.model_copy(update={"vtep": "10.99.9.9"}).dump())
+            fleet.want[k] = (old.address.split("/")[0], old.mac, "10.99.9.9")
+        fleet.wait_programmed()
+        # A local endpoint takes an address a remote record claims: that record is not programmed here.
+        claimed = keys[50]
+        rec = EndpointRecord.load(fleet.store.get(claimed).value, claimed)  # type: ignore[union-attr]
+        fleet.state.data.endpoints["local1"] = LocalEndpoint(record=rec.model_copy(update={"host": "local"}))
+        fleet.want.pop(claimed)
+        fleet.peers._reconcile_soon()
+        fleet.wait_programmed()
+        # A failed add is retried by the next pass, without a full recomputation.
+        failing = fleet.prepare(1)[0]
+        real = fleet.kernel.program_peers
+        calls = []
+
+        def flaky(vni, add, remove):  # type: ignore[no-untyped-def]
+            calls.append(len(add))
+            if len(calls) == 1:
+                return [(tuple(p), OSError("busy")) for p in add]
+            return real(vni, add, remove)
+
+        fleet.kernel.program_peers = flaky  # type: ignore[method-assign]
+        fleet.write([failing], batch=1)
+        _settle(fleet)
+        assert failing[0] not in {k for v in fleet.peers.programmed.values() for k in v}
+        fleet.write(fleet.prepare(1), batch=1)   # any next change
+        fleet.wait_programmed()
+        assert calls[1] == 2, "the retry carried the failed entry and the new one, nothing else"
+        # The incremental view equals a full recomputation.
+        assert fleet.peers.want == fleet.peers.desired()

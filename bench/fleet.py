@@ -1,0 +1,381 @@
+"""A fleet by simulation: one real host (real dockerd, real pyoverlay, real kernel) and the etcd records of N
+simulated hosts, written as real hosts write them, then churn.
+
+For each N (default 100, 500, 1,000 hosts x 40 endpoints, all on one /16 network):
+
+1. *bring-up*: N hosts register (host record on a lease of its own, membership, 40 endpoint records, signed
+   with the cluster secret), one host after another as fast as etcd takes them; measured: seconds from the
+   first write until the real host's kernel holds a permanent neighbour entry for every remote endpoint;
+2. *burst*: 1,000 endpoints leave and 1,000 arrive, one write each, as fast as possible: seconds until the
+   kernel shows all 2,000 changes;
+3. *churn*: 100 changes a second for --churn seconds (an endpoint leaves or arrives, alternately, on a random
+   host): per change, the time from its etcd write returning to the neighbour entry appearing or going in the
+   kernel (a netlink monitor in the network's namespace timestamps each); the plugin's CPU seconds over the
+   churn; etcd's gRPC bytes sent per change (etcd's own /metrics: the one real host is its only watcher);
+   also, during the churn, 2 hosts die (lease revoked) and a second network is created and removed on the
+   real host;
+4. *restart*: the plugin is killed and started again with every record in etcd; seconds until it programs
+   an endpoint written after its socket is back;
+5. the plugin's RSS (master + worker) idle before bring-up and at the end.
+
+    sudo .venv/bin/python bench/fleet.py [--hosts 100 500 1000] [--churn 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import random
+import re
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+from common import ROOT, save, summary, table
+
+from ipam.subnets import mac_from_ip, network_key
+from kvstore import EtcdConfig, Keys, KVStore, Txn
+from kvstore.records import AUTH, EndpointRecord, HostRecord, MemberRecord, NetworkRecord
+from tests.rig import DockerHost, Rig, sh
+
+PER_HOST = 40
+SUBNET = ipaddress.ip_network("10.64.0.0/16")
+SECRET = "fleet-bench-secret"
+CHURN_RATE = 100.0
+MONITOR = r"""
+import sys, time
+from pyroute2 import IPRoute
+from pyroute2.netlink.rtnl import RTMGRP_NEIGH
+ipr = IPRoute()
+ipr.bind(groups=RTMGRP_NEIGH, rcvbuf=64 << 20)
+print("ready", flush=True)
+while True:
+    try:
+        msgs = ipr.get()
+    except Exception as err:
+        print(f"error {err}", flush=True)
+        continue
+    now = time.monotonic()
+    for m in msgs:
+        dst = m.get_attr("NDA_DST")
+        if dst and m["family"] in (2, 10):
+            kind = "del" if m["event"] == "RTM_DELNEIGH" else ("add" if m["state"] & 0x80 else "other")
+            print(f"{now:.6f} {kind} {dst}", flush=False)
+    sys.stdout.flush()
+"""
+
+
+def tree(root_pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [root_pid]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo += children.get(pid, [])
+    return out
+
+
+def rss_mib(root_pid: int) -> float:
+    total = 0
+    for pid in tree(root_pid):
+        try:
+            m = re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{pid}/status").read_text())
+        except OSError:
+            continue
+        total += int(m.group(1)) if m else 0
+    return round(total / 1024, 1)
+
+
+def cpu_seconds(root_pid: int) -> float:
+    ticks = 0
+    for pid in tree(root_pid):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])   # utime, stime
+    return ticks / 100.0
+
+
+def etcd_sent_bytes(url: str) -> float:
+    text = urllib.request.urlopen(f"{url}/metrics", timeout=10).read().decode()
+    m = re.search(r"^etcd_network_client_grpc_sent_bytes_total (\S+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+class Monitor:
+    """Neighbour events in the network's namespace, timestamped as they arrive (time.monotonic)."""
+
+    def __init__(self, h: DockerHost, vni: int) -> None:
+        pin = f"{h.state_dir}/netns/pyo-{vni:06x}"
+        self.proc = subprocess.Popen(["nsenter", "-t", str(h._holder_pid()), "-m", "--", "nsenter", f"--net={pin}",
+                                      sys.executable, "-c", MONITOR], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        assert self.proc.stdout is not None and self.proc.stdout.readline().strip() == "ready"
+        self.first: dict[tuple[str, str], float] = {}      # (kind, ip) -> first time seen (since reset)
+        self.errors = 0
+        self.lock = threading.Lock()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            parts = line.split()
+            if parts[:1] == ["error"]:
+                self.errors += 1
+            elif len(parts) == 3:
+                with self.lock:
+                    self.first.setdefault((parts[1], parts[2]), float(parts[0]))
+
+    def reset(self) -> None:
+        with self.lock:
+            self.first = {}
+
+    def seen(self, kind: str, ip: str) -> float | None:
+        with self.lock:
+            return self.first.get((kind, ip))
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def programmed(h: DockerHost, vni: int) -> int:
+    script = (f"nsenter --net={h.state_dir}/netns/pyo-{vni:06x} ip neigh show dev vxlan0 nud permanent "
+              f"2>/dev/null | wc -l")
+    out = sh("nsenter", "-t", str(h._holder_pid()), "-m", "--", "sh", "-c", script, check=False).stdout.strip()
+    return int(out or 0)
+
+
+class Simulation:
+    def __init__(self, store: KVStore, keys: Keys, nkey: str, hosts: int) -> None:
+        self.store, self.keys, self.nkey, self.n = store, keys, nkey, hosts
+        self.addresses: Iterator[ipaddress.IPv4Address] = iter(list(SUBNET.hosts())[300:])  # type: ignore[arg-type]
+        self.endpoints: dict[str, tuple[int, str]] = {}    # key -> (host index, ip)
+        self.leases: dict[int, int] = {}
+        self.rng = random.Random(1)
+        self.seq = 0
+        self.dead: set[int] = set()
+
+    @staticmethod
+    def vtep(i: int) -> str:
+        return f"10.98.{i // 250}.{i % 250 + 1}"
+
+    def endpoint(self, i: int) -> tuple[str, bytes, str]:
+        ip = next(self.addresses)
+        self.seq += 1
+        eid = f"{self.seq:08x}".rjust(64, "e")
+        rec = EndpointRecord(endpoint_id=eid, network_key=self.nkey, docker_network_id=f"{i:064x}", host=f"sim{i}",
+                             vtep=self.vtep(i), mac=mac_from_ip(ip), address=f"{ip}/{SUBNET.prefixlen}",
+                             name=f"c{self.seq}")
+        AUTH.writer = f"sim{i}"    # each simulated host signs its own records
+        key = self.keys.endpoint(self.nkey, eid)
+        self.endpoints[key] = (i, str(ip))
+        return key, rec.dump(), str(ip)
+
+    def register(self, i: int) -> int:
+        """Host i comes up with its 40 endpoints (one transaction, as fast as etcd takes it); returns bytes."""
+        lease = self.store.grant(3600)
+        self.leases[i] = lease
+        AUTH.writer = f"sim{i}"
+        host = HostRecord(host=f"sim{i}", vtep=self.vtep(i), port=4800, version="fleet", started=time.time())
+        txn = Txn().put(self.keys.host(f"sim{i}"), host.dump())
+        txn.put(self.keys.member(self.nkey, f"sim{i}"),
+                MemberRecord(host=f"sim{i}", docker_network_id=f"{i:064x}").dump())
+        size = 0
+        for _ in range(PER_HOST):
+            key, value, _ = self.endpoint(i)
+            txn.put(key, value)
+            size += len(value)
+        self.store.commit(txn)
+        self.store.put(self.keys.host(f"sim{i}"), host.dump(), lease=lease)
+        return size
+
+    def kill(self, i: int) -> list[str]:
+        """Host i dies: its lease is revoked (its host record goes); returns its endpoints' addresses."""
+        self.store.revoke(self.leases[i])
+        self.dead.add(i)
+        gone = [k for k, (host, _) in self.endpoints.items() if host == i]
+        return [self.endpoints.pop(k)[1] for k in gone]
+
+    def arrive(self) -> tuple[str, str]:
+        key, value, ip = self.endpoint(self.rng.choice([i for i in range(self.n) if i not in self.dead]))
+        self.store.put(key, value)
+        return "add", ip
+
+    def leave(self) -> tuple[str, str]:
+        key = self.rng.choice(list(self.endpoints))
+        _, ip = self.endpoints.pop(key)
+        self.store.delete(key)
+        return "del", ip
+
+
+def wait(what: str, cond, timeout: float) -> float:  # type: ignore[no-untyped-def]
+    began = time.monotonic()
+    while not cond():
+        if time.monotonic() - began > timeout:
+            raise TimeoutError(what)
+        time.sleep(0.02)
+    return time.monotonic() - began
+
+
+def run(n: int, churn_seconds: float, profile: str | None = None) -> dict[str, object]:
+    rig = Rig()
+    mon = None
+    try:
+        rig.up(1, PYOVERLAY_CLUSTER_SECRET=SECRET, PYOVERLAY_DEAD_HOST_GRACE="15")
+        h = rig.hosts[0]
+        AUTH.configure(SECRET, "sim0")
+        store = KVStore(EtcdConfig([rig.etcd.local_url], timeout=10))
+        keys = Keys(rig.etcd_prefix)
+        h.docker("network", "create", "-d", "pyoverlay", "--ipam-driver", "pyoverlay", "--subnet", str(SUBNET),
+                 "fleet")
+        nkey = network_key(SUBNET, None)
+        got = store.get(keys.network(nkey))
+        assert got is not None
+        vni = NetworkRecord.load(got.value, keys.network(nkey)).vni
+        assert h.plugin is not None
+        time.sleep(2)
+        rss_idle = rss_mib(h.plugin.pid)
+        sim = Simulation(store, keys, nkey, n)
+        mon = Monitor(h, vni)
+        total = n * PER_HOST
+
+        # 1. bring-up
+        began = time.monotonic()
+        record_bytes = sum(sim.register(i) for i in range(n)) / total
+        written = time.monotonic() - began
+        wait(f"{total} programmed", lambda: programmed(h, vni) >= total, timeout=600)
+        bringup = time.monotonic() - began
+        rss_full = rss_mib(h.plugin.pid)
+        print(f"N={n}: {total} endpoints written in {written:.1f} s, all programmed {bringup:.2f} s after the "
+              f"first write; RSS {rss_idle} -> {rss_full} MiB", flush=True)
+
+        # 2. burst: 1,000 leave, 1,000 arrive
+        mon.reset()
+        began = time.monotonic()
+        changes = [sim.leave() for _ in range(1000)] + [sim.arrive() for _ in range(1000)]
+        burst_written = time.monotonic() - began
+        burst_after = wait("burst", lambda: all(mon.seen(k, ip) is not None for k, ip in changes), timeout=300)
+        burst_total = burst_written + burst_after
+        print(f"N={n}: 2,000 changes written one by one in {burst_written:.2f} s, all in the kernel "
+              f"{burst_after:.2f} s after the last write", flush=True)
+
+        # 3. churn at 100/s, 2 hosts die, a network comes and goes
+        mon.reset()
+        cpu0, sent0 = cpu_seconds(h.plugin.pid), etcd_sent_bytes(rig.etcd.local_url)
+        written_at: list[tuple[str, str, float]] = []
+        side: dict[str, float] = {}
+        dead: list[str] = []
+
+        def side_work() -> None:
+            time.sleep(churn_seconds / 4)
+            side["killed_at"] = time.monotonic()
+            dead.extend(ip for i in (0, 1) for ip in sim.kill(i))
+            t = time.monotonic()
+            h.docker("network", "create", "-d", "pyoverlay", "--ipam-driver", "pyoverlay", "--subnet",
+                     "10.65.0.0/24", "fleet2")
+            side["network_create_s"] = round(time.monotonic() - t, 2)
+            t = time.monotonic()
+            h.docker("network", "rm", "fleet2")
+            side["network_rm_s"] = round(time.monotonic() - t, 2)
+
+        worker = threading.Thread(target=side_work)
+        worker.start()
+        spy = None
+        if profile:   # where the plugin's time goes during the churn (py-spy, collapsed stacks)
+            spy = subprocess.Popen(["py-spy", "record", "--format", "raw", "-o", f"{profile}/fleet-{n}.txt", "-d",
+                                    str(int(churn_seconds)), "-p", str(h.plugin.pid), "--subprocesses", "-r", "50"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        began = time.monotonic()
+        count = int(churn_seconds * CHURN_RATE)
+        for c in range(count):
+            due = began + c / CHURN_RATE
+            if (pause := due - time.monotonic()) > 0:
+                time.sleep(pause)
+            kind, ip = sim.leave() if c % 2 else sim.arrive()
+            written_at.append((kind, ip, time.monotonic()))
+        worker.join()
+        if spy is not None:
+            spy.wait(timeout=120)
+        try:
+            wait("churn", lambda: all(mon.seen(k, ip) is not None for k, ip, _ in written_at), timeout=120)
+        except TimeoutError:
+            missing = [(k, ip) for k, ip, _ in written_at if mon.seen(k, ip) is None]
+            raise TimeoutError(f"{len(missing)} of {len(written_at)} changes not seen in the kernel: {missing[:10]}, "
+                               f"plugin log: {h.plugin_log()[-3000:]}") from None
+        churn_wall = time.monotonic() - began
+        cpu = cpu_seconds(h.plugin.pid) - cpu0
+        sent = etcd_sent_bytes(rig.etcd.local_url) - sent0
+        # The dead hosts' endpoints go when the real host declares them departed (grace 15 s here).
+        wait("departed", lambda: all(mon.seen("del", ip) is not None for ip in dead), timeout=180)
+        departed = max(mon.seen("del", ip) or 0.0 for ip in dead) - side.pop("killed_at")
+        lat = [max(0.0, (mon.seen(k, ip) or 0.0) - t) * 1000 for k, ip, t in written_at]
+        lat_stats = summary(lat, 1)
+        print(f"N={n}: churn {count} changes at {CHURN_RATE:.0f}/s: write->kernel p50 {lat_stats['p50']} ms p99 "
+              f"{lat_stats['p99']} ms; plugin CPU {cpu:.1f} s over {churn_wall:.1f} s "
+              f"({100 * cpu / churn_wall:.1f}% of a core); etcd sent {sent / count:.0f} B per change", flush=True)
+
+        # 4. restart with every record in etcd
+        h.kill_plugin()
+        h.start_plugin()
+        mon.reset()
+        began = time.monotonic()
+        kind, ip = sim.arrive()
+        restart = wait("restart", lambda: mon.seen("add", ip) is not None, timeout=120)
+        print(f"N={n}: restarted plugin programmed a new endpoint {restart:.2f} s after its socket was back",
+              flush=True)
+        time.sleep(2)
+        rss_end = rss_mib(h.plugin.pid) if h.plugin is not None else 0.0
+        store.close()
+        return {"hosts": n, "endpoints": total, "record_bytes": round(record_bytes),
+                "bringup_write_s": round(written, 2), "bringup_programmed_s": round(bringup, 2),
+                "burst_2000_s": round(burst_total, 2), "burst_write_s": round(burst_written, 2),
+                "burst_after_last_write_s": round(burst_after, 2), "churn_changes": count,
+                "churn_latency_ms": lat_stats,
+                "churn_cpu_s": round(cpu, 2), "churn_wall_s": round(churn_wall, 2),
+                "churn_cpu_pct_core": round(100 * cpu / churn_wall, 1),
+                "etcd_bytes_per_change": round(sent / count), "restart_new_endpoint_s": round(restart, 2),
+                "rss_idle_mib": rss_idle, "rss_full_mib": rss_full, "rss_after_restart_mib": rss_end,
+                "departed_after_lease_s": round(departed, 1), "monitor_errors": mon.errors, **side}
+    finally:
+        if mon is not None:
+            mon.stop()
+        rig.down()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--hosts", type=int, nargs="+", default=[100, 500, 1000])
+    ap.add_argument("--churn", type=float, default=20.0, help="seconds of churn at 100 changes/s")
+    ap.add_argument("--profile", help="a directory: py-spy's collapsed stacks of the plugin during the churn")
+    args = ap.parse_args()
+    results = []
+    for n in args.hosts:
+        results.append(run(n, args.churn, args.profile))
+        print(json.dumps(results[-1]), flush=True)
+    rows = [[r["hosts"], r["endpoints"], r["bringup_programmed_s"], r["burst_2000_s"],
+             r["churn_latency_ms"]["p50"], r["churn_latency_ms"]["p99"], r["churn_cpu_pct_core"],  # type: ignore[index]
+             r["etcd_bytes_per_change"], r["restart_new_endpoint_s"], r["rss_idle_mib"], r["rss_full_mib"]]
+            for r in results]
+    md = ("One real host (dockerd + pyoverlay + kernel) and the signed etcd records of N simulated hosts x "
+          f"{PER_HOST} endpoints on one /16 network (`bench/fleet.py`).\n\n"
+          + table(["hosts", "remote endpoints", "all programmed s", "2,000 changes s", "churn p50 ms",
+                   "churn p99 ms", "CPU % of a core at 100 changes/s", "etcd bytes per change",
+                   "restart: new endpoint s", "RSS idle MiB", "RSS all MiB"], rows))
+    save("fleet", {"results": results}, md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
