@@ -32,7 +32,6 @@ from pyroute2.netlink.exceptions import NetlinkError
 from ipam.subnets import mac_from_ip
 from plugin import neighbours, netns
 from plugin.errors import Conflict, InvalidRequest, Unavailable
-from plugin.neighbours import NTF_SELF, NUD_NOARP, NUD_PERMANENT
 
 log = logging.getLogger(__name__)
 
@@ -594,24 +593,16 @@ class DataPath:
     def peer_entries(self, vni: int) -> list[tuple[str, str, str]]:
         """(ip, mac, vtep) of the peers fully programmed on a network's VXLAN device: permanent neighbour,
         VXLAN FDB entry and the bridge's static entry."""
-        ipr = self._ipr(vni)
-        vx = ipr.link_lookup(ifname=VXLAN)
-        if not vx:
+        try:
+            io = self._peer_io(vni)
+        except Unavailable:
             return []
-        vteps, bridged = {}, set()
-        for f in ipr.fdb("dump", ifindex=vx[0]):
-            if f["ifindex"] != vx[0]:
-                continue
-            if _attr(f, "NDA_DST") and f["state"] & NUD_PERMANENT:
-                vteps[_attr(f, "NDA_LLADDR")] = _attr(f, "NDA_DST")
-            elif not f["flags"] & NTF_SELF and f["state"] & NUD_NOARP:
-                bridged.add(_attr(f, "NDA_LLADDR"))
-        out = []
-        for n in ipr.get_neighbours(ifindex=vx[0]):
-            mac = _attr(n, "NDA_LLADDR")
-            if n["state"] & NUD_PERMANENT and mac in vteps and mac in bridged:
-                out.append((_attr(n, "NDA_DST"), mac, vteps[mac]))
-        return out
+        try:
+            return neighbours.entries(io.netlink, io.vxlan)
+        except OSError:
+            self._drop_peer_io(vni)   # the namespace or device was re-made: read through new sockets
+            io = self._peer_io(vni)
+            return neighbours.entries(io.netlink, io.vxlan)
 
 # Inside a network's namespace: frames crossing br0 must not go through iptables (br_netfilter would
 # send them there, costing time and giving a host's firewall a say over overlay traffic).

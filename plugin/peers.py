@@ -60,6 +60,7 @@ class PeerSync:
         self._want_of: dict[str, list[tuple[int, str]]] = {}  # endpoint key -> its (vni, entry key) in want
         self._users: dict[int, Counter[tuple[str, str]]] = {}  # vni -> (ip, mac) -> entries in want
         self._by_host: dict[str, set[str]] = {}          # host name -> its endpoint keys
+        self._by_network: dict[str, set[str]] = {}       # network key -> its endpoint keys
         self._dirty: set[str] = set()                     # endpoint keys changed since the last pass
         self._full = True                                 # the next pass recomputes everything
         self._named: set[str] = set()                     # endpoint keys changed since the names heard
@@ -148,9 +149,10 @@ class PeerSync:
     def _endpoint_snapshot(self, kvs: list[KV], revision: int) -> None:
         with self._lock:
             self.endpoints = EndpointRecord.load_valid(kvs)
-            self._by_host = {}
+            self._by_host, self._by_network = {}, {}
             for key, ep in self.endpoints.items():
                 link(self._by_host, ep.host, key)
+                link(self._by_network, ep.network_key, key)
             self._views.add("endpoints")
             self._full = self._names_whole = True
             self._prune_known()
@@ -227,8 +229,10 @@ class PeerSync:
         old = self.endpoints.get(key)
         if old is not None:
             unlink(self._by_host, old.host, key)
+            unlink(self._by_network, old.network_key, key)
         if ep is not None:
             link(self._by_host, ep.host, key)
+            link(self._by_network, ep.network_key, key)
 
     def reconcile(self) -> None:
         """Program the difference between what should be and what is, all of it (safe to call any time)."""
@@ -240,7 +244,12 @@ class PeerSync:
         if not self._whole_view():
             return  # the kernel keeps what it has until both watches have delivered their snapshot
         local, mine = self._local_view()
-        if self._full or (local, mine) != self._last_local or set(local.values()) - set(self.programmed):
+        if not self._full and mine == self._last_local[1] and local != self._last_local[0]:
+            came = self._networks_changed(local)
+            considered = self._follow(local, mine)
+            for vni in came:
+                considered.setdefault(vni, set())   # adopted below, even with no remote endpoint yet
+        elif self._full or (local, mine) != self._last_local or set(local.values()) - set(self.programmed):
             self._full = False
             self._dirty.clear()
             self._last_local = (local, mine)
@@ -299,6 +308,25 @@ class PeerSync:
         except Exception as err:  # noqa: BLE001 - retried at the next change; the guard stays closed
             log.error("programming IPsec: %s", err)
 
+    def _networks_changed(self, local: dict[str, int]) -> list[int]:
+        """Networks came or went here: only their endpoints are looked at (marked dirty, or their entries
+        forgotten). Returns the VNIs that came."""
+        before, came = self._last_local[0], []
+        for nkey, vni in before.items():
+            if local.get(nkey) != vni:   # gone: its namespace took the kernel entries along
+                for key in self._by_network.get(nkey, ()):
+                    self._want_of.pop(key, None)
+                self.want.pop(vni, None)
+                self._users.pop(vni, None)
+                self.programmed.pop(vni, None)
+        for nkey, vni in local.items():
+            if before.get(nkey) != vni:
+                self.want[vni], self._users[vni] = {}, Counter()
+                self._dirty.update(self._by_network.get(nkey, ()))
+                came.append(vni)
+        self._last_local = (local, self._last_local[1])
+        return came
+
     def _follow(self, local: dict[str, int], mine: set[tuple[str, str]]) -> dict[int, set[str]]:
         """Bring the desired entries of the dirty endpoint keys up to date; returns the entries to diff."""
         considered: dict[int, set[str]] = {}
@@ -354,7 +382,7 @@ class PeerSync:
         Queued, not run here: Docker waits on CreateNetwork, and a network with thousands of remote
         endpoints takes seconds to program. Reconciles are serialised by the lock and idempotent.
         """
-        self._background.submit(self._reconcile_logged)
+        self._background.submit(self._reconcile_logged, False)   # the pass looks at that network alone
 
     def _reconcile_soon(self) -> None:
         """Watch callbacks only record what changed; a pass on the peers thread programs it. Changes that arrive

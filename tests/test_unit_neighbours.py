@@ -53,6 +53,7 @@ SCRIPT = textwrap.dedent("""
     v6 = ("fd00:20::7", "02:42:fd:00:00:07", "10.99.0.9")
     assert neighbours.program(sock, vx, peers + [v6], []) == []
     assert kernel() == set(peers) | {v6}
+    assert set(neighbours.entries(sock, vx)) == kernel()
     # A move (same IP and MAC, other VTEP) is a replace; removals of what is not there are fine; a bad MAC
     # fails its own entry only.
     moved = peer(7, "10.99.1.1")
@@ -61,6 +62,8 @@ SCRIPT = textwrap.dedent("""
     assert [p for p, _ in failed] == [bad], failed
     want = (set(peers[:2000]) | set(peers[4000:]) | {v6, moved}) - {peer(7)}
     assert kernel() == want, (len(kernel()), len(want))
+    # What the fast dump reads back is what pyroute2's dumps see.
+    assert set(neighbours.entries(sock, vx)) == want and len(neighbours.entries(sock, vx)) == len(want)
     # A device that is not there: every add fails, each with its reason.
     failed = neighbours.program(sock, 999999, [peer(1), peer(2)], [])
     assert sorted(p for p, _ in failed) == [peer(1), peer(2)] and all(isinstance(e, OSError) for _, e in failed)

@@ -82,5 +82,16 @@ def test_a_change_is_programmed_from_the_changed_records_alone() -> None:
         fleet.write(fleet.prepare(1), batch=1)   # any next change
         fleet.wait_programmed()
         assert calls[1] == 2, "the retry carried the failed entry and the new one, nothing else"
+        # The network goes from this host and comes back: only its endpoints are looked at, all of them.
+        net = fleet.state.data.networks.pop("n" * 12)
+        fleet.peers.network_changed()
+        _settle(fleet)
+        assert VNI not in fleet.peers.want and VNI not in fleet.peers.programmed
+        fleet.kernel.neigh.pop(VNI, None)   # its namespace took the entries along
+        fleet.kernel.fdb.pop(VNI, None)
+        fleet.state.data.networks["n" * 12] = net
+        fleet.peers.network_changed()
+        fleet.wait_programmed()
+        assert not fleet.peers._full
         # The incremental view equals a full recomputation.
         assert fleet.peers.want == fleet.peers.desired()
