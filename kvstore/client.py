@@ -165,8 +165,9 @@ class KVStore:
             except grpc.RpcError as err:
                 code = err.code() if hasattr(err, "code") else None
                 if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.UNAVAILABLE,
-                            grpc.StatusCode.DEADLINE_EXCEEDED):
-                    # An expired auth token or a dead endpoint: reconnect (re-authenticates) and retry.
+                            grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
+                    # An expired auth token or a dead endpoint: reconnect (re-authenticates) and retry. CANCELLED:
+                    # another thread dropped this channel (its member failed) while the call was on it.
                     last = err
                     self._drop(client)
                     continue
