@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +33,8 @@ from plugin.multimap import link, unlink
 from plugin.state import LocalState
 
 log = logging.getLogger(__name__)
+
+PASS_SPACING = 0.05  # seconds between watch-driven passes under churn (at most 20 a second)
 
 
 class Peer(NamedTuple):
@@ -74,6 +77,7 @@ class PeerSync:
         self._pending_lock = threading.Lock()
         self._pending = False
         self.passes = 0      # reconcile passes run for watch changes (a burst is coalesced into few)
+        self._last_pass = 0.0
         self.on_seen_change: Callable[[], None] = lambda: None
         # Endpoints and live hosts changed (the DNS names follow them).
         # Called with the records that changed (None: gone) or, when the flag is set, all of them.
@@ -395,10 +399,16 @@ class PeerSync:
         self._background.submit(self._pass)
 
     def _pass(self) -> None:
+        # Under churn, passes come at most every PASS_SPACING: the changes of that time share one pass (its
+        # fixed cost: a netlink write, names, IPsec, metrics). A change after a quiet spell goes at once.
+        wait = self._last_pass + PASS_SPACING - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
         with self._pending_lock:
             self._pending = False
         self.passes += 1
         self._reconcile_logged(full=False)
+        self._last_pass = time.monotonic()
 
     def _reconcile_logged(self, full: bool = True) -> None:
         try:
