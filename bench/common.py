@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import sys
 import time
@@ -49,3 +50,32 @@ def save(name: str, result: dict[str, Any], markdown: str) -> None:
     (DOCS / f"{name}.md").write_text(f"<!-- written by bench/{name}.py at {result['time']} -->\n{markdown}\n")
     print(markdown)
     print(f"\nwrote {RESULTS / (name + '.json')} and {DOCS / (name + '.md')}")
+
+
+def process_tree(root_pid: int) -> list[int]:
+    """A process and all its descendants (a plugin's gunicorn master and workers)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [root_pid]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo += children.get(pid, [])
+    return out
+
+
+def rss_kb(root_pid: int) -> int:
+    """Resident memory of a process and all its descendants, in KiB."""
+    total = 0
+    for pid in process_tree(root_pid):
+        try:
+            m = re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{pid}/status").read_text())
+        except OSError:
+            continue
+        total += int(m.group(1)) if m else 0
+    return total

@@ -36,7 +36,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from common import ROOT, save, summary, table
+from common import ROOT, process_tree, rss_kb, save, summary, table
 
 from ipam.subnets import mac_from_ip, network_key
 from kvstore import EtcdConfig, Keys, KVStore, Txn
@@ -82,36 +82,13 @@ while True:
 """
 
 
-def tree(root_pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [root_pid]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo += children.get(pid, [])
-    return out
-
-
 def rss_mib(root_pid: int) -> float:
-    total = 0
-    for pid in tree(root_pid):
-        try:
-            m = re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{pid}/status").read_text())
-        except OSError:
-            continue
-        total += int(m.group(1)) if m else 0
-    return round(total / 1024, 1)
+    return round(rss_kb(root_pid) / 1024, 1)
 
 
 def cpu_seconds(root_pid: int) -> float:
     ticks = 0
-    for pid in tree(root_pid):
+    for pid in process_tree(root_pid):
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:

@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-import re
 import sys
 import time
-from pathlib import Path
 
-from common import save, table
+from common import rss_kb, save, table
 
 from ipam.subnets import mac_from_ip, network_key
 from kvstore import EtcdConfig, Keys, KVStore, Txn
@@ -28,27 +26,6 @@ from tests.rig import DockerHost, Rig, sh
 FAKE_HOSTS = 50
 SUBNET = ipaddress.ip_network("10.62.0.0/16")
 VNI = 70000
-
-
-def rss_kb(root_pid: int) -> int:
-    """Resident memory of a process and all its descendants."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    total, todo = 0, [root_pid]
-    while todo:
-        pid = todo.pop()
-        todo += children.get(pid, [])
-        try:
-            m = re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{pid}/status").read_text())
-        except OSError:
-            continue
-        total += int(m.group(1)) if m else 0
-    return total
 
 
 def seed(store: KVStore, keys: Keys, count: int) -> None:

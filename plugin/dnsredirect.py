@@ -110,13 +110,6 @@ class DnsRedirect:
         except (OSError, subprocess.SubprocessError):
             return None
 
-    def redirected(self) -> int:
-        """Lookups the kernel has sent upstream (packets counted by the rules)."""
-        try:
-            return nftjson.counter_packets(nftjson.listing("table", FAMILY, TABLE), CHAIN)
-        except (OSError, subprocess.SubprocessError):
-            return 0
-
     def remove(self) -> None:
         try:
             if nftjson.listing("table", FAMILY, TABLE):
@@ -125,7 +118,11 @@ class DnsRedirect:
             log.debug("DNS address %s: removing the rule: %s", self.address, err)
 
     def status(self) -> str:
-        upstream = self.current()
+        try:
+            objects = nftjson.listing("table", FAMILY, TABLE)   # one listing for the target and the counters
+        except (OSError, subprocess.SubprocessError):
+            objects = []
+        upstream = _dnat_target(objects)
         if upstream is None:
             return f"plugin forwarder ({self.reason or 'no rule'})"
-        return f"kernel DNAT to {upstream}:53 ({self.redirected()} packets)"
+        return f"kernel DNAT to {upstream}:53 ({nftjson.counter_packets(objects, CHAIN)} packets)"

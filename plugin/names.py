@@ -48,6 +48,10 @@ class NameService:
     def start(self) -> None:
         self.server.start()
         self.networks_changed()
+        if self.redirect is not None:
+            # Once, here: the rule depends on the host's resolvers, not on the networks, and CreateNetwork
+            # should not wait for nft. Lost rules fall back to the forwarder on lo until the next start.
+            self.redirect.apply()
         self._watch = self.store.watch_prefix(self.keys.all_aliases(), self._snapshot, self._events)
 
     def stop(self) -> None:
@@ -148,8 +152,6 @@ class NameService:
             try:
                 self.datapath.ensure_dns_address(self.address, with_address)
                 wanted[(HOST_NAMESPACE, self.address)] = (FORWARD_ONLY, False)  # where the kernel cannot
-                if self.redirect is not None:
-                    self.redirect.apply()
             except Exception as err:  # noqa: BLE001 - names through the gateways keep working
                 log.error("DNS address %s: %s; containers without --dns resolve names of this host only",
                           self.address, err)
