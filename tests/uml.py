@@ -1,6 +1,7 @@
 """Run a command inside a user-mode-linux guest whose kernel has ESP and AES-GCM (the host kernel has not).
 
-The guest boots Debian's user-mode-linux kernel with this machine's filesystem as its (read-only) root,
+The guest boots Debian's user-mode-linux kernel (on a CPU with AMX, the same kernel rebuilt with one patch by
+packaging/uml-kernel.sh) with this machine's filesystem as its (read-only) root,
 mounts tmpfs where things are written, loads the modules pyoverlay needs from /usr/lib/uml/modules, makes
 iptables mean iptables-legacy (dockerd's NAT needs it; the UML kernel has no nft NAT), runs the command
 from the repository directory, and hands its output and exit status back through a writable hostfs
@@ -29,6 +30,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 KERNEL = "/usr/bin/linux.uml"
+# Debian 12's kernel panics on a CPU with AMX; this builds (once) and names one that boots there.
+AMX_KERNEL_BUILDER = ROOT / "packaging" / "uml-kernel.sh"
 MODULES = Path("/usr/lib/uml/modules")
 # What the guest loads up front (dependencies come along through modprobe).
 LOAD = ["veth", "bridge", "br_netfilter", "vxlan", "esp4", "xfrm_user", "xfrm4_tunnel", "af_key", "gcm",
@@ -99,6 +102,17 @@ def available() -> str | None:
     return None
 
 
+def kernel() -> str:
+    """The guest's kernel for this CPU: Debian's, or on an AMX CPU the patched build of it."""
+    if not _cpu_flags(["amx_tile"]):
+        return KERNEL
+    built = subprocess.run([str(AMX_KERNEL_BUILDER)], capture_output=True, text=True, check=False)
+    if built.returncode != 0:
+        raise RuntimeError("this CPU has AMX, where Debian's user-mode-linux 6.1 cannot boot, and building the "
+                           f"patched kernel failed ({AMX_KERNEL_BUILDER}):\n{built.stderr[-3000:]}")
+    return built.stdout.strip().splitlines()[-1]
+
+
 def run(command: list[str], mem: str = "3G", timeout: float = 1500, env: dict[str, str] | None = None,
         stream: bool = True) -> tuple[int, str]:
     """Boot, run command inside, power off. Returns (exit status, output)."""
@@ -117,7 +131,7 @@ def run(command: list[str], mem: str = "3G", timeout: float = 1500, env: dict[st
                                 command=shlex.join(command),
                                 env=" ".join(f"{k}={shlex.quote(v)}" for k, v in (env or {}).items())))
     init.chmod(0o755)
-    args = [KERNEL, f"mem={mem}", "root=/dev/root", "rootfstype=hostfs", "rootflags=/", "ro", f"init={init}",
+    args = [kernel(), f"mem={mem}", "root=/dev/root", "rootfstype=hostfs", "rootflags=/", "ro", f"init={init}",
             "con=null", "con0=null,fd:1", "quiet"]
     began = time.monotonic()
     done = threading.Event()
@@ -140,10 +154,10 @@ def run(command: list[str], mem: str = "3G", timeout: float = 1500, env: dict[st
     if not rc_text:
         why = ""
         if "ptrace set fp regs failed" in guest.stdout:
-            # Seen on hosts whose CPU has AMX: user-mode-linux 6.1 cannot save its processes' registers there.
-            why = ("this host's CPU state is larger than user-mode-linux 6.1 can handle (AMX: "
+            # Debian's unpatched 6.1 on a CPU with more XSAVE state than it knows (kernel() avoids that).
+            why = ("this host's CPU state is larger than this user-mode-linux kernel can handle (AMX: "
                    f"{', '.join(_cpu_flags(['amx_tile', 'amx_int8', 'amx_bf16'])) or 'none seen'}); "
-                   "the guest cannot boot on this machine\n")
+                   "packaging/uml-kernel.sh builds one that can\n")
         return 125, (f"guest ended without a result after {took:.0f}s\n{why}console:\n{guest.stdout[-4000:]}"
                      f"\n{log}")
     shutil.rmtree(work, ignore_errors=True)
