@@ -24,7 +24,7 @@ esac
 amx=0
 grep -qw amx_tile /proc/cpuinfo && amx=1
 if [ "$mode" = test ] && [ $amx = 1 ]; then
-  packages+=(gcc make flex bison bc libc6-dev libvdeplug-dev patch xz-utils)
+  packages+=(gcc make flex bison bc libc6-dev libelf-dev libvdeplug-dev patch xz-utils)
 fi
 
 missing=()

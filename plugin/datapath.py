@@ -22,7 +22,7 @@ import struct
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -46,10 +46,13 @@ DNS_LABEL = "lo:pyodns"  # host namespace: the label of the host-wide DNS addres
 @dataclass
 class PeerIO:
     """A network's sockets for programming peers, made in its namespace: rtnetlink, and a packet socket on
-    its bridge for announcements; with the VXLAN device's index."""
+    its bridge for announcements; with the VXLAN device's index. `reader` is a second rtnetlink socket for
+    reading the programmed entries from any thread (see peer_entries)."""
     netlink: socket.socket
     packet: socket.socket
     vxlan: int
+    reader: socket.socket
+    reading: threading.Lock = field(default_factory=threading.Lock)
 
 
 @dataclass(frozen=True)
@@ -573,14 +576,18 @@ class DataPath:
                 if not vx:
                     raise Unavailable(f"network namespace {ns_name(vni)} has no {VXLAN}")
 
-                def make() -> tuple[socket.socket, socket.socket]:
+                def make() -> tuple[socket.socket, socket.socket, socket.socket]:
                     packet = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
                     packet.bind((BRIDGE, 0))
-                    return neighbours.open_socket(), packet
+                    return neighbours.open_socket(), packet, neighbours.open_socket()
 
-                nl, packet = netns.run_in(self.ns_path(vni), make)
-                io = self._peer_ios[vni] = PeerIO(nl, packet, vx[0])
+                nl, packet, reader = netns.run_in(self.ns_path(vni), make)
+                io = self._peer_ios[vni] = PeerIO(nl, packet, vx[0], reader)
             return io
+
+    @kernel
+    def _peer_io_made(self, vni: int) -> PeerIO:
+        return self._peer_io(vni)   # made on the netlink thread (it enters the namespace through pyroute2's)
 
     def _drop_peer_io(self, vni: int) -> None:
         with self._lock:
@@ -588,21 +595,34 @@ class DataPath:
         if io is not None:
             io.netlink.close()
             io.packet.close()
+            io.reader.close()
 
-    @kernel
     def peer_entries(self, vni: int) -> list[tuple[str, str, str]]:
         """(ip, mac, vtep) of the peers fully programmed on a network's VXLAN device: permanent neighbour,
-        VXLAN FDB entry and the bridge's static entry."""
+        VXLAN FDB entry and the bridge's static entry.
+
+        Read in the calling thread through the network's own reader socket, not on the netlink thread: with
+        tens of thousands of peers the dumps take most of a second, and programming must not wait for them.
+        Raises OSError when the sockets were re-made meanwhile (the caller asks again later)."""
         try:
-            io = self._peer_io(vni)
+            io = self._peer_io_made(vni)
         except Unavailable:
             return []
-        try:
-            return neighbours.entries(io.netlink, io.vxlan)
-        except OSError:
-            self._drop_peer_io(vni)   # the namespace or device was re-made: read through new sockets
-            io = self._peer_io(vni)
-            return neighbours.entries(io.netlink, io.vxlan)
+        with io.reading:
+            try:
+                return neighbours.entries(io.reader, io.vxlan)
+            except OSError:
+                # The namespace or device was re-made, or a dump was cut short (its rest would be read as the
+                # next answer): new sockets next time.
+                self._forget_peer_io(vni, io)
+                raise
+
+    @kernel
+    def _forget_peer_io(self, vni: int, io: PeerIO) -> None:
+        if self._peer_ios.get(vni) is io:
+            self._drop_peer_io(vni)
+        else:
+            io.reader.close()   # dropped already, and its other sockets closed with it
 
 # Inside a network's namespace: frames crossing br0 must not go through iptables (br_netfilter would
 # send them there, costing time and giving a host's firewall a say over overlay traffic).

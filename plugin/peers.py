@@ -423,19 +423,25 @@ class PeerSync:
     def verify_kernel(self) -> list[int]:
         """VNIs whose kernel entries lack peers we believe programmed (flushed by hand, a device re-created):
         they are forgotten and programmed again. Returns those VNIs."""
+        # The kernel is read without the lock (tens of thousands of entries take most of a second, and
+        # passes go on meanwhile): only entries believed programmed both before and after the read count.
         with self._lock:
-            lost = []
-            for vni, have in list(self.programmed.items()):
-                try:
-                    kernel = {Peer(*e) for e in self.datapath.peer_entries(vni)}
-                except Exception:  # noqa: BLE001 - the namespace is being re-created: next pass
-                    continue
-                if not set(have.values()) <= kernel:
+            before = {vni: set(have.values()) for vni, have in self.programmed.items()}
+        lost = []
+        for vni, believed in before.items():
+            try:
+                missing = believed - {Peer(*e) for e in self.datapath.peer_entries(vni)}
+            except Exception:  # noqa: BLE001 - the namespace is being re-created: next pass
+                continue
+            if not missing:
+                continue
+            with self._lock:
+                if missing & set(self.programmed.get(vni, {}).values()):
                     lost.append(vni)
                     self.programmed.pop(vni, None)
-            if lost:
-                self.reconcile()
-            return lost
+        if lost:
+            self.reconcile()
+        return lost
 
     def endpoint_records(self) -> dict[str, EndpointRecord]:
         """etcd key -> endpoint record, as the watch holds them."""

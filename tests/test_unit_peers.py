@@ -95,3 +95,44 @@ def test_a_change_is_programmed_from_the_changed_records_alone() -> None:
         assert not fleet.peers._full
         # The incremental view equals a full recomputation.
         assert fleet.peers.want == fleet.peers.desired()
+
+
+def test_the_kernel_check_reads_without_holding_up_passes() -> None:
+    """verify_kernel reads the kernel outside the peers' lock: a change arriving during a long read is
+    programmed at once, entries that come or go during the read are not taken for losses, and entries
+    really lost (a flushed table) are programmed again."""
+    import threading
+
+    fleet = Fleet(hosts=5, per_host=10)
+    with fleet.running() as keys:
+        _settle(fleet)
+        reading, release = threading.Event(), threading.Event()
+        real = fleet.kernel.peer_entries
+
+        def slow_read(vni: int) -> list[tuple[str, str, str]]:
+            entries = real(vni)
+            if threading.current_thread() is check:   # the test's own looks go through at once
+                reading.set()
+                release.wait(90)
+            return entries
+
+        fleet.kernel.peer_entries = slow_read  # type: ignore[method-assign]
+        lost: list[list[int]] = []
+        check = threading.Thread(target=lambda: lost.append(fleet.peers.verify_kernel()))
+        check.start()
+        assert reading.wait(30)
+        # While the read hangs: one endpoint leaves, one arrives; both are programmed meanwhile.
+        fleet.delete(keys[:1])
+        fleet.write(fleet.prepare(1), batch=1)
+        try:
+            fleet.wait_programmed(timeout=20)   # the read still hangs (for up to 90 s)
+        finally:
+            release.set()
+        check.join(30)
+        assert lost == [[]], "changes during the read are not losses"
+        fleet.kernel.peer_entries = real  # type: ignore[method-assign]
+        # A flushed table is found and programmed again.
+        with fleet.kernel.lock:
+            fleet.kernel.neigh[VNI].clear()
+        assert fleet.peers.verify_kernel() == [VNI]
+        fleet.wait_programmed(timeout=30)
