@@ -72,6 +72,7 @@ lint: venv
 	$(VENV)/bin/mypy plugin ipam kvstore
 
 bench: venv
+	$(PIP) install -q -e '.[test,bench]'
 	$(PY) bench/api_latency.py
 	$(PY) bench/dataplane.py
 	$(PY) bench/convergence.py

@@ -35,8 +35,9 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-from common import ROOT, process_tree, rss_kb, save, summary, table
+from common import DOCS, RESULTS, ROOT, process_tree, rss_kb, save, summary, table
 
 from ipam.subnets import mac_from_ip, network_key
 from kvstore import EtcdConfig, Keys, KVStore, Txn
@@ -353,7 +354,11 @@ def main() -> int:
     ap.add_argument("--hosts", type=int, nargs="+", default=[100, 500, 1000])
     ap.add_argument("--churn", type=float, default=20.0, help="seconds of churn at 100 changes/s")
     ap.add_argument("--profile", help="a directory: py-spy's collapsed stacks of the plugin during the churn")
+    ap.add_argument("--plot", action="store_true", help="only redraw the plots from bench/results/fleet.json")
     args = ap.parse_args()
+    if args.plot:
+        plot(json.loads((RESULTS / "fleet.json").read_text())["results"])
+        return 0
     results = []
     for n in args.hosts:
         results.append(run(n, args.churn, args.profile))
@@ -368,7 +373,50 @@ def main() -> int:
                    "churn p99 ms", "CPU % of a core at 100 changes/s", "etcd bytes per change",
                    "restart: new endpoint s", "RSS idle MiB", "RSS all MiB"], rows))
     save("fleet", {"results": results}, md)
+    plot(results)
     return 0
+
+
+def plot(results: list[dict[str, Any]]) -> None:
+    """docs/bench/fleet-convergence.png and fleet-memory.png: the figures against N (matplotlib: the bench
+    extra, `pip install -e '.[bench]'`)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = sorted(results, key=lambda r: r["hosts"])
+    n = [r["hosts"] for r in results]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot(n, [r["bringup_programmed_s"] for r in results], "o-", label="all written and programmed (s)")
+    left.plot(n, [round(r["bringup_programmed_s"] - r["bringup_write_s"], 2) for r in results], "v-",
+              label="all programmed: after the last write (s)")
+    left.plot(n, [r["restart_new_endpoint_s"] for r in results], "s-", label="restart: new endpoint (s)")
+    left.plot(n, [r["burst_after_last_write_s"] for r in results], "^-", label="2,000 changes: after last write (s)")
+    left.set_xlabel(f"hosts (x {PER_HOST} endpoints)")
+    left.set_ylabel("seconds")
+    left.legend()
+    left.grid(alpha=0.3)
+    right.plot(n, [r["churn_latency_ms"]["p50"] for r in results], "o-", label="p50")
+    right.plot(n, [r["churn_latency_ms"]["p99"] for r in results], "s-", label="p99")
+    right.axhline(200, color="grey", linestyle=":", label="goal p99")
+    right.set_xlabel(f"hosts (x {PER_HOST} endpoints)")
+    right.set_ylabel("ms from write to kernel, 100 changes/s")
+    right.legend()
+    right.grid(alpha=0.3)
+    fig.suptitle("pyoverlay: one real host following a simulated fleet (bench/fleet.py)")
+    fig.tight_layout()
+    fig.savefig(DOCS / "fleet-convergence.png", dpi=100)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(n, [r["rss_idle_mib"] for r in results], "o-", label="idle")
+    ax.plot(n, [r["rss_full_mib"] for r in results], "s-", label="every remote endpoint programmed")
+    ax.plot(n, [r["rss_after_restart_mib"] for r in results], "^-", label="after a restart")
+    ax.set_xlabel(f"hosts (x {PER_HOST} endpoints)")
+    ax.set_ylabel("plugin RSS, MiB (gunicorn master + worker)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(DOCS / "fleet-memory.png", dpi=100)
+    print(f"wrote {DOCS / 'fleet-convergence.png'} and {DOCS / 'fleet-memory.png'}")
 
 
 if __name__ == "__main__":
