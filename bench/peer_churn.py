@@ -45,7 +45,7 @@ def run(hosts: int, per_host: int, coalesce: bool) -> dict[str, float]:
                 "churn_2000_s": round(churn, 2), "churn_cpu_s": round(cpu2 - cpu1, 2),
                 "churn_passes": fleet.peers.passes - passes0 if coalesce else 2000}
     finally:
-        fleet.peers.stop()
+        fleet.close()
 
 
 def main() -> int:

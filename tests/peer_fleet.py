@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import shutil
 import tempfile
 import threading
 import time
@@ -130,7 +131,11 @@ class Fleet:
             self.wait_programmed()
             yield keys
         finally:
-            self.peers.stop()
+            self.close()
+
+    def close(self) -> None:
+        self.peers.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
     def write_endpoints(self) -> list[str]:
         records = self.prepare(self.hosts * self.per_host)
