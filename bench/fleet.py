@@ -288,9 +288,10 @@ def run(n: int, churn_seconds: float, profile: str | None = None) -> dict[str, o
         worker = threading.Thread(target=side_work)
         worker.start()
         spy = None
-        if profile:   # where the plugin's time goes during the churn (py-spy, collapsed stacks)
-            spy = subprocess.Popen(["py-spy", "record", "--format", "raw", "-o", f"{profile}/fleet-{n}.txt", "-d",
-                                    str(int(churn_seconds)), "-p", str(h.plugin.pid), "--subprocesses", "-r", "50"],
+        if profile:   # where the plugin's time goes during the churn (py-spy, collapsed stacks of the GIL holder)
+            spy = subprocess.Popen(["py-spy", "record", "--format", "raw", "-o", f"{profile}/fleet-{n}.txt", "--gil",
+                                    "-d", str(int(churn_seconds)), "-p", str(h.plugin.pid), "--subprocesses",
+                                    "-r", "50"],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         began = time.monotonic()
         count = int(churn_seconds * CHURN_RATE)
