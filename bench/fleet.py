@@ -156,6 +156,7 @@ class Simulation:
         self.rng = random.Random(1)
         self.seq = 0
         self.dead: set[int] = set()
+        self.lock = threading.Lock()   # the churn loop and the side work (kill) both change `endpoints`
 
     @staticmethod
     def vtep(i: int) -> str:
@@ -170,7 +171,8 @@ class Simulation:
                              name=f"c{self.seq}")
         AUTH.writer = f"sim{i}"    # each simulated host signs its own records
         key = self.keys.endpoint(self.nkey, eid)
-        self.endpoints[key] = (i, str(ip))
+        with self.lock:
+            self.endpoints[key] = (i, str(ip))
         return key, rec.dump(), str(ip)
 
     def register(self, i: int) -> int:
@@ -194,18 +196,22 @@ class Simulation:
     def kill(self, i: int) -> list[str]:
         """Host i dies: its lease is revoked (its host record goes); returns its endpoints' addresses."""
         self.store.revoke(self.leases[i])
-        self.dead.add(i)
-        gone = [k for k, (host, _) in self.endpoints.items() if host == i]
-        return [self.endpoints.pop(k)[1] for k in gone]
+        with self.lock:
+            self.dead.add(i)
+            gone = [k for k, (host, _) in self.endpoints.items() if host == i]
+            return [self.endpoints.pop(k)[1] for k in gone]
 
     def arrive(self) -> tuple[str, str]:
-        key, value, ip = self.endpoint(self.rng.choice([i for i in range(self.n) if i not in self.dead]))
+        with self.lock:
+            alive = [i for i in range(self.n) if i not in self.dead]
+        key, value, ip = self.endpoint(self.rng.choice(alive))
         self.store.put(key, value)
         return "add", ip
 
     def leave(self) -> tuple[str, str]:
-        key = self.rng.choice(list(self.endpoints))
-        _, ip = self.endpoints.pop(key)
+        with self.lock:
+            key = self.rng.choice(list(self.endpoints))
+            _, ip = self.endpoints.pop(key)
         self.store.delete(key)
         return "del", ip
 
@@ -289,7 +295,8 @@ def run(n: int, churn_seconds: float, profile: str | None = None) -> dict[str, o
         worker.start()
         spy = None
         if profile:   # where the plugin's time goes during the churn (py-spy, collapsed stacks of the GIL holder)
-            spy = subprocess.Popen(["py-spy", "record", "--format", "raw", "-o", f"{profile}/fleet-{n}.txt", "--gil",
+            spy_bin = str(Path(sys.executable).with_name("py-spy"))   # the bench extra's, next to this Python
+            spy = subprocess.Popen([spy_bin, "record", "--format", "raw", "-o", f"{profile}/fleet-{n}.txt", "--gil",
                                     "-d", str(int(churn_seconds)), "-p", str(h.plugin.pid), "--subprocesses",
                                     "-r", "50"],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -35,6 +35,7 @@ from plugin.state import LocalState
 log = logging.getLogger(__name__)
 
 PASS_SPACING = 0.05  # seconds between watch-driven passes under churn (at most 20 a second)
+RETRY_AFTER = 1.0    # seconds before entries the kernel refused are tried again
 
 
 class Peer(NamedTuple):
@@ -78,6 +79,7 @@ class PeerSync:
         self._pending = False
         self.passes = 0      # reconcile passes run for watch changes (a burst is coalesced into few)
         self._last_pass = 0.0
+        self._retry: threading.Timer | None = None
         self.on_seen_change: Callable[[], None] = lambda: None
         # Endpoints and live hosts changed (the DNS names follow them).
         # Called with the records that changed (None: gone) or, when the flag is set, all of them.
@@ -95,6 +97,8 @@ class PeerSync:
     def stop(self) -> None:
         for w in self._watches:
             w.stop()
+        if self._retry is not None:
+            self._retry.cancel()
         self._background.shutdown(wait=False, cancel_futures=True)
 
     @property
@@ -287,6 +291,8 @@ class PeerSync:
                 if new is not None and have.get(entry) != new:
                     todo[entry] = new
             failed = self._program(vni, list(todo.values()), drop)
+            if failed:
+                self._retry_later()
             for entry, peer in todo.items():
                 if peer in failed:
                     self._dirty.add(entry.split("#", 1)[0])  # retried at the next pass
@@ -398,6 +404,14 @@ class PeerSync:
             self._pending = True
         self._background.submit(self._pass)
 
+    def _retry_later(self) -> None:
+        """Entries the kernel refused get a pass of their own after RETRY_AFTER, change or no change."""
+        if self._retry is not None and self._retry.is_alive():
+            return
+        self._retry = threading.Timer(RETRY_AFTER, self._reconcile_soon)
+        self._retry.daemon = True
+        self._retry.start()
+
     def _pass(self) -> None:
         # Under churn, passes come at most every PASS_SPACING: the changes of that time share one pass (its
         # fixed cost: a netlink write, names, IPsec, metrics). A change after a quiet spell goes at once.
@@ -421,27 +435,38 @@ class PeerSync:
             log.exception("reconciling peers (the next change or the periodic pass retries)")
 
     def verify_kernel(self) -> list[int]:
-        """VNIs whose kernel entries lack peers we believe programmed (flushed by hand, a device re-created):
-        they are forgotten and programmed again. Returns those VNIs."""
-        # The kernel is read without the lock (tens of thousands of entries take most of a second, and
-        # passes go on meanwhile): only entries believed programmed both before and after the read count.
+        """VNIs whose kernel entries lack peers we believe programmed (flushed by hand, a device re-created, an
+        entry deleted): exactly those entries are programmed again, by the next pass. Returns those VNIs."""
+        # The kernel is read without the lock (tens of thousands of entries take most of a second, and passes
+        # go on meanwhile). A dump of a table that changes under it can skip entries, so what looks missing
+        # is read again; only entries believed programmed before and after both reads count as lost.
         with self._lock:
             before = {vni: set(have.values()) for vni, have in self.programmed.items()}
         lost = []
         for vni, believed in before.items():
-            try:
-                missing = believed - {Peer(*e) for e in self.datapath.peer_entries(vni)}
-            except Exception:  # noqa: BLE001 - the namespace is being re-created: next pass
-                continue
+            missing = self._missing(vni, believed)
+            if missing:
+                missing = self._missing(vni, missing)
             if not missing:
                 continue
             with self._lock:
-                if missing & set(self.programmed.get(vni, {}).values()):
-                    lost.append(vni)
-                    self.programmed.pop(vni, None)
+                have = self.programmed.get(vni, {})
+                gone = [entry for entry, peer in have.items() if peer in missing]
+                for entry in gone:
+                    del have[entry]
+                    self._dirty.add(entry.split("#", 1)[0])
+            if gone:
+                log.warning("vni %d: %d peers missing from the kernel; programming them again", vni, len(gone))
+                lost.append(vni)
         if lost:
-            self.reconcile()
+            self._reconcile_soon()
         return lost
+
+    def _missing(self, vni: int, believed: set[Peer]) -> set[Peer]:
+        try:
+            return believed - {Peer(*e) for e in self.datapath.peer_entries(vni)}
+        except Exception:  # noqa: BLE001 - the namespace is being re-created: next pass
+            return set()
 
     def endpoint_records(self) -> dict[str, EndpointRecord]:
         """etcd key -> endpoint record, as the watch holds them."""
