@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 PASS_SPACING = 0.05  # seconds between watch-driven passes under churn (at most 20 a second)
 RETRY_AFTER = 1.0    # seconds before entries the kernel refused are tried again
+SKEW_LIMIT = 16      # up to this many entries missing from one read may be the dump's skew (see verify_kernel)
 
 
 class Peer(NamedTuple):
@@ -80,6 +81,7 @@ class PeerSync:
         self.passes = 0      # reconcile passes run for watch changes (a burst is coalesced into few)
         self._last_pass = 0.0
         self._retry: threading.Timer | None = None
+        self._suspects: dict[int, set[Peer]] = {}         # vni -> peers missing at the last kernel check
         self.on_seen_change: Callable[[], None] = lambda: None
         # Endpoints and live hosts changed (the DNS names follow them).
         # Called with the records that changed (None: gone) or, when the flag is set, all of them.
@@ -438,15 +440,18 @@ class PeerSync:
         """VNIs whose kernel entries lack peers we believe programmed (flushed by hand, a device re-created, an
         entry deleted): exactly those entries are programmed again, by the next pass. Returns those VNIs."""
         # The kernel is read without the lock (tens of thousands of entries take most of a second, and passes
-        # go on meanwhile). A dump of a table that changes under it can skip entries, so what looks missing
-        # is read again; only entries believed programmed before and after both reads count as lost.
+        # go on meanwhile); only entries believed programmed before and after the read count. A dump of a
+        # table that changes under it (churn) skips a few entries: a few missing are only suspects, lost
+        # when still missing at the next check; many or all missing (a flush, a re-created device) are lost
+        # now.
         with self._lock:
             before = {vni: set(have.values()) for vni, have in self.programmed.items()}
         lost = []
         for vni, believed in before.items():
             missing = self._missing(vni, believed)
-            if missing:
-                missing = self._missing(vni, missing)
+            suspects = self._suspects.pop(vni, set())
+            if len(missing) <= SKEW_LIMIT and missing != believed:
+                missing, self._suspects[vni] = missing & suspects, missing - suspects
             if not missing:
                 continue
             with self._lock:
