@@ -18,6 +18,7 @@ import ipaddress
 import json
 import logging
 import re
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -60,10 +61,27 @@ Epoch = Annotated[int, Field(ge=0, le=2**62)]
 
 
 def _ip(value: str) -> str:
+    # The C parser first: a restart validates tens of thousands of records, and ipaddress's pure-Python
+    # parsing was half of each; ipaddress decides (and says why) whatever it does not take plainly.
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            canonical = socket.inet_ntop(family, socket.inet_pton(family, value))
+        except (OSError, ValueError):
+            continue
+        if family == socket.AF_INET or not canonical.startswith("::ffff:"):  # ipaddress spells those apart
+            return canonical
     return str(ipaddress.ip_address(value))
 
 
 def _interface(value: str) -> str:
+    address, slash, prefix = value.partition("/")
+    if slash and prefix.isdigit() and prefix.isascii() and (prefix == "0" or prefix[0] != "0"):
+        try:
+            plain = _ip(address)
+        except ValueError:
+            plain = ""
+        if plain and int(prefix) <= (32 if ":" not in plain else 128):
+            return f"{plain}/{prefix}"
     return str(ipaddress.ip_interface(value))
 
 
