@@ -94,8 +94,24 @@ def cpu_seconds(root_pid: int) -> float:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        ticks += int(fields[11]) + int(fields[12])   # utime, stime
+        # utime, stime, and those of its children that ended (the `ip`, `nft`, `iptables` it ran)
+        ticks += sum(int(f) for f in fields[11:15])
     return ticks / 100.0
+
+
+def thread_cpu(root_pid: int) -> dict[str, float]:
+    """CPU seconds per thread name (the kernel's comm: gRPC names its threads, Python's are "python3")."""
+    out: dict[str, float] = {}
+    for pid in process_tree(root_pid):
+        for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+            try:
+                text = stat.read_text()
+            except OSError:
+                continue
+            name = text[text.index("(") + 1:text.rindex(")")]
+            fields = text.rsplit(")", 1)[1].split()
+            out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / 100.0
+    return out
 
 
 def etcd_sent_bytes(url: str) -> float:
@@ -272,9 +288,13 @@ def run(n: int, churn_seconds: float, profile: str | None = None) -> dict[str, o
         print(f"N={n}: 2,000 changes written one by one in {burst_written:.2f} s, all in the kernel "
               f"{burst_after:.2f} s after the last write", flush=True)
 
-        # 3. churn at 100/s, 2 hosts die, a network comes and goes
+        # 3. idle for 10 s (the cost of being there), then churn at 100/s, 2 hosts die, a network comes and goes
+        cpu0, idle0 = cpu_seconds(h.plugin.pid), time.monotonic()
+        time.sleep(10)
+        idle_pct = round(100 * (cpu_seconds(h.plugin.pid) - cpu0) / (time.monotonic() - idle0), 1)
         mon.reset()
         cpu0, sent0 = cpu_seconds(h.plugin.pid), etcd_sent_bytes(rig.etcd.local_url)
+        threads0 = thread_cpu(h.plugin.pid)
         written_at: list[tuple[str, str, float]] = []
         side: dict[str, float] = {}
         dead: list[str] = []
@@ -319,6 +339,8 @@ def run(n: int, churn_seconds: float, profile: str | None = None) -> dict[str, o
                                f"plugin log: {h.plugin_log()[-3000:]}") from None
         churn_wall = time.monotonic() - began
         cpu = cpu_seconds(h.plugin.pid) - cpu0
+        threads = {name: round(t - threads0.get(name, 0.0), 2) for name, t in thread_cpu(h.plugin.pid).items()}
+        threads = dict(sorted(((k, v) for k, v in threads.items() if v > 0), key=lambda kv: -kv[1])[:8])
         sent = etcd_sent_bytes(rig.etcd.local_url) - sent0
         # The dead hosts' endpoints go when the real host declares them departed (grace 15 s here).
         wait("departed", lambda: all(mon.seen("del", ip) is not None for ip in dead), timeout=180)
@@ -327,7 +349,8 @@ def run(n: int, churn_seconds: float, profile: str | None = None) -> dict[str, o
         lat_stats = summary(lat, 1)
         print(f"N={n}: churn {count} changes at {CHURN_RATE:.0f}/s: write->kernel p50 {lat_stats['p50']} ms p99 "
               f"{lat_stats['p99']} ms; plugin CPU {cpu:.1f} s over {churn_wall:.1f} s "
-              f"({100 * cpu / churn_wall:.1f}% of a core); etcd sent {sent / count:.0f} B per change", flush=True)
+              f"({100 * cpu / churn_wall:.1f}% of a core; idle {idle_pct}%); etcd sent {sent / count:.0f} B per "
+              f"change; CPU s by thread: {threads}", flush=True)
 
         # 4. restart with every record in etcd
         h.kill_plugin()
@@ -347,7 +370,8 @@ def run(n: int, churn_seconds: float, profile: str | None = None) -> dict[str, o
                 "burst_after_last_write_s": round(burst_after, 2), "churn_changes": count,
                 "churn_latency_ms": lat_stats,
                 "churn_cpu_s": round(cpu, 2), "churn_wall_s": round(churn_wall, 2),
-                "churn_cpu_pct_core": round(100 * cpu / churn_wall, 1),
+                "churn_cpu_pct_core": round(100 * cpu / churn_wall, 1), "idle_cpu_pct_core": idle_pct,
+                "churn_cpu_s_by_thread": threads,
                 "etcd_bytes_per_change": round(sent / count), "restart_new_endpoint_s": round(restart, 2),
                 "rss_idle_mib": rss_idle, "rss_full_mib": rss_full, "rss_after_restart_mib": rss_end,
                 "departed_after_lease_s": round(departed, 1), "monitor_errors": mon.errors, **side}
@@ -373,12 +397,13 @@ def main() -> int:
         print(json.dumps(results[-1]), flush=True)
     rows = [[r["hosts"], r["endpoints"], r["bringup_programmed_s"], r["burst_2000_s"],
              r["churn_latency_ms"]["p50"], r["churn_latency_ms"]["p99"], r["churn_cpu_pct_core"],  # type: ignore[index]
-             r["etcd_bytes_per_change"], r["restart_new_endpoint_s"], r["rss_idle_mib"], r["rss_full_mib"]]
+             r["idle_cpu_pct_core"], r["etcd_bytes_per_change"], r["restart_new_endpoint_s"], r["rss_idle_mib"],
+             r["rss_full_mib"]]
             for r in results]
     md = ("One real host (dockerd + pyoverlay + kernel) and the signed etcd records of N simulated hosts x "
           f"{PER_HOST} endpoints on one /16 network (`bench/fleet.py`).\n\n"
           + table(["hosts", "remote endpoints", "all programmed s", "2,000 changes s", "churn p50 ms",
-                   "churn p99 ms", "CPU % of a core at 100 changes/s", "etcd bytes per change",
+                   "churn p99 ms", "CPU % of a core at 100 changes/s", "idle CPU %", "etcd bytes per change",
                    "restart: new endpoint s", "RSS idle MiB", "RSS all MiB"], rows))
     save("fleet", {"results": results}, md)
     plot(results)
