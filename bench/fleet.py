@@ -419,34 +419,34 @@ def plot(results: list[dict[str, Any]]) -> None:
 
     results = sorted(results, key=lambda r: r["hosts"])
     n = [r["hosts"] for r in results]
+
+    def draw(ax: Any, ylabel: str, series: list[tuple[str, str, list[float]]]) -> None:
+        for style, label, values in series:
+            ax.plot(n, values, style, label=label)
+        ax.set_xlabel(f"hosts (x {PER_HOST} endpoints)")
+        ax.set_ylabel(ylabel)
+        ax.legend()
+        ax.grid(alpha=0.3)
+
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.plot(n, [r["bringup_programmed_s"] for r in results], "o-", label="all written and programmed (s)")
-    left.plot(n, [round(r["bringup_programmed_s"] - r["bringup_write_s"], 2) for r in results], "v-",
-              label="all programmed: after the last write (s)")
-    left.plot(n, [r["restart_new_endpoint_s"] for r in results], "s-", label="restart: new endpoint (s)")
-    left.plot(n, [r["burst_after_last_write_s"] for r in results], "^-", label="2,000 changes: after last write (s)")
-    left.set_xlabel(f"hosts (x {PER_HOST} endpoints)")
-    left.set_ylabel("seconds")
-    left.legend()
-    left.grid(alpha=0.3)
-    right.plot(n, [r["churn_latency_ms"]["p50"] for r in results], "o-", label="p50")
-    right.plot(n, [r["churn_latency_ms"]["p99"] for r in results], "s-", label="p99")
     right.axhline(200, color="grey", linestyle=":", label="goal p99")
-    right.set_xlabel(f"hosts (x {PER_HOST} endpoints)")
-    right.set_ylabel("ms from write to kernel, 100 changes/s")
-    right.legend()
-    right.grid(alpha=0.3)
+    draw(left, "seconds", [
+        ("o-", "all written and programmed (s)", [r["bringup_programmed_s"] for r in results]),
+        ("v-", "all programmed: after the last write (s)",
+         [round(r["bringup_programmed_s"] - r["bringup_write_s"], 2) for r in results]),
+        ("s-", "restart: new endpoint (s)", [r["restart_new_endpoint_s"] for r in results]),
+        ("^-", "2,000 changes: after last write (s)", [r["burst_after_last_write_s"] for r in results])])
+    draw(right, "ms from write to kernel, 100 changes/s", [
+        ("o-", "p50", [r["churn_latency_ms"]["p50"] for r in results]),
+        ("s-", "p99", [r["churn_latency_ms"]["p99"] for r in results])])
     fig.suptitle("pyoverlay: one real host following a simulated fleet (bench/fleet.py)")
     fig.tight_layout()
     fig.savefig(DOCS / "fleet-convergence.png", dpi=100)
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(n, [r["rss_idle_mib"] for r in results], "o-", label="idle")
-    ax.plot(n, [r["rss_full_mib"] for r in results], "s-", label="every remote endpoint programmed")
-    ax.plot(n, [r["rss_after_restart_mib"] for r in results], "^-", label="after a restart")
-    ax.set_xlabel(f"hosts (x {PER_HOST} endpoints)")
-    ax.set_ylabel("plugin RSS, MiB (gunicorn master + worker)")
-    ax.legend()
-    ax.grid(alpha=0.3)
+    draw(ax, "plugin RSS, MiB (gunicorn master + worker)", [
+        ("o-", "idle", [r["rss_idle_mib"] for r in results]),
+        ("s-", "every remote endpoint programmed", [r["rss_full_mib"] for r in results]),
+        ("^-", "after a restart", [r["rss_after_restart_mib"] for r in results])])
     fig.tight_layout()
     fig.savefig(DOCS / "fleet-memory.png", dpi=100)
     print(f"wrote {DOCS / 'fleet-convergence.png'} and {DOCS / 'fleet-memory.png'}")
