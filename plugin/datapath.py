@@ -619,10 +619,8 @@ class DataPath:
 
     @kernel
     def _forget_peer_io(self, vni: int, io: PeerIO) -> None:
-        if self._peer_ios.get(vni) is io:
+        if self._peer_ios.get(vni) is io:   # else it was dropped already, its sockets closed with it
             self._drop_peer_io(vni)
-        else:
-            io.reader.close()   # dropped already, and its other sockets closed with it
 
 # Inside a network's namespace: frames crossing br0 must not go through iptables (br_netfilter would
 # send them there, costing time and giving a host's firewall a say over overlay traffic).
