@@ -101,25 +101,27 @@ class Reconciler:
             return []
         for vni in sorted(self._guard_down):
             self.datapath.set_vxlan_up(vni, True)
-        self._guard_down.clear()
+        up, self._guard_down = set(self._guard_down), set()
         self.peers.reconcile()
-        self.peers.verify_kernel()  # a device taken down lost its neighbour entries
+        self.peers.verify_kernel(force=up)  # a device taken down lost its neighbour entries
         metrics.RECONCILE_REPAIRS.labels("encryption-guard").inc()
         gone = f" ({', '.join(missing)} had gone)" if missing else ""
         return [f"encryption guard re-installed{gone}; encrypted networks up again"]
 
     def repair(self) -> list[str]:
         done = self.repair_guard()
+        remade = set()
         for local in list(self.state.data.networks.values()):
             vni = local.record.vni
             if not self.datapath.has_network(vni):
                 try:
                     self.datapath.ensure_network(self.driver.plan(local.record, local.mtu))
+                    remade.add(vni)
                     done.append(f"network {local.record.key} (vni {vni}): namespace/devices re-created")
                     metrics.RECONCILE_REPAIRS.labels("network").inc()
                 except Exception as err:  # noqa: BLE001 - reported; retried next pass
                     log.error("reconcile: re-creating network %s (vni %d): %s", local.record.key, vni, err)
-        for vni in self.peers.verify_kernel():
+        for vni in self.peers.verify_kernel(force=remade):   # a re-created device has no entries yet
             done.append(f"vni {vni}: peers missing from the kernel programmed again")
             metrics.RECONCILE_REPAIRS.labels("peers").inc()
         vf = self.vtep_filter

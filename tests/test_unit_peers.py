@@ -116,7 +116,7 @@ def test_the_kernel_check_reads_without_holding_up_passes() -> None:
 
         fleet.kernel.peer_entries = slow_read  # type: ignore[method-assign]
         lost: list[list[int]] = []
-        check = threading.Thread(target=lambda: lost.append(fleet.peers.verify_kernel()))
+        check = threading.Thread(target=lambda: lost.append(fleet.peers.verify_kernel(force=[VNI])))
         check.start()
         assert reading.wait(30)
         # While the read hangs: one endpoint leaves, one arrives; both are programmed meanwhile.
@@ -132,7 +132,7 @@ def test_the_kernel_check_reads_without_holding_up_passes() -> None:
         # A flushed table is found and programmed again.
         with fleet.kernel.lock:
             fleet.kernel.neigh[VNI].clear()
-        assert fleet.peers.verify_kernel() == [VNI]
+        assert fleet.peers.verify_kernel(force=[VNI]) == [VNI]
         fleet.wait_programmed(timeout=30)
 
 
@@ -153,8 +153,8 @@ def test_the_kernel_check_programs_exactly_what_is_missing() -> None:
 
         fleet.kernel.peer_entries = skipping  # type: ignore[method-assign]
         batches = fleet.kernel.batches
-        assert fleet.peers.verify_kernel() == []
-        assert fleet.peers.verify_kernel() == [], "there at the next check: nothing lost"
+        assert fleet.peers.verify_kernel(force=[VNI]) == []
+        assert fleet.peers.verify_kernel(force=[VNI]) == [], "there at the next check: nothing lost"
         fleet.kernel.peer_entries = real  # type: ignore[method-assign]
         _settle(fleet)
         assert fleet.kernel.batches == batches, "nothing re-programmed for a skipped entry"
@@ -163,9 +163,35 @@ def test_the_kernel_check_programs_exactly_what_is_missing() -> None:
         with fleet.kernel.lock:
             del fleet.kernel.neigh[VNI][ip]
         passes = fleet.peers.passes
-        assert fleet.peers.verify_kernel() == []
-        assert fleet.peers.verify_kernel() == [VNI]
+        assert fleet.peers.verify_kernel(force=[VNI]) == []
+        assert fleet.peers.verify_kernel(force=[VNI]) == [VNI]
         fleet.wait_programmed(timeout=30)
         _settle(fleet)
         assert fleet.peers.passes > passes and not fleet.peers._full
         assert fleet.kernel.batches == batches + 1, "one batch: the missing entry"
+
+
+def test_the_kernel_check_costs_a_bounded_share_of_the_time() -> None:
+    """A network whose read took long is read again only after CHECK_SHARE of the time has passed; a network
+    named in force (its device just re-created) is read at once."""
+    import time
+
+    from plugin.peers import CHECK_SHARE
+
+    fleet = Fleet(hosts=2, per_host=5)
+    with fleet.running():
+        _settle(fleet)
+        real = fleet.kernel.peer_entries
+        reads = []
+
+        def slow(vni: int) -> list[tuple[str, str, str]]:
+            reads.append(vni)
+            time.sleep(0.1)
+            return real(vni)
+
+        fleet.kernel.peer_entries = slow  # type: ignore[method-assign]
+        fleet.peers.verify_kernel()
+        fleet.peers.verify_kernel()
+        assert len(reads) == 1, f"a 0.1 s read is not due again for {0.1 / CHECK_SHARE:.0f} s"
+        fleet.peers.verify_kernel(force=[VNI])
+        assert len(reads) == 2
