@@ -70,6 +70,7 @@ test-ipsec: venv
 lint: venv
 	$(VENV)/bin/ruff check plugin ipam kvstore tests bench
 	$(VENV)/bin/mypy plugin ipam kvstore
+	$(VENV)/bin/lint-imports --no-cache   # the layering rule: pyproject.toml [tool.importlinter]
 
 bench: venv
 	$(PIP) install -q -e '.[test,bench]'

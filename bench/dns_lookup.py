@@ -1,7 +1,7 @@
 """What the host-wide DNS address costs the containers that do not use pyoverlay: the latency of an external
 name lookup from a default-bridge container, before (its resolver is the host's resolver itself, as without
 pyoverlay) and after (daemon.json's "dns" names pyoverlay's address, which the kernel rewrites to that
-resolver: plugin/dnsredirect.py), and through the plugin's own forwarder (the way before that rule, and
+resolver: plugin/kernel/dnsredirect.py), and through the plugin's own forwarder (the way before that rule, and
 where the rule cannot be had); and the same lookup from a pyoverlay container with no flag (127.0.0.11 ->
 pyoverlay -> the resolver), and a name of the container's own network answered by pyoverlay itself.
 

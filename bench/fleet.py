@@ -39,9 +39,10 @@ from typing import Any
 
 from common import DOCS, RESULTS, ROOT, process_tree, rss_kb, save, summary, table
 
-from ipam.subnets import mac_from_ip, network_key
+from ipam.subnets import network_key
 from kvstore import EtcdConfig, Keys, KVStore, Txn
 from kvstore.records import AUTH, EndpointRecord, HostRecord, MemberRecord, NetworkRecord
+from plugin.kernel.datapath import mac_from_ip
 from tests.rig import DockerHost, Rig, sh
 
 PER_HOST = 40

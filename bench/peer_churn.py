@@ -1,4 +1,4 @@
-"""Peer programming logic at fleet size, without a kernel: plugin.peers.PeerSync fed by the in-memory store
+"""Peer programming logic at fleet size, without a kernel: plugin.cluster.peers.PeerSync fed by the in-memory store
 (tests/peer_fleet.py), the kernel replaced by a recorder. It isolates the plugin's own work per change from
 netlink and etcd: the time to program every remote endpoint of N hosts x 40, then to follow 2,000 changes
 (1,000 endpoints leave, 1,000 arrive, each its own write), with the watch answers coalesced into passes (as

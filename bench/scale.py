@@ -18,9 +18,10 @@ import time
 
 from common import rss_kb, save, table
 
-from ipam.subnets import mac_from_ip, network_key
+from ipam.subnets import network_key
 from kvstore import EtcdConfig, Keys, KVStore, Txn
 from kvstore.records import EndpointRecord, HostRecord, MemberRecord, NetworkRecord
+from plugin.kernel.datapath import mac_from_ip
 from tests.rig import DockerHost, Rig, sh
 
 FAKE_HOSTS = 50

@@ -128,12 +128,3 @@ def next_free(first: int, last: int, used: set[int], after: int) -> int | None:
         if cand not in used:
             return cand
     return None
-
-
-def mac_from_ip(addr: IPAddress) -> str:
-    """02:42 followed by the last four bytes of the address, as Docker's overlay does.
-
-    A MAC that follows the IP means a reused address never leaves peers with a stale neighbour entry.
-    """
-    tail = addr.packed[-4:]
-    return "02:42:" + ":".join(f"{b:02x}" for b in tail)

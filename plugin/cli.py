@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command != "serve" and not os.environ.get("PYOVERLAY_SOCKET") \
             and not os.path.exists(config.DEFAULT_SOCKET):
-        from plugin.operator import adopt_managed
+        from plugin.ops.commands import adopt_managed
 
         name = adopt_managed(os.environ)  # type: ignore[arg-type]
         if name:
@@ -63,20 +63,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _logging(settings.log_level)
     if args.command == "serve":
-        from plugin.server import serve
+        from plugin.api.server import serve
 
         return serve(settings)
     else:
-        from plugin import operator
+        from plugin.ops import commands
 
         if args.command == "status":
-            return operator.status(settings, as_json=args.json)
+            return commands.status(settings, as_json=args.json)
         if args.command == "inspect":
-            return operator.inspect(settings, args.network, as_json=args.json)
+            return commands.inspect(settings, args.network, as_json=args.json)
         if args.command == "doctor":
-            return operator.doctor(settings, as_json=args.json)
+            return commands.doctor(settings, as_json=args.json)
         if args.command == "gc":
-            return operator.gc(settings, apply=args.apply, as_json=args.json)
+            return commands.gc(settings, apply=args.apply, as_json=args.json)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""The peer programming logic (plugin.peers.PeerSync) fed by the in-memory store, with a kernel that only
+"""The peer programming logic (plugin.cluster.peers.PeerSync) fed by the in-memory store, with a kernel that only
 records what it is told: the records of a fleet of remote hosts, then churn. No root, no etcd, no kernel.
 
 Used by tests/test_unit_peers.py (correctness) and bench/peer_churn.py (figures).
@@ -16,11 +16,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ipam.subnets import mac_from_ip
 from kvstore import Keys, MemoryStore, Txn
 from kvstore.records import EndpointRecord, HostRecord, NetworkRecord
-from plugin.names import NameService
-from plugin.peers import Peer, PeerSync
+from plugin.cluster.peers import Peer, PeerSync
+from plugin.dns.names import NameService
+from plugin.kernel.datapath import mac_from_ip
 from plugin.state import LocalNetwork, LocalState
 
 NKEY, VNI, SUBNET = "10.200.0.0_16", 4242, "10.200.0.0/16"

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from plugin.operator import UnixHTTP
+from plugin.ops.commands import UnixHTTP
 
 
 def call(sock: Path | str, method: str, body: Any = None, raw: bytes | None = None,

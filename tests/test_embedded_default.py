@@ -90,7 +90,7 @@ def test_embedded_etcd_serves_and_survives_restart() -> None:
         assert status == 500 and "10.55.0.1 is already in use" in again["Err"], again
         # Ordinary lines (gunicorn's included) on stdout, only warnings and errors on stderr.
         out, err = (work / "log").read_text(), (work / "errors").read_text()
-        assert " INFO plugin.runtime: ready" in out and "INFO gunicorn.error: Listening at" in out, out[-2000:]
+        assert " INFO plugin.runtime.runtime: ready" in out and "INFO gunicorn.error: Listening at" in out, out[-2000:]
         assert not [line for line in err.splitlines() if " INFO " in line or " DEBUG " in line], err[-2000:]
     finally:
         os.killpg(proc.pid, signal.SIGTERM)

@@ -269,7 +269,7 @@ def test_departed_host_released_after_grace_and_reclaims_on_return(store: KVStor
     after the grace period, and only while b has no host record; b coming back later takes its address
     back unless someone else took it meanwhile."""
     from kvstore.records import AddressRecord, DepartureRecord, PoolRecord
-    from plugin.departures import Departures
+    from plugin.cluster.departures import Departures
 
     a, b = ipam(store, keys, "a"), ipam(store, keys, "b")
     pid = a.request_pool("10.77.0.0/24", "", {}, False)["PoolID"]

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvstore import EtcdConfig, KVStore
-from plugin.app import ROUTES
+from plugin.api.app import ROUTES
 from tests.plugin_client import call
 from tests.rig import Rig
 

@@ -221,7 +221,7 @@ def test_encrypted_on_a_kernel_without_esp_fails_clearly_and_leaves_nothing(rig1
     """This machine's own kernel has no ESP and no AES-GCM: --opt encrypted must say so and set up
     nothing (no etcd record, no namespace, no VXLAN device, no half-made firewall)."""
     h = rig1.hosts[0]
-    from plugin.ipsec import missing_features
+    from plugin.kernel.ipsec import missing_features
 
     if not missing_features():
         pytest.skip("this kernel has ESP; the IPsec tests (make test-ipsec) cover it")

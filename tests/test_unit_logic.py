@@ -9,9 +9,9 @@ import pytest
 
 from ipam import subnets as s
 from plugin import config
-from plugin import protocol as p
-from plugin.datapath import Underlay
+from plugin.api import protocol as p
 from plugin.errors import InvalidRequest
+from plugin.kernel.datapath import Underlay, mac_from_ip
 
 
 def test_parse_cidr_accepts_and_rejects() -> None:
@@ -65,8 +65,8 @@ def test_check_in_pool() -> None:
 
 
 def test_mac_follows_ip() -> None:
-    assert s.mac_from_ip(ipaddress.ip_address("10.20.0.7")) == "02:42:0a:14:00:07"
-    assert s.mac_from_ip(ipaddress.ip_address("fd00::a:b")) == "02:42:00:0a:00:0b"
+    assert mac_from_ip(ipaddress.ip_address("10.20.0.7")) == "02:42:0a:14:00:07"
+    assert mac_from_ip(ipaddress.ip_address("fd00::a:b")) == "02:42:00:0a:00:0b"
 
 
 def test_overlay_mtu() -> None:
@@ -107,7 +107,7 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_esp_keys_agree_per_direction_and_never_leave_the_host(tmp_path) -> None:  # type: ignore[no-untyped-def]
     import stat
 
-    from plugin.keys import KeyRing, derive, mac_of, verify
+    from plugin.cluster.keyring import KeyRing, derive, mac_of, verify
 
     a, b = KeyRing(tmp_path / "a"), KeyRing(tmp_path / "b")
     pa, pb = a.public()[a.epoch], b.public()[b.epoch]
@@ -138,9 +138,9 @@ def test_esp_keys_agree_per_direction_and_never_leave_the_host(tmp_path) -> None
 
 def test_rotation_waits_for_every_peer_to_take_the_current_epoch(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from kvstore.records import HostRecord
-    from plugin.encryption import ROTATION_PATIENCE, Encryption
-    from plugin.ipsec import IPsec
-    from plugin.keys import KeyRing
+    from plugin.cluster.encryption import ROTATION_PATIENCE, Encryption
+    from plugin.cluster.keyring import KeyRing
+    from plugin.kernel.ipsec import IPsec
 
     enc = Encryption(KeyRing(tmp_path / "k"), IPsec(), "h1", lambda: "10.0.0.1", 4789, None, 60, 128)
     epoch = enc.keyring.epoch
@@ -166,7 +166,7 @@ def test_dns_zones_and_answers() -> None:
     import dns.rcode
 
     from kvstore.records import AliasRecord, EndpointRecord
-    from plugin.dns import answer, build_zones
+    from plugin.dns.nameserver import answer, build_zones
 
     def ep(eid: str, name: str, addr: str, host: str, addr6: str | None = None) -> EndpointRecord:
         return EndpointRecord(endpoint_id=eid, network_key="n1", docker_network_id="d", host=host, vtep="1.1.1.1",
@@ -195,7 +195,7 @@ def test_dns_zones_and_answers() -> None:
 
 
 def test_propagation_definitions() -> None:
-    from plugin.propagation import LABEL_DEF, OURS, definition_of, same_network
+    from plugin.docker.propagation import LABEL_DEF, OURS, definition_of, same_network
 
     inspect = {"Name": "app", "Id": "abc", "Driver": "pyoverlay:latest", "Internal": True, "EnableIPv6": False,
                "Options": {"encrypted": ""}, "Labels": {"team": "blue", LABEL_DEF: "x"},
@@ -220,8 +220,8 @@ def test_names_follow_each_change_and_equal_a_fresh_build() -> None:
 
     from kvstore import Keys, MemoryStore, WatchEvent
     from kvstore.records import AliasRecord, EndpointRecord, HostRecord
-    from plugin.dns import build_zones
-    from plugin.names import NameService
+    from plugin.dns.names import NameService
+    from plugin.dns.nameserver import build_zones
     from plugin.state import LocalState
 
     svc = NameService(MemoryStore(), Keys("/t"), LocalState(Path("/nonexistent/state.json")),

@@ -1,4 +1,4 @@
-"""plugin/neighbours.py against the real kernel, in a throwaway network namespace (it dies with its process):
+"""plugin/kernel/neighbours.py against the real kernel, in a throwaway network namespace (it dies with its process):
 a bridge and a VXLAN device as pyoverlay makes them, thousands of peers in bulk, then removals, failures
 and the answers read back through pyroute2's dumps."""
 
@@ -13,15 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from plugin.neighbours import messages
+from plugin.kernel.neighbours import messages
 
 ROOT = Path(__file__).resolve().parent.parent
 
 SCRIPT = textwrap.dedent("""
     import ipaddress, json
     from pyroute2 import IPRoute
-    from plugin import neighbours
-    from plugin.datapath import _attr
+    from plugin.kernel import neighbours
+    from plugin.kernel.datapath import _attr
 
     ipr = IPRoute()
     ipr.link("add", ifname="br0", kind="bridge")

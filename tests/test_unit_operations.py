@@ -15,9 +15,10 @@ import pytest
 
 from kvstore import KV, Keys, StoreUnavailable
 from kvstore.records import NetworkRecord
-from plugin import config, doctor
-from plugin.datapath import Underlay
-from plugin.reconciler import Garbage, Reconciler
+from plugin import config
+from plugin.kernel.datapath import Underlay
+from plugin.ops import doctor
+from plugin.runtime.reconciler import Garbage, Reconciler
 from plugin.state import LocalNetwork, LocalState
 
 
@@ -115,7 +116,7 @@ class StubReconciler(Reconciler):
 def test_reconciler_removes_only_after_the_grace_period_and_never_without_etcd(
         monkeypatch: pytest.MonkeyPatch) -> None:
     now = [1000.0]
-    monkeypatch.setattr("plugin.reconciler.time.monotonic", lambda: now[0])
+    monkeypatch.setattr("plugin.runtime.reconciler.time.monotonic", lambda: now[0])
     r = StubReconciler(grace=60)
     stray = Garbage("address", "address 10.9.0.9", "nobody", ("address", "cidr.10.9.0.0_24", "10.9.0.9"))
     r.found = [stray]
@@ -153,7 +154,7 @@ def test_a_managed_plugin_is_found_and_its_paths_are_the_hosts(monkeypatch) -> N
     from `docker plugin inspect` as the Docker API gives it (interface types as objects)."""
     import docker
 
-    from plugin.operator import adopt_managed
+    from plugin.ops.commands import adopt_managed
 
     class FakePlugin:
         id, name, enabled = "abc123", "pyoverlay:latest", True
@@ -215,7 +216,7 @@ def test_the_dns_address_must_be_a_unicast_ipv4_address(monkeypatch: pytest.Monk
 
 
 def test_plugin_interface_types_in_both_engines_shapes() -> None:
-    from plugin.dockerapi import NETWORK_DRIVER, interface_types
+    from plugin.docker.api import NETWORK_DRIVER, interface_types
     docker20 = {"Interface": {"Types": [{"Prefix": "docker", "Capability": "networkdriver", "Version": "1.0"},
                                         {"Prefix": "docker", "Capability": "ipamdriver", "Version": "1.0"}]}}
     docker28 = {"Interface": {"Types": ["docker.networkdriver/1.0", "docker.ipamdriver/1.0"]}}
@@ -226,7 +227,7 @@ def test_plugin_interface_types_in_both_engines_shapes() -> None:
 def test_vtep_filter_never_applies_a_set_read_before_a_newer_one() -> None:
     """The reconciler and the host watch both refresh the filter: each reads the wanted VTEPs under the
     filter's lock, so one that waited for the lock cannot install the set it would have read before."""
-    from plugin.vtepfilter import VtepFilter
+    from plugin.kernel.vtepfilter import VtepFilter
 
     class Backend:
         families = ["ip"]
@@ -253,7 +254,7 @@ def test_vtep_filter_never_applies_a_set_read_before_a_newer_one() -> None:
 
 
 def test_the_dns_redirect_targets_the_first_upstream_the_kernel_can_forward_to() -> None:
-    from plugin.dnsredirect import target
+    from plugin.kernel.dnsredirect import target
     assert target(["127.0.0.53", "fd00::1", "192.0.2.1", "192.0.2.2"], "169.254.53.53") == "192.0.2.1"
     assert target(["169.254.53.53", "10.0.0.2"], "169.254.53.53") == "10.0.0.2", "never to the address itself"
     assert target(["127.0.0.53", "::1", "0.0.0.0", "not-an-address"], "169.254.53.53") is None
@@ -265,7 +266,7 @@ def test_the_dns_redirect_in_a_real_kernel_is_idempotent_and_removable() -> None
     """In a throwaway network namespace (gone with its process): the rule goes in once, reads back, is not
     rewritten when it is current, follows a new upstream and goes away."""
     script = textwrap.dedent("""
-        from plugin.dnsredirect import DnsRedirect
+        from plugin.kernel.dnsredirect import DnsRedirect
         r = DnsRedirect("169.254.53.53", ["127.0.0.53", "192.0.2.1"])
         assert r.current() is None
         assert r.apply() and r.current() == "192.0.2.1", r.reason

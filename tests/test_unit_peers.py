@@ -176,7 +176,7 @@ def test_the_kernel_check_costs_a_bounded_share_of_the_time() -> None:
     named in force (its device just re-created) is read at once."""
     import time
 
-    from plugin.peers import CHECK_SHARE
+    from plugin.cluster.peers import CHECK_SHARE
 
     fleet = Fleet(hosts=2, per_host=5)
     with fleet.running():

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +28,9 @@ from kvstore.records import (
     NetDefRecord,
     NetworkRecord,
 )
-from plugin import ipsec, nftjson, vtepfilter
-from plugin.dns import NameServer, RateLimit, Zone, to_wire
-from plugin.keys import SAKey
+from plugin.cluster.keyring import SAKey
+from plugin.dns.nameserver import NameServer, RateLimit, Zone, to_wire
+from plugin.kernel import ipsec, nftjson, vtepfilter
 from plugin.state import LocalState, StateUnreadable
 
 HOSTILE = [
@@ -302,8 +302,8 @@ class FakeIPsec:
 
 
 def test_one_bad_peer_affects_only_itself_and_keys_are_published_once_installed(tmp_path: Path) -> None:
-    from plugin.encryption import Encryption
-    from plugin.keys import KeyRing
+    from plugin.cluster.encryption import Encryption
+    from plugin.cluster.keyring import KeyRing
 
     fake = FakeIPsec(broken="10.0.0.3")
     enc = Encryption(KeyRing(tmp_path / "h1"), fake, "h1", lambda: "10.0.0.1", 4801, None, 60, 128)  # type: ignore[arg-type]
@@ -333,8 +333,8 @@ def _host(enc, name: str, vtep: str) -> HostRecord:  # type: ignore[no-untyped-d
 
 
 def test_both_ends_derive_the_same_sa_and_a_returning_peer_never_gets_an_old_one(tmp_path: Path) -> None:
-    from plugin.encryption import Encryption
-    from plugin.keys import KeyRing
+    from plugin.cluster.encryption import Encryption
+    from plugin.cluster.keyring import KeyRing
 
     k1, k2 = FakeIPsec(broken="-"), FakeIPsec(broken="-")
     e1 = Encryption(KeyRing(tmp_path / "h1"), k1, "h1", lambda: "10.0.0.1", 4801, None, 60, 128)  # type: ignore[arg-type]
@@ -367,9 +367,9 @@ def test_both_ends_derive_the_same_sa_and_a_returning_peer_never_gets_an_old_one
 
 def test_an_spi_collision_is_derived_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                           caplog: pytest.LogCaptureFixture) -> None:
-    from plugin import encryption as enc_mod
-    from plugin.encryption import Encryption
-    from plugin.keys import KeyRing, derive
+    from plugin.cluster import encryption as enc_mod
+    from plugin.cluster.encryption import Encryption
+    from plugin.cluster.keyring import KeyRing, derive
 
     calls = {"n": 0}
 
@@ -391,7 +391,7 @@ def test_an_spi_collision_is_derived_again(tmp_path: Path, monkeypatch: pytest.M
 
 
 def test_guard_repair_keeps_encrypted_vxlan_down_until_everything_is_back_then_up() -> None:
-    from plugin.reconciler import Reconciler
+    from plugin.runtime.reconciler import Reconciler
 
     class Enc:
         vnis = {5000: "k"}
@@ -409,13 +409,14 @@ def test_guard_repair_keeps_encrypted_vxlan_down_until_everything_is_back_then_u
 
     class Peers:
         def __init__(self, enc: Enc) -> None:
-            self.enc, self.synced_policies = enc, 0
+            self.enc, self.synced_policies, self.forced = enc, 0, []
 
         def reconcile(self) -> None:
             self.enc.missing = []   # a sync puts the per-peer policies back
             self.synced_policies += 1
 
-        def verify_kernel(self) -> list[int]:
+        def verify_kernel(self, force: Iterable[int] = ()) -> list[int]:
+            self.forced.append(set(force))   # a device brought up lost its entries: read at once
             return []
 
     class Path:
@@ -438,4 +439,5 @@ def test_guard_repair_keeps_encrypted_vxlan_down_until_everything_is_back_then_u
     assert "still missing" in r.repair_guard()[0] and path.up == {5000: False}
     enc.missing = []
     assert "up again" in r.repair_guard()[0] and path.up == {5000: True}
+    assert r.peers.forced == [{5000}, {5000}]  # type: ignore[attr-defined]
     assert r.repair_guard() == []

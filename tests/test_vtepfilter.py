@@ -47,7 +47,7 @@ for src in sys.argv[1:3]:
 FILTER = """
 import json, sys
 sys.path.insert(0, sys.argv[4])
-from plugin import vtepfilter as v
+from plugin.kernel import vtepfilter as v
 kind, action, vteps = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 ports = [4800, 4801]
 b = v.NftBackend(ports, ["ip"]) if kind == "nft" else v.IptablesBackend(ports, ["ip"])

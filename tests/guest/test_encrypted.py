@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from plugin.vtepfilter import NftBackend
+from plugin.kernel.vtepfilter import NftBackend
 from tests.rig import Rig, cleanup_stale, sh, wait_for
 from tests.uml import host_cpu_hog
 
@@ -173,7 +173,7 @@ def test_forged_clear_vxlan_with_the_encrypted_vni_never_arrives(rig2: Rig) -> N
     assert results[f"enc from {h1.ip}"] == 0, "clear-text VXLAN with the encrypted VNI is dropped"
     assert results["clr from a stranger"] == 0 and strangers >= 5, "VXLAN from an unregistered VTEP is dropped"
     counters = sh("ip", "netns", "exec", h2.netns, sys.executable, "-c",
-                  "from plugin.ipsec import IPsec; print(IPsec().guard_counters()['in'])").stdout
+                  "from plugin.kernel.ipsec import IPsec; print(IPsec().guard_counters()['in'])").stdout
     assert int(counters.strip()) >= 5, "the guard counted the forged datagrams"
 
 
@@ -310,5 +310,5 @@ def test_guard_loss_never_lets_clear_text_out(rig2: Rig, flush: str) -> None:
     assert clear == 0, "no clear-text VXLAN of the encrypted network on the underlay, ever"
     for h in rig2.hosts:
         missing = sh("ip", "netns", "exec", h.netns, sys.executable, "-c",
-                     "from plugin.ipsec import IPsec; i = IPsec(); print(i.catchall_present(4801))").stdout
+                     "from plugin.kernel.ipsec import IPsec; i = IPsec(); print(i.catchall_present(4801))").stdout
         assert missing.strip() == "True"

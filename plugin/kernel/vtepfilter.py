@@ -24,7 +24,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
-from plugin import nftjson, xtables
+from plugin.kernel import nftjson, xtables
 
 log = logging.getLogger(__name__)
 

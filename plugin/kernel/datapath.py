@@ -29,9 +29,8 @@ from typing import Any, TypeVar
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from ipam.subnets import mac_from_ip
-from plugin import neighbours, netns
 from plugin.errors import Conflict, InvalidRequest, Unavailable
+from plugin.kernel import neighbours, netns
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +40,15 @@ TAG = "pyoverlay"
 BRIDGE = "br0"
 VXLAN = "vxlan0"
 DNS_LABEL = "lo:pyodns"  # host namespace: the label of the host-wide DNS address on lo (ours, by this tag)
+
+
+def mac_from_ip(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """02:42 followed by the last four bytes of the address, as Docker's overlay does.
+
+    A MAC that follows the IP means a reused address never leaves peers with a stale neighbour entry.
+    """
+    tail = addr.packed[-4:]
+    return "02:42:" + ":".join(f"{b:02x}" for b in tail)
 
 
 @dataclass
@@ -544,7 +552,7 @@ class DataPath:
         """Remove, then add, many (ip, mac, vtep) peers in one pass; returns the ones that failed.
 
         One lookup of the VXLAN device, one trip to the netlink thread and a few netlink writes for a whole
-        batch (plugin/neighbours.py): a host joining a network with 20,000 remote endpoints programs them
+        batch (plugin/kernel/neighbours.py): a host joining a network with 20,000 remote endpoints programs them
         in about a second.
         """
         failed: list[tuple[tuple[str, str, str], Exception]] = []

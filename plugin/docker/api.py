@@ -4,7 +4,7 @@ DOCKER_HOST as the Docker CLI reads it (default unix:///var/run/docker.sock). do
 before it serves its API, so nothing here may hold up the plugin's start: one thread connects (and
 reconnects, with backoff) and streams events into a queue; one worker thread runs the listeners, in
 order, on every event and every few seconds besides (their periodic resync, which also retries what
-failed). Listeners are plugin/propagation.py (networks on every host) and plugin/aliases.py (names).
+failed). Listeners are plugin/docker/propagation.py (networks on every host) and plugin/docker/aliases.py (names).
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ import docker.types
 from kvstore import KV, Keys, Store, StoreError, Txn, WatchEvent
 from kvstore.base import Watch
 from kvstore.records import InvalidRecord, NetDefRecord, PoolConfig
-from plugin.dockerapi import DockerAPI, DockerWatch
+from plugin.docker.api import DockerAPI, DockerWatch
 from plugin.state import LocalState
 
 log = logging.getLogger(__name__)

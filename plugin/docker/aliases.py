@@ -17,7 +17,7 @@ import docker.errors
 
 from kvstore import Keys, Store
 from kvstore.records import AliasRecord, dns_name
-from plugin.dockerapi import DockerAPI
+from plugin.docker.api import DockerAPI
 from plugin.state import LocalState
 
 log = logging.getLogger(__name__)

@@ -19,8 +19,8 @@ from gunicorn.app.base import BaseApplication
 from gunicorn.glogging import Logger
 
 from kvstore.embedded import EmbeddedEtcd
-from plugin import netns
 from plugin.config import Settings
+from plugin.kernel import netns
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +74,8 @@ class PluginServer(BaseApplication):  # type: ignore[misc]
 
     def load(self) -> Any:
         # Runs in the worker, after fork: gRPC channels and netlink sockets must be made here.
-        from plugin.app import create_app
-        from plugin.runtime import Runtime
+        from plugin.api.app import create_app
+        from plugin.runtime.runtime import Runtime
 
         self.runtime = Runtime(self.settings)
         return create_app(self.runtime)

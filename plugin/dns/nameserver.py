@@ -13,7 +13,7 @@ container's namespace. This server is where those queries land:
   on every host, so the query never leaves the host; this server's sockets are bound there (UDP + TCP);
 - it answers A/AAAA/PTR for the containers of that network on every live host: their container names
   (from the endpoint records) and their aliases (`--network-alias`, short IDs; AliasRecord, written by
-  plugin/aliases.py), case-insensitively, with a short TTL so a moved or removed name is not cached;
+  plugin/docker/aliases.py), case-insensitively, with a short TTL so a moved or removed name is not cached;
 - anything else is forwarded to this host's own resolvers (PYOVERLAY_DNS_UPSTREAMS, else the host's
   /etc/resolv.conf), so other names resolve exactly as before; never from an `--internal` network, whose
   containers must have no way out (REFUSED).
@@ -55,7 +55,8 @@ import dns.reversename
 import dns.rrset
 
 from kvstore.records import AliasRecord, EndpointRecord
-from plugin import metrics, netns
+from plugin import metrics
+from plugin.kernel import netns
 
 log = logging.getLogger(__name__)
 

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError
 
+from plugin.driver.networks import Interface, Subnet
 from plugin.errors import InvalidRequest
 
 # Docker IDs end up in etcd keys and interface names: keep them to safe characters.
@@ -126,3 +127,15 @@ def parse(model: type[Request], body: bytes, call: str) -> Request:
             field = ".".join(str(p) for p in e["loc"]) or "body"
             problems.append(f"{field}: {e['msg']}")
         raise InvalidRequest(f"{call}: " + "; ".join(problems)) from None
+
+
+# -- the driver's plain inputs, from the wire models (the driver never sees these models) ----------------
+
+def subnets(data: list[IPAMData] | None) -> list[Subnet]:
+    return [Subnet(d.Pool, d.Gateway or None, tuple((d.AuxAddresses or {}).values())) for d in data or []]
+
+
+def interface(iface: EndpointInterface | None) -> Interface:
+    if iface is None:
+        return Interface()
+    return Interface(iface.Address, iface.AddressIPv6, iface.MacAddress)

@@ -19,12 +19,13 @@ import os
 import re
 import secrets
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from plugin.kernel.ipsec import SAKey
 
 log = logging.getLogger(__name__)
 
@@ -40,16 +41,6 @@ def _b64(raw: bytes) -> str:
 
 def public_bytes(key: X25519PublicKey) -> bytes:
     return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-
-
-@dataclass(frozen=True)
-class SAKey:
-    spi: int
-    key: bytes        # AES key followed by the 4-byte GCM salt, as the kernel takes it for rfc4106
-    src: str
-    dst: str
-    src_epoch: int
-    dst_epoch: int
 
 
 def derive(shared: bytes, src: str, dst: str, src_epoch: int, dst_epoch: int, key_bits: int,

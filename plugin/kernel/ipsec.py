@@ -8,7 +8,7 @@ How VXLAN of an encrypted network, and only of it, ends up in ESP:
 - encrypted networks have a VXLAN port of their own (PYOVERLAY_ESP_PORT), so the kernel's own xfrm policies
   tell them apart by port, with no firewall involved;
 - one xfrm policy per peer matches (our VTEP -> peer VTEP, UDP to that port) and requires ESP in transport
-  mode; states carry AES-GCM keys derived per direction (plugin/keys.py);
+  mode; states carry AES-GCM keys derived per direction (plugin/cluster/keyring.py);
 - fail closed in the kernel: catch-all policies of lower priority block every other datagram to that port
   (no peer policy, no SA: dropped) and accept an incoming one only if it arrived inside ESP (the policy
   check runs before the VXLAN socket sees it). A firewall reload changes none of this;
@@ -28,9 +28,8 @@ import subprocess
 import threading
 from dataclasses import dataclass
 
-from plugin import nftjson, xtables
 from plugin.errors import Unavailable
-from plugin.keys import SAKey
+from plugin.kernel import nftjson, xtables
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +44,18 @@ ALGO = "rfc4106(gcm(aes))"
 
 
 run = xtables.run   # ip xfrm and nft go through the same argument-list runner
+
+
+@dataclass(frozen=True)
+class SAKey:
+    """One direction's ESP state: its SPI and key material (derived in plugin/cluster/keyring.py)."""
+
+    spi: int
+    key: bytes        # AES key followed by the 4-byte GCM salt, as the kernel takes it for rfc4106
+    src: str
+    dst: str
+    src_epoch: int
+    dst_epoch: int
 
 
 @dataclass(frozen=True)

@@ -13,18 +13,18 @@ import threading
 import zlib
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from ipam.allocator import Ipam
-from ipam.subnets import NETWORK_OPT, check_network_id, mac_from_ip, network_key, parse_cidr, pool_id
+from ipam.subnets import NETWORK_OPT, check_network_id, network_key, parse_cidr, pool_id
 from kvstore import KV, Keys, Store, StoreError, StoreUnavailable, Txn
 from kvstore.records import AddressRecord, EndpointRecord, InvalidRecord, MemberRecord, NetworkRecord, R
-from plugin import protocol as p
+from plugin.cluster.encryption import Encryption
 from plugin.config import Settings
-from plugin.datapath import DataPath, NetworkPlan, validate_mtu
-from plugin.encryption import Encryption
 from plugin.errors import Conflict, InvalidRequest, NotFound, PluginError, Unavailable
-from plugin.ipsec import ESP_OVERHEAD
+from plugin.kernel.datapath import DataPath, NetworkPlan, mac_from_ip, validate_mtu
+from plugin.kernel.ipsec import ESP_OVERHEAD
 from plugin.state import LocalEndpoint, LocalNetwork, LocalState
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,24 @@ def _loads_as(cls: type[R], kv: KV) -> R | None:
         return cls.load(kv.value, kv.key)
     except InvalidRecord:
         return None
+
+
+@dataclass(frozen=True)
+class Subnet:
+    """One address pool Docker's IPAM gave a network (a CreateNetwork IPv4Data/IPv6Data entry)."""
+
+    pool: str
+    gateway: str | None = None
+    reserved: tuple[str, ...] = ()   # --aux-address values: never handed to a container
+
+
+@dataclass(frozen=True)
+class Interface:
+    """What Docker's IPAM chose for a new endpoint (CreateEndpoint's Interface); "" where it chose nothing."""
+
+    address: str = ""
+    address6: str = ""
+    mac: str = ""
 
 
 def _short(docker_id: str) -> str:
@@ -76,9 +94,7 @@ class NetworkDriver:
 
     # -- networks ---------------------------------------------------------------------------------------
 
-    def create_network(self, req: p.CreateNetwork) -> dict[str, Any]:
-        nid = req.NetworkID
-        opts = req.Options or {}
+    def create_network(self, nid: str, opts: dict[str, Any], v4: list[Subnet], v6: list[Subnet]) -> dict[str, Any]:
         generic = opts.get(GENERIC) or {}
         if not isinstance(generic, dict) or not all(isinstance(v, str) for v in generic.values()):
             raise InvalidRequest(f"Options.{GENERIC}: expected a map of strings (the --opt values)")
@@ -104,8 +120,6 @@ class NetworkDriver:
                 raise InvalidRequest(f"--opt {VNI_OPT}={vni_opt} is outside 1..{VNI_MAX}")
         internal = opts.get(INTERNAL) is True
 
-        v4 = req.IPv4Data or []
-        v6 = req.IPv6Data or []
         if len(v4) > 1 or len(v6) > 1:
             raise InvalidRequest("pyoverlay networks take one IPv4 and/or one IPv6 subnet (several --subnet given)")
         if not v4 and not v6:
@@ -113,9 +127,9 @@ class NetworkDriver:
         subnets = []
         for label, data, is6 in (("IPv4Data", v4, False), ("IPv6Data", v6, True)):
             if data:
-                subnets.append(parse_cidr(data[0].Pool, f"{label}.Pool", is6))
-        gateway = v4[0].Gateway if v4 and v4[0].Gateway else None
-        gateway6 = v6[0].Gateway if v6 and v6[0].Gateway else None
+                subnets.append(parse_cidr(data[0].pool, f"{label}.Pool", is6))
+        gateway = v4[0].gateway if v4 and v4[0].gateway else None
+        gateway6 = v6[0].gateway if v6 and v6[0].gateway else None
         if encrypted and self.encryption.missing():
             # Fail closed: no clear-text network may stand in for an encrypted one.
             raise Unavailable(
@@ -163,9 +177,9 @@ class NetworkDriver:
             try:
                 if not swarm:  # in swarm the manager requested the pool; the network is keyed by its id
                     self._check_ipam_matches(subnets, explicit)
-                for net, ipam_data in zip(subnets, [*v4, *v6], strict=True):
-                    if ipam_data.AuxAddresses:
-                        self.ipam.mark_reserved(pool_id(net, explicit), list(ipam_data.AuxAddresses.values()))
+                for net, given in zip(subnets, [*v4, *v6], strict=True):
+                    if given.reserved:
+                        self.ipam.mark_reserved(pool_id(net, explicit), list(given.reserved))
                 record, created = self._join_cluster_network(nid, wanted)
             except StoreUnavailable as err:
                 raise Unavailable(f"cluster store unavailable, network not created: {err}") from err
@@ -192,7 +206,7 @@ class NetworkDriver:
         return {}
 
     def plan(self, record: NetworkRecord, mtu: int) -> NetworkPlan:
-        # The gateway addresses go on the bridge only for the DNS server (plugin/dns.py) to listen there.
+        # The gateway addresses go on the bridge only for the DNS server (plugin/dns/nameserver.py) to listen there.
         gateways = tuple(g for g in (record.gateway, record.gateway6) if g) if self.settings.dns else ()
         return NetworkPlan(record.vni, record.port, mtu, record.key, gateways)
 
@@ -336,8 +350,7 @@ class NetworkDriver:
                 changed += 1
         return changed
 
-    def delete_network(self, req: p.NetworkRef) -> dict[str, Any]:
-        nid = req.NetworkID
+    def delete_network(self, nid: str) -> dict[str, Any]:
         with self._lock(nid):
             local = self.state.network(nid)
             if local is None:
@@ -355,11 +368,11 @@ class NetworkDriver:
         log.info("network %s deleted (key=%s vni=%d)", _short(nid), local.record.key, local.record.vni)
         return {}
 
-    def allocate_network(self, req: p.AllocateNetwork) -> dict[str, Any]:
+    @staticmethod
+    def allocate_network(opts: dict[str, Any]) -> dict[str, Any]:
         # Swarm managers: hand the --opt values back so workers receive them in CreateNetwork.
-        generic = (req.Options or {}).get(GENERIC) if isinstance((req.Options or {}).get(GENERIC), dict) else None
-        options = generic if generic is not None else {k: v for k, v in (req.Options or {}).items()
-                                                       if isinstance(v, str)}
+        generic = opts.get(GENERIC) if isinstance(opts.get(GENERIC), dict) else None
+        options = generic if generic is not None else {k: v for k, v in opts.items() if isinstance(v, str)}
         return {"Options": options}
 
     # -- endpoints --------------------------------------------------------------------------------------
@@ -373,14 +386,13 @@ class NetworkDriver:
             )
         return local
 
-    def create_endpoint(self, req: p.CreateEndpoint) -> dict[str, Any]:
-        local = self._network(req.NetworkID)
-        iface = req.Interface or p.EndpointInterface()
-        if not iface.Address and not iface.AddressIPv6:
+    def create_endpoint(self, nid: str, eid: str, iface: Interface) -> dict[str, Any]:
+        local = self._network(nid)
+        if not iface.address and not iface.address6:
             raise InvalidRequest("Interface.Address: an endpoint needs an IPv4 or IPv6 address from the IPAM")
         subnets = [ipaddress.ip_network(s) for s in local.record.subnets]
         addrs = []
-        for field, value in (("Interface.Address", iface.Address), ("Interface.AddressIPv6", iface.AddressIPv6)):
+        for field, value in (("Interface.Address", iface.address), ("Interface.AddressIPv6", iface.address6)):
             if not value:
                 continue
             try:
@@ -390,28 +402,28 @@ class NetworkDriver:
             if not any(ifc.ip in s for s in subnets):
                 raise InvalidRequest(f"{field}: {ifc.ip} is not in the network's subnets {local.record.subnets}")
             addrs.append(ifc)
-        mac = iface.MacAddress or mac_from_ip(addrs[0].ip)
-        if iface.MacAddress:
-            octets = iface.MacAddress.split(":")
+        mac = iface.mac or mac_from_ip(addrs[0].ip)
+        if iface.mac:
+            octets = iface.mac.split(":")
             try:
                 mac = ":".join(f"{int(x, 16):02x}" for x in octets)
             except ValueError:
                 mac = ""
             if len(octets) != 6 or len(mac) != 17:
-                raise InvalidRequest(f"Interface.MacAddress: {iface.MacAddress!r} is not a MAC address")
+                raise InvalidRequest(f"Interface.MacAddress: {iface.mac!r} is not a MAC address")
         v4 = next((a for a in addrs if a.version == 4), None)
         v6 = next((a for a in addrs if a.version == 6), None)
         record = EndpointRecord(
-            endpoint_id=req.EndpointID, network_key=local.record.key, docker_network_id=req.NetworkID,
+            endpoint_id=eid, network_key=local.record.key, docker_network_id=nid,
             host=self.host, vtep=self.datapath.underlay().address, mac=mac,
             address=str(v4) if v4 else None, address6=str(v6) if v6 else None,
         )
-        existing = self.state.endpoint(req.EndpointID)
+        existing = self.state.endpoint(eid)
         if existing is not None and existing.record.model_dump(exclude={"name"}) == record.model_dump(
                 exclude={"name"}):
             return self._endpoint_answer(iface, mac)
         try:
-            record.name = self._bind_address(local.record, addrs[0], req.EndpointID)
+            record.name = self._bind_address(local.record, addrs[0], eid)
             self.store.put(self.keys.endpoint(record.network_key, record.endpoint_id), record.dump())
         except StoreError as err:
             raise Unavailable(f"cluster store unavailable, endpoint not created: {err}") from err
@@ -419,9 +431,9 @@ class NetworkDriver:
         return self._endpoint_answer(iface, mac)
 
     @staticmethod
-    def _endpoint_answer(iface: p.EndpointInterface, mac: str) -> dict[str, Any]:
+    def _endpoint_answer(iface: Interface, mac: str) -> dict[str, Any]:
         # Docker lets a driver fill only what it left empty: answer the MAC only when it gave none.
-        return {"Interface": None if iface.MacAddress else {"MacAddress": mac}}
+        return {"Interface": None if iface.mac else {"MacAddress": mac}}
 
     def _bind_address(self, record: NetworkRecord, addr: Any, endpoint_id: str) -> str | None:
         """Note the endpoint on its address record (for "in use by" errors and garbage collection).
@@ -438,27 +450,31 @@ class NetworkDriver:
             self.store.swap(key, held.dump(), kv.mod_revision)
         return held.owner
 
-    def endpoint_info(self, req: p.EndpointRef) -> dict[str, Any]:
-        ep = self.state.endpoint(req.EndpointID)
-        local = self.state.network(req.NetworkID)
+    def endpoint_info(self, nid: str, eid: str) -> dict[str, Any]:
+        ep = self.state.endpoint(eid)
+        local = self.state.network(nid)
         if ep is None or local is None:
             return {"Value": {}}
         return {"Value": {"pyoverlay.vni": str(local.record.vni), "pyoverlay.host": self.host,
                           "pyoverlay.vtep": ep.record.vtep}}
 
-    def delete_endpoint(self, req: p.EndpointRef) -> dict[str, Any]:
-        ep = self.state.endpoint(req.EndpointID)
+    def _unplug(self, eid: str) -> LocalEndpoint | None:
+        """Queue the removal of the endpoint's veth (see DataPath.remove_endpoint_later); None if it is unknown."""
+        ep = self.state.endpoint(eid)
+        if ep is not None and (local := self.state.network(ep.record.docker_network_id)) is not None:
+            self.datapath.remove_endpoint_later(local.record.vni, eid)
+        return ep
+
+    def delete_endpoint(self, nid: str, eid: str) -> dict[str, Any]:
+        ep = self._unplug(eid)
         if ep is None:
             return {}
-        local = self.state.network(ep.record.docker_network_id)
-        if local is not None:
-            self.datapath.remove_endpoint_later(local.record.vni, req.EndpointID)
         self._forget_endpoint_record(ep.record)
-        self.state.drop_endpoint(req.EndpointID)
+        self.state.drop_endpoint(eid)
         return {}
 
     def _forget_endpoint_record(self, record: EndpointRecord) -> None:
-        # Its DNS aliases go with it (plugin/aliases.py writes them; a name must stop resolving now).
+        # Its DNS aliases go with it (plugin/docker/aliases.py writes them; a name must stop resolving now).
         for key in (self.keys.endpoint(record.network_key, record.endpoint_id),
                     self.keys.aliases(record.network_key, record.endpoint_id)):
             try:
@@ -468,19 +484,19 @@ class NetworkDriver:
                             _short(record.endpoint_id), err)
                 self.state.defer({"op": "delete", "key": key})
 
-    def join(self, req: p.Join) -> dict[str, Any]:
-        ep = self.state.endpoint(req.EndpointID)
+    def join(self, nid: str, eid: str, sandbox: str) -> dict[str, Any]:
+        ep = self.state.endpoint(eid)
         if ep is None:
-            raise NotFound(f"EndpointID: unknown endpoint {_short(req.EndpointID)} (CreateEndpoint never succeeded)")
-        local = self._network(req.NetworkID)
+            raise NotFound(f"EndpointID: unknown endpoint {_short(eid)} (CreateEndpoint never succeeded)")
+        local = self._network(nid)
         try:
-            ifname = self.datapath.add_endpoint(local.record.vni, req.EndpointID, ep.record.mac, local.mtu)
+            ifname = self.datapath.add_endpoint(local.record.vni, eid, ep.record.mac, local.mtu)
         except PluginError:
             raise
         except Exception as err:
             raise Unavailable(f"could not create the endpoint's interface: {err}") from err
-        routes = self._dns_route(local, req.SandboxKey, req.EndpointID)
-        ep.joined, ep.sandbox, ep.dns_route = True, req.SandboxKey, bool(routes)
+        routes = self._dns_route(local, sandbox, eid)
+        ep.joined, ep.sandbox, ep.dns_route = True, sandbox, bool(routes)
         self.state.put_endpoint(ep)
         reply: dict[str, Any] = {"InterfaceName": {"SrcName": ifname, "DstPrefix": "eth"},
                                  "DisableGatewayService": False}
@@ -501,13 +517,10 @@ class NetworkDriver:
             return []
         return [{"Destination": f"{address}/32", "RouteType": 0, "NextHop": gateway.split("/")[0]}]
 
-    def leave(self, req: p.EndpointRef) -> dict[str, Any]:
-        ep = self.state.endpoint(req.EndpointID)
+    def leave(self, nid: str, eid: str) -> dict[str, Any]:
+        ep = self._unplug(eid)
         if ep is None:
             return {}
-        local = self.state.network(ep.record.docker_network_id)
-        if local is not None:
-            self.datapath.remove_endpoint_later(local.record.vni, req.EndpointID)
         ep.joined, ep.sandbox, ep.dns_route = False, None, False
         self.state.put_endpoint(ep)
         return {}

@@ -1,6 +1,6 @@
 """The HTTP face of the plugin: one thin route per Docker call, one JSON error factory.
 
-Routes only decode (protocol.parse), dispatch, time and log; the logic lives in plugin.driver and
+Routes only decode (protocol.parse), dispatch, time and log; the logic lives in plugin.driver.networks and
 ipam.allocator.
 """
 
@@ -16,9 +16,9 @@ from flask import Flask, Response, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from plugin import metrics
-from plugin import protocol as p
+from plugin.api import protocol as p
 from plugin.errors import InvalidRequest, MethodNotFound, PluginError
-from plugin.runtime import Runtime
+from plugin.runtime.runtime import Runtime
 
 log = logging.getLogger("pyoverlay.calls")
 CONTENT_TYPE = "application/vnd.docker.plugins.v1+json"
@@ -33,15 +33,17 @@ _IMMEDIATE = {"Plugin.Activate", "NetworkDriver.GetCapabilities", "IpamDriver.Ge
 ROUTES: dict[str, tuple[type[p.Request], Handler]] = {
     "Plugin.Activate": (p.Empty, lambda rt, r: {"Implements": ["NetworkDriver", "IpamDriver"]}),
     "NetworkDriver.GetCapabilities": (p.Empty, lambda rt, r: rt.driver.capabilities()),
-    "NetworkDriver.CreateNetwork": (p.CreateNetwork, lambda rt, r: rt.driver.create_network(r)),
-    "NetworkDriver.DeleteNetwork": (p.NetworkRef, lambda rt, r: rt.driver.delete_network(r)),
-    "NetworkDriver.AllocateNetwork": (p.AllocateNetwork, lambda rt, r: rt.driver.allocate_network(r)),
+    "NetworkDriver.CreateNetwork": (p.CreateNetwork, lambda rt, r: rt.driver.create_network(
+        r.NetworkID, r.Options or {}, p.subnets(r.IPv4Data), p.subnets(r.IPv6Data))),
+    "NetworkDriver.DeleteNetwork": (p.NetworkRef, lambda rt, r: rt.driver.delete_network(r.NetworkID)),
+    "NetworkDriver.AllocateNetwork": (p.AllocateNetwork, lambda rt, r: rt.driver.allocate_network(r.Options or {})),
     "NetworkDriver.FreeNetwork": (p.NetworkRef, lambda rt, r: {}),
-    "NetworkDriver.CreateEndpoint": (p.CreateEndpoint, lambda rt, r: rt.driver.create_endpoint(r)),
-    "NetworkDriver.EndpointOperInfo": (p.EndpointRef, lambda rt, r: rt.driver.endpoint_info(r)),
-    "NetworkDriver.DeleteEndpoint": (p.EndpointRef, lambda rt, r: rt.driver.delete_endpoint(r)),
-    "NetworkDriver.Join": (p.Join, lambda rt, r: rt.driver.join(r)),
-    "NetworkDriver.Leave": (p.EndpointRef, lambda rt, r: rt.driver.leave(r)),
+    "NetworkDriver.CreateEndpoint": (p.CreateEndpoint, lambda rt, r: rt.driver.create_endpoint(
+        r.NetworkID, r.EndpointID, p.interface(r.Interface))),
+    "NetworkDriver.EndpointOperInfo": (p.EndpointRef, lambda rt, r: rt.driver.endpoint_info(r.NetworkID, r.EndpointID)),
+    "NetworkDriver.DeleteEndpoint": (p.EndpointRef, lambda rt, r: rt.driver.delete_endpoint(r.NetworkID, r.EndpointID)),
+    "NetworkDriver.Join": (p.Join, lambda rt, r: rt.driver.join(r.NetworkID, r.EndpointID, r.SandboxKey)),
+    "NetworkDriver.Leave": (p.EndpointRef, lambda rt, r: rt.driver.leave(r.NetworkID, r.EndpointID)),
     "NetworkDriver.DiscoverNew": (p.Discover, lambda rt, r: {}),
     "NetworkDriver.DiscoverDelete": (p.Discover, lambda rt, r: {}),
     # pyoverlay returns no Gateway from Join, so Docker gives egress and -p through docker_gwbridge.

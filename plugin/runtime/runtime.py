@@ -16,23 +16,24 @@ from typing import Any
 from ipam.allocator import DefaultPools, Ipam
 from kvstore import Keys, KVStore, StoreError
 from kvstore.records import AUTH, QUARANTINE, HostRecord
-from plugin import __version__, cluster_view, doctor, metrics
-from plugin.aliases import AliasPublisher
+from plugin import __version__, metrics
+from plugin.cluster.departures import Departures
+from plugin.cluster.encryption import Encryption
+from plugin.cluster.keyring import KeyRing
+from plugin.cluster.peers import PeerSync
 from plugin.config import Settings
-from plugin.datapath import DataPath
-from plugin.departures import Departures
-from plugin.dockerapi import DockerAPI, DockerWatch, Listener, socket_name
-from plugin.driver import NetworkDriver
-from plugin.encryption import Encryption
+from plugin.dns.names import NameService
+from plugin.docker.aliases import AliasPublisher
+from plugin.docker.api import DockerAPI, DockerWatch, Listener, socket_name
+from plugin.docker.propagation import Propagation
+from plugin.driver.networks import NetworkDriver
 from plugin.errors import Unavailable
-from plugin.ipsec import IPsec
-from plugin.keys import KeyRing
-from plugin.names import NameService
-from plugin.peers import PeerSync
-from plugin.propagation import Propagation
-from plugin.reconciler import Reconciler
+from plugin.kernel.datapath import DataPath
+from plugin.kernel.ipsec import IPsec
+from plugin.kernel.vtepfilter import VtepFilter
+from plugin.ops import cluster_view, doctor
+from plugin.runtime.reconciler import Reconciler
 from plugin.state import LocalState
-from plugin.vtepfilter import VtepFilter
 
 log = logging.getLogger(__name__)
 

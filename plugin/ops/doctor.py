@@ -22,12 +22,12 @@ from pyroute2.netlink.exceptions import NetlinkError
 from kvstore import Store, StoreError
 from kvstore.records import QUARANTINE
 from plugin.config import Settings
-from plugin.datapath import VXLAN6_EXTRA, VXLAN_OVERHEAD, DataPath
-from plugin.dns import upstreams_from_host
-from plugin.dockerapi import API_ERRORS, DockerAPI
-from plugin.ipsec import ESP_OVERHEAD, missing_features
+from plugin.dns.nameserver import upstreams_from_host
+from plugin.docker.api import API_ERRORS, DockerAPI
+from plugin.kernel.datapath import VXLAN6_EXTRA, VXLAN_OVERHEAD, DataPath
+from plugin.kernel.ipsec import ESP_OVERHEAD, missing_features
+from plugin.kernel.vtepfilter import VtepFilter
 from plugin.state import LocalState
-from plugin.vtepfilter import VtepFilter
 
 
 @dataclass

@@ -1,8 +1,8 @@
-"""Feeds the DNS server (plugin/dns.py): which networks it serves here, and every network's names.
+"""Feeds the DNS server (plugin/dns/nameserver.py): which networks it serves here, and every network's names.
 
-Endpoints and live hosts come from the peer watches (plugin/peers.py calls `changed` with the endpoint
+Endpoints and live hosts come from the peer watches (plugin/cluster/peers.py calls `changed` with the endpoint
 records that changed); aliases from a watch of their own. A change updates the names of the endpoints it
-touched, in place (plugin/dns.py's NameIndex), so a name that moves or goes is answered differently at the
+touched, in place (plugin/dns/nameserver.py's NameIndex), so a name that moves or goes is answered differently at the
 next query and a fleet's churn costs each change its own names. A new view (a snapshot, the live hosts
 changed) builds the index anew and swaps it in.
 """
@@ -15,9 +15,9 @@ import threading
 from kvstore import KV, Keys, Store, WatchEvent
 from kvstore.base import Watch
 from kvstore.records import AliasRecord, EndpointRecord, HostRecord, InvalidRecord
-from plugin.datapath import DataPath
-from plugin.dns import FORWARD_ONLY, HOST_NAMESPACE, NameIndex, Names, NameServer, endpoint_names
-from plugin.dnsredirect import DnsRedirect
+from plugin.dns.nameserver import FORWARD_ONLY, HOST_NAMESPACE, NameIndex, Names, NameServer, endpoint_names
+from plugin.kernel.datapath import DataPath
+from plugin.kernel.dnsredirect import DnsRedirect
 from plugin.multimap import link, unlink
 from plugin.state import LocalState
 
@@ -33,7 +33,7 @@ class NameService:
         self.datapath = datapath
         self.address = address     # the host-wide DNS address (daemon.json "dns"), None = gateways only
         self.server = NameServer(upstreams, exclude=[address] if address else [])
-        # Other networks' lookups to the address skip the plugin (plugin/dnsredirect.py).
+        # Other networks' lookups to the address skip the plugin (plugin/kernel/dnsredirect.py).
         self.redirect = DnsRedirect(address, self.server.upstreams) if address else None
         self.aliases: dict[str, AliasRecord] = {}          # etcd key -> record
         self._alias_of: dict[str, AliasRecord] = {}        # endpoint ID -> its aliases

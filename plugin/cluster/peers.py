@@ -5,7 +5,7 @@ Two prefix watches feed one desired state: every endpoint record (IP, MAC, VTEP,
 flooding or learning) when its network exists on this host and its host is known: live, or once live and
 not yet departed. A missed lease (a plugin down, stopped or slow; its kernel keeps forwarding) removes
 nothing: a host's endpoints go when their records go, which happens when the host is declared departed after
-PYOVERLAY_DEAD_HOST_GRACE (plugin/departures.py) or when it removes them itself. Liveness decides what is
+PYOVERLAY_DEAD_HOST_GRACE (plugin/cluster/departures.py) or when it removes them itself. Liveness decides what is
 shown and when the grace clock starts, not what is programmed.
 Programming is a diff between desired and programmed, so it is idempotent, batched after a snapshot
 (reconnect, compaction), and removes entries whose endpoint or host went away.
@@ -27,8 +27,8 @@ from kvstore import KV, Keys, Store, WatchEvent
 from kvstore.base import Watch
 from kvstore.records import EndpointRecord, HostRecord, InvalidRecord
 from plugin import metrics
-from plugin.datapath import DataPath
-from plugin.encryption import Encryption
+from plugin.cluster.encryption import Encryption
+from plugin.kernel.datapath import DataPath
 from plugin.multimap import link, unlink
 from plugin.state import LocalState
 

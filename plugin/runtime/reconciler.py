@@ -14,7 +14,7 @@ Removals (only from a healthy etcd and, for what Docker owns, a reachable Docker
 A candidate is removed only once it has stayed a candidate for the grace period: a container being
 started right now holds an address before its endpoint exists, and an endpoint before Docker stores it.
 `pyoverlay gc` shows the candidates and removes them at once on request.
-Hosts that left the cluster are released by plugin/departures.py.
+Hosts that left the cluster are released by plugin/cluster/departures.py.
 """
 
 from __future__ import annotations
@@ -33,14 +33,13 @@ from ipam.subnets import NETWORK_OPT, pool_id, usable
 from kvstore import KV, Keys, Store, StoreError
 from kvstore.records import AddressRecord, NetworkRecord, PoolRecord
 from plugin import metrics
-from plugin import protocol as p
-from plugin.datapath import DataPath
-from plugin.dockerapi import API_ERRORS, DockerAPI
-from plugin.driver import NetworkDriver
-from plugin.encryption import Encryption
-from plugin.peers import PeerSync
+from plugin.cluster.encryption import Encryption
+from plugin.cluster.peers import PeerSync
+from plugin.docker.api import API_ERRORS, DockerAPI
+from plugin.driver.networks import NetworkDriver
+from plugin.kernel.datapath import DataPath
+from plugin.kernel.vtepfilter import VtepFilter
 from plugin.state import LocalState
-from plugin.vtepfilter import VtepFilter
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +235,7 @@ class Reconciler:
             if ep is None:
                 return
             local = self.state.network(ep.record.docker_network_id)
-            self.driver.delete_endpoint(p.EndpointRef(NetworkID=ep.record.docker_network_id, EndpointID=ref[0]))
+            self.driver.delete_endpoint(ep.record.docker_network_id, ref[0])
             if local is not None:
                 for addr in (ep.record.address, ep.record.address6):
                     if addr:
@@ -245,7 +244,7 @@ class Reconciler:
         elif kind == "address":
             self.driver.ipam.release_address(ref[0], ref[1])
         elif kind == "network":
-            self.driver.delete_network(p.NetworkRef(NetworkID=ref[0]))
+            self.driver.delete_network(ref[0])
 
     # -- one pass ---------------------------------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """Encrypted networks: which ESP states, policies and guard rules this host should have, kept in the kernel.
 
 Desired state, recomputed from the live host records whenever they or the local networks change:
-- guard: the VNIs of this host's encrypted networks (plugin/ipsec.py); none -> no guard, no SAs;
+- guard: the VNIs of this host's encrypted networks (plugin/kernel/ipsec.py); none -> no guard, no SAs;
 - per live peer whose published keys are acceptable: one outbound policy, one outbound state, and an
   inbound state for every pair (one of our held epochs, one of the peer's published epochs).
 Rotation is make-before-break: a new key pair's inbound states are installed before its public key is
@@ -19,8 +19,8 @@ import time
 from collections.abc import Callable
 
 from kvstore.records import HostRecord
-from plugin.ipsec import IPsec, Policy, State, missing_features
-from plugin.keys import KeyRing, SAKey, derive, mac_of, verify
+from plugin.cluster.keyring import KeyRing, SAKey, derive, mac_of, verify
+from plugin.kernel.ipsec import IPsec, Policy, State, missing_features
 
 log = logging.getLogger(__name__)
 

@@ -172,11 +172,11 @@ def doctor(settings: Settings, as_json: bool) -> int:
 def _doctor_here(settings: Settings) -> list[dict[str, Any]]:
     """The checks, run by this command itself (the plugin is not there to run them)."""
     from kvstore import Keys, KVStore
-    from plugin import doctor as checks
-    from plugin.datapath import DataPath
-    from plugin.dockerapi import DockerAPI, socket_name
+    from plugin.docker.api import DockerAPI, socket_name
+    from plugin.kernel.datapath import DataPath
+    from plugin.kernel.vtepfilter import VtepFilter
+    from plugin.ops import doctor as checks
     from plugin.state import LocalState
-    from plugin.vtepfilter import VtepFilter
 
     store = KVStore(settings.etcd(), health_key=Keys(settings.etcd_prefix).health()) \
         if settings.etcd_endpoints else None
@@ -225,7 +225,7 @@ def adopt_managed(environ: dict[str, str]) -> str | None:
     None (no such plugin, or Docker not reachable)."""
     import docker  # noqa: PLC0415 - only here
 
-    from plugin.dockerapi import NETWORK_DRIVER, interface_types  # noqa: PLC0415
+    from plugin.docker.api import NETWORK_DRIVER, interface_types  # noqa: PLC0415
 
     try:
         client = docker.DockerClient(base_url=environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock",

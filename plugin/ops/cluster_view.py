@@ -8,7 +8,7 @@ from typing import Any
 from ipam.subnets import NETWORK_OPT, pool_id, usable
 from kvstore import Keys, Store
 from kvstore.records import AddressRecord, AliasRecord, EndpointRecord, HostRecord, MemberRecord, NetworkRecord
-from plugin.dockerapi import API_ERRORS, DockerAPI
+from plugin.docker.api import API_ERRORS, DockerAPI
 from plugin.errors import NotFound
 from plugin.state import LocalState
 

@@ -24,7 +24,7 @@ import logging
 import subprocess
 from typing import Any
 
-from plugin import nftjson
+from plugin.kernel import nftjson
 
 log = logging.getLogger(__name__)
 
