@@ -76,13 +76,12 @@ class Fleet:
         self.dir = Path(tempfile.mkdtemp(prefix="pyoverlay-fleet-"))
         self.state = LocalState(self.dir / "state.json")
         record = NetworkRecord(key=NKEY, vni=VNI, subnets=[SUBNET], port=4800, created_by="local")
-        self.state.data.networks["n" * 12] = LocalNetwork(docker_network_id="n" * 12, record=record, mtu=1450)
+        self.state.put_network(LocalNetwork(docker_network_id="n" * 12, record=record, mtu=1450))
         self.hosts, self.per_host = hosts, per_host
-        self.peers = PeerSync(self.store, self.keys, self.kernel, self.state, "local",  # type: ignore[arg-type]
-                              NoEncryption())  # type: ignore[arg-type]
         # The names follow every pass, as in the plugin (their sockets are never opened here).
         self.names = NameService(self.store, self.keys, self.state, None, ["192.0.2.1"])  # type: ignore[arg-type]
-        self.peers.on_change = self.names.changed
+        self.peers = PeerSync(self.store, self.keys, self.kernel, self.state, "local",  # type: ignore[arg-type]
+                              NoEncryption(), names=self.names.changed)  # type: ignore[arg-type]
         self.next_ip = 1
         self.want: dict[str, tuple[str, str, str]] = {}   # endpoint key -> the entry it should give
 

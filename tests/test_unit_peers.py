@@ -60,7 +60,8 @@ def test_a_change_is_programmed_from_the_changed_records_alone() -> None:
         # A local endpoint takes an address a remote record claims: that record is not programmed here.
         claimed = keys[50]
         rec = EndpointRecord.load(fleet.store.get(claimed).value, claimed)  # type: ignore[union-attr]
-        fleet.state.data.endpoints["local1"] = LocalEndpoint(record=rec.model_copy(update={"host": "local"}))
+        mine = rec.model_copy(update={"host": "local", "endpoint_id": "local1"})
+        fleet.state.put_endpoint(LocalEndpoint(record=mine))
         fleet.want.pop(claimed)
         fleet.peers._reconcile_soon()
         fleet.wait_programmed()
@@ -81,13 +82,15 @@ def test_a_change_is_programmed_from_the_changed_records_alone() -> None:
         assert calls == [1, 1], "refused, then retried alone"
         assert not fleet.peers._full
         # The network goes from this host and comes back: only its endpoints are looked at, all of them.
-        net = fleet.state.data.networks.pop("n" * 12)
+        net = fleet.state.network("n" * 12)
+        assert net is not None
+        fleet.state.drop_network("n" * 12)
         fleet.peers.network_changed()
         _settle(fleet)
         assert VNI not in fleet.peers.want and VNI not in fleet.peers.programmed
         fleet.kernel.neigh.pop(VNI, None)   # its namespace took the entries along
         fleet.kernel.fdb.pop(VNI, None)
-        fleet.state.data.networks["n" * 12] = net
+        fleet.state.put_network(net)
         fleet.peers.network_changed()
         fleet.wait_programmed()
         assert not fleet.peers._full

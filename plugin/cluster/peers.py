@@ -46,9 +46,22 @@ class Peer(NamedTuple):
     vtep: str
 
 
+# Endpoints and live hosts changed (the DNS names follow them): the records that changed (None: gone) or, when
+# the flag is set, all of them; and the known hosts.
+NamesFollow = Callable[[dict[str, EndpointRecord | None], bool, dict[str, HostRecord]], None]
+
+
+def _nothing(*_: object) -> None:
+    pass
+
+
 class PeerSync:
     def __init__(self, store: Store, keys: Keys, datapath: DataPath, state: LocalState, host: str,
-                 encryption: Encryption) -> None:
+                 encryption: Encryption, *, names: NamesFollow = _nothing,
+                 hosts_changed: Callable[[dict[str, HostRecord]], None] = _nothing,
+                 acks_changed: Callable[[], None] = _nothing) -> None:
+        """names: called after every pass; hosts_changed: the known hosts changed (the VTEP filter follows them;
+        only ever called from a synced watch); acks_changed: IPsec acknowledged a peer's keys (publish now)."""
         self.encryption = encryption
         self.store = store
         self.keys = keys
@@ -84,13 +97,9 @@ class PeerSync:
         self._retry: threading.Timer | None = None
         self._suspects: dict[int, set[Peer]] = {}         # vni -> peers missing at the last kernel check
         self._next_check: dict[int, float] = {}            # vni -> when its kernel check is due (monotonic)
-        self.on_seen_change: Callable[[], None] = lambda: None
-        # Endpoints and live hosts changed (the DNS names follow them).
-        # Called with the records that changed (None: gone) or, when the flag is set, all of them.
-        self.on_change: Callable[[dict[str, EndpointRecord | None], bool, dict[str, HostRecord]], None] = \
-            lambda e, w, h: None
-        # The known hosts changed (the VTEP filter follows them); only ever called from a synced watch.
-        self.on_hosts: Callable[[dict[str, HostRecord]], None] = lambda h: None
+        self._names_follow = names
+        self._hosts_follow = hosts_changed
+        self._acks_changed = acks_changed
 
     def start(self) -> None:
         self._watches = [
@@ -154,7 +163,7 @@ class PeerSync:
         if not self._whole_view():
             return
         try:
-            self.on_hosts(dict(self.known))
+            self._hosts_follow(dict(self.known))
         except Exception:  # noqa: BLE001 - the next change retries
             log.exception("following the live hosts")
 
@@ -203,8 +212,8 @@ class PeerSync:
 
     def _local_view(self) -> tuple[dict[str, int], set[tuple[str, str]]]:
         """This host's networks (key -> VNI) and its own endpoints' addresses per network."""
-        local = {n.record.key: n.record.vni for n in list(self.state.data.networks.values())}
-        mine = {(e.record.network_key, a.split("/")[0]) for e in list(self.state.data.endpoints.values())
+        local = {n.record.key: n.record.vni for n in self.state.networks()}
+        mine = {(e.record.network_key, a.split("/")[0]) for e in self.state.endpoints()
                 for a in (e.record.address, e.record.address6) if a}
         return local, mine
 
@@ -312,13 +321,13 @@ class PeerSync:
             {k: self.endpoints.get(k) for k in self._named}
         self._named = set()
         try:
-            self.on_change(updates, whole, dict(self.known))
+            self._names_follow(updates, whole, dict(self.known))
         except Exception:  # noqa: BLE001
             self._names_whole = True   # the next pass gives the names everything
             log.exception("updating names")
         try:
             if self.encryption.sync(dict(self.known), self.state.encrypted_vnis()):
-                self.on_seen_change()  # peers switch their sending on our ack: publish it now
+                self._acks_changed()  # peers switch their sending on our ack: publish it now
         except Exception as err:  # noqa: BLE001 - retried at the next change; the guard stays closed
             log.error("programming IPsec: %s", err)
 

@@ -140,7 +140,7 @@ class NameService:
         containers: forwarded only), and nowhere else."""
         wanted: dict[tuple[str, str], tuple[str, bool]] = {}
         with_address: list[int] = []
-        for local in list(self.state.data.networks.values()):
+        for local in self.state.networks():
             ns = str(self.datapath.ns_path(local.record.vni))
             for gw in (local.record.gateway, local.record.gateway6):
                 if gw:

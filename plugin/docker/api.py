@@ -93,15 +93,29 @@ def interface_types(cfg: dict[str, Any]) -> set[str]:
     return out
 
 
+class Resync:
+    """The Docker worker's queue, named: Docker events go in, and so does a resync that etcd-side changes ask
+    for (Propagation, when a definition changes). A burst of asks makes one resync."""
+
+    def __init__(self) -> None:
+        self.events: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self.wanted = threading.Event()
+
+    def ask(self) -> None:
+        self.wanted.set()
+        self.events.put({"Type": "pyoverlay", "Action": "wake"})
+
+
 class DockerWatch:
     """Connect, follow events, hand them to the listeners; never blocks the caller."""
 
-    def __init__(self, api: DockerAPI, listeners: list[Listener]) -> None:
+    def __init__(self, api: DockerAPI, listeners: list[Listener], resync: Resync | None = None) -> None:
         self.api = api
         self.listeners = listeners
-        self._events: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self.resync = resync or Resync()
+        self._events = self.resync.events
         self._stop = threading.Event()
-        self._resync = threading.Event()
+        self._resync = self.resync.wanted
         self._stream: Any = None
         self._threads = [threading.Thread(target=self._follow, name="docker-events", daemon=True),
                          threading.Thread(target=self._work, name="docker-work", daemon=True)]
@@ -122,8 +136,7 @@ class DockerWatch:
 
     def kick(self) -> None:
         """Resync soon (something in etcd changed); a burst of kicks makes one resync."""
-        self._resync.set()
-        self._events.put({"Type": "pyoverlay", "Action": "wake"})
+        self.resync.ask()
 
     def _follow(self) -> None:
         retrying = Retrying(wait=wait_exponential(multiplier=0.5, max=10), retry=retry_if_exception_type(API_ERRORS),

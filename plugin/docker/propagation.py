@@ -24,7 +24,7 @@ import docker.types
 from kvstore import KV, Keys, Store, StoreError, Txn, WatchEvent
 from kvstore.base import Watch
 from kvstore.records import InvalidRecord, NetDefRecord, PoolConfig
-from plugin.docker.api import DockerAPI, DockerWatch
+from plugin.docker.api import DockerAPI, Resync
 from plugin.state import LocalState
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ def same_network(a: NetDefRecord, b: NetDefRecord) -> str | None:
 
 
 class Propagation:
-    def __init__(self, store: Store, keys: Keys, state: LocalState, host: str) -> None:
+    def __init__(self, store: Store, keys: Keys, state: LocalState, host: str, resync: Resync) -> None:
         self.store = store
         self.keys = keys
         self.state = state
@@ -73,7 +73,7 @@ class Propagation:
         self._undelivered: dict[str, str] = {}  # name -> uid whose definition must still be deleted
         self._lock = threading.RLock()
         self._watch: Watch | None = None
-        self.watcher: DockerWatch | None = None
+        self._docker_work = resync   # the Docker worker's queue: a changed definition asks it to resync
 
     def start(self) -> None:
         self._watch = self.store.watch_prefix(self.keys.netdefs(), self._snapshot, self._events)
@@ -105,8 +105,7 @@ class Propagation:
         self._kick()
 
     def _kick(self) -> None:
-        if self.watcher is not None:
-            self.watcher.kick()
+        self._docker_work.ask()
 
     # -- Docker side (runs on the DockerWatch worker thread) ------------------------------------------------
 
@@ -123,7 +122,7 @@ class Propagation:
         """A pyoverlay network went on this host: if it came from (or made) a definition, that goes too."""
         with self._lock:
             _, uid = self.known.pop(network_id, (name, None))
-            uid = self.state.data.originated.get(network_id) or uid
+            uid = self.state.originated(network_id) or uid
             log.debug("network %s (%s) went here; its definition %s", name, network_id[:12], uid)
             self.pending.pop(name, None)
             if uid is None:
@@ -159,7 +158,7 @@ class Propagation:
         with self._lock:
             defs = dict(self.defs)
             self.known = {n["Id"]: (name, (n.get("Labels") or {}).get(LABEL_DEF) or
-                                    self.state.data.originated.get(n["Id"])) for name, n in local.items()}
+                                    self.state.originated(n["Id"])) for name, n in local.items()}
         for name, net in local.items():
             self._reconcile_local(api, name, net, defs.get(name))
         for name, (rec, _) in defs.items():
@@ -171,7 +170,7 @@ class Propagation:
 
     def _reconcile_local(self, api: DockerAPI, name: str, net: dict[str, Any], current: tuple[NetDefRecord, int] | None
                          ) -> None:
-        uid = (net.get("Labels") or {}).get(LABEL_DEF) or self.state.data.originated.get(net["Id"])
+        uid = (net.get("Labels") or {}).get(LABEL_DEF) or self.state.originated(net["Id"])
         if uid is not None:
             if current is None or current[0].uid != uid:
                 self._remove_here(api, name, net)  # removed (or replaced) elsewhere
@@ -248,14 +247,10 @@ class Propagation:
         return sorted(c.get("Name", cid[:12]) for cid, c in containers.items())
 
     def _remember_originated(self, network_id: str, uid: str) -> None:
-        with self.state.lock:
-            self.state.data.originated[network_id] = uid
-            self.state.save()
+        self.state.set_originated(network_id, uid)
 
     def _forget_originated(self, network_id: str) -> None:
-        with self.state.lock:
-            if self.state.data.originated.pop(network_id, None) is not None:
-                self.state.save()
+        self.state.forget_originated(network_id)
 
     def status(self) -> dict[str, Any]:
         with self._lock:

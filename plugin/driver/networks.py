@@ -70,7 +70,9 @@ def _short(docker_id: str) -> str:
 
 class NetworkDriver:
     def __init__(self, settings: Settings, store: Store, keys: Keys, datapath: DataPath,
-                 state: LocalState, ipam: Ipam, encryption: Encryption) -> None:
+                 state: LocalState, ipam: Ipam, encryption: Encryption,
+                 network_changed: Callable[[], None] = lambda: None) -> None:
+        """network_changed: a local network came or went (the peers are programmed for local networks)."""
         self.settings = settings
         self.encryption = encryption
         self.ipam = ipam
@@ -79,7 +81,7 @@ class NetworkDriver:
         self.datapath = datapath
         self.state = state
         self.host = settings.host
-        self.on_network_change: Callable[[], None] = lambda: None  # peers are programmed for local networks
+        self._network_changed = network_changed
         self._locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
         self._locks_guard = threading.Lock()
 
@@ -200,7 +202,7 @@ class NetworkDriver:
                     raise
                 raise Unavailable(f"could not set up the data path for VNI {record.vni}: {err}") from err
             self.state.put_network(local)
-        self.on_network_change()
+        self._network_changed()
         log.info("network %s: key=%s vni=%d mtu=%d subnets=%s", _short(nid), record.key, record.vni, mtu,
                  ",".join(record.subnets))
         return {}
@@ -364,7 +366,7 @@ class NetworkDriver:
             except StoreError as err:
                 log.warning("network %s: etcd unreachable (%s); membership removal queued", _short(nid), err)
                 self.state.defer({"op": "leave-network", "key": local.record.key})
-        self.on_network_change()
+        self._network_changed()
         log.info("network %s deleted (key=%s vni=%d)", _short(nid), local.record.key, local.record.vni)
         return {}
 
@@ -535,11 +537,11 @@ class NetworkDriver:
         except PluginError as err:
             # Fail closed: an encrypted network whose guard cannot be installed gets no data path.
             log.error("restore: %s; encrypted networks stay down", err)
-            for local in list(self.state.data.networks.values()):
+            for local in self.state.networks():
                 if local.record.encrypted:
                     self.datapath.remove_network(local.record.vni)
                     known_vnis.add(local.record.vni)
-        for local in list(self.state.data.networks.values()):
+        for local in self.state.networks():
             if local.record.vni in known_vnis:
                 continue
             known_vnis.add(local.record.vni)
@@ -558,13 +560,13 @@ class NetworkDriver:
             if vni not in known_vnis:
                 log.info("removing stale network namespace for vni %d", vni)
                 self.datapath.remove_network(vni)
-        joined = {e.record.endpoint_id for e in self.state.data.endpoints.values() if e.joined}
+        joined = {e.record.endpoint_id for e in self.state.endpoints() if e.joined}
         for vni in known_vnis:
             for eid in self.datapath.endpoint_links(vni):
                 if eid not in joined:
                     log.info("removing stale endpoint link %s (vni %d)", _short(eid), vni)
                     self.datapath.remove_endpoint(vni, eid)
-        for name in self.datapath.stale_host_links(set(self.state.data.endpoints)):
+        for name in self.datapath.stale_host_links(self.state.endpoint_ids()):
             log.info("removing stale host link %s", name)
             self.datapath.delete_host_link(name)
 
@@ -585,10 +587,10 @@ class NetworkDriver:
     def republish(self) -> None:
         """Make etcd hold this host's memberships, endpoints and addresses again (after an outage, a
         restart, or an absence long enough for other hosts to have released what this host held)."""
-        for local in list(self.state.data.networks.values()):
+        for local in self.state.networks():
             self._join_cluster_network(local.docker_network_id, local.record)
             self._reclaim_addresses(local)
-        for ep in list(self.state.data.endpoints.values()):
+        for ep in self.state.endpoints():
             key = self.keys.endpoint(ep.record.network_key, ep.record.endpoint_id)
             kv = self.store.get(key)
             if kv is None or _loads_as(EndpointRecord, kv) != ep.record:
@@ -596,7 +598,7 @@ class NetworkDriver:
 
     def _reclaim_addresses(self, local: LocalNetwork) -> None:
         explicit = local.record.options.get(NETWORK_OPT)
-        eps = [e.record for e in self.state.data.endpoints.values()
+        eps = [e.record for e in self.state.endpoints()
                if e.record.docker_network_id == local.docker_network_id]
         for cidr in local.record.subnets:
             net = ipaddress.ip_network(cidr)

@@ -15,7 +15,7 @@ from plugin.state import LocalState
 
 def resolve(name: str, store: Store, keys: Keys, state: LocalState, docker: DockerAPI | None) -> NetworkRecord:
     """A network by its Docker name or ID on this host, or by its cluster key (subnet or -o pyoverlay.network)."""
-    for local in list(state.data.networks.values()):
+    for local in state.networks():
         if name in (local.record.key, local.docker_network_id) or (
                 len(name) >= 12 and local.docker_network_id.startswith(name)):
             return local.record

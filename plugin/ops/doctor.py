@@ -98,7 +98,7 @@ def check_mtu(datapath: DataPath, state: LocalState) -> Finding:
                        "set PYOVERLAY_VTEP to this host's address (or interface) on the network between hosts")
     extra = VXLAN_OVERHEAD + (VXLAN6_EXTRA if ul.version == 6 else 0)
     bad = []
-    for n in list(state.data.networks.values()):
+    for n in state.networks():
         need = n.mtu + extra + (ESP_OVERHEAD if n.record.encrypted else 0)
         if need > ul.mtu:
             bad.append(f"{n.record.key}: MTU {n.mtu} needs {need} on the underlay")
@@ -152,7 +152,7 @@ def check_gwbridge(docker: DockerAPI | None, state: LocalState) -> Finding:
                        "set DOCKER_HOST to the local Docker socket (managed plugin: docker plugin set pyoverlay "
                        "docker.source=/var/run)")
     subnets = [c.get("Subnet") for c in (info.get("IPAM") or {}).get("Config") or [] if c.get("Subnet")]
-    ours = [ipaddress.ip_network(s) for n in list(state.data.networks.values()) for s in n.record.subnets]
+    ours = [ipaddress.ip_network(s) for n in state.networks() for s in n.record.subnets]
     clash = [f"{s} overlaps {o}" for s in subnets for o in ours
              if ipaddress.ip_network(s).version == o.version and ipaddress.ip_network(s).overlaps(o)]
     if clash:
@@ -270,7 +270,7 @@ def check_records(refused: list[tuple[str, str, str]]) -> Finding:
 def run_all(settings: Settings, store: Store | None, datapath: DataPath, state: LocalState,
             docker: DockerAPI | None, vtep_filter: VtepFilter | None,
             peer_counts: Callable[[], dict[int, tuple[int, int]]] | None) -> list[dict[str, Any]]:
-    networks = list(state.data.networks.values())
+    networks = state.networks()
     findings = [
         check_vxlan(),
         check_ipsec(sum(1 for n in networks if n.record.encrypted)),

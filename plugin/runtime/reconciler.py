@@ -110,7 +110,7 @@ class Reconciler:
     def repair(self) -> list[str]:
         done = self.repair_guard()
         remade = set()
-        for local in list(self.state.data.networks.values()):
+        for local in self.state.networks():
             vni = local.record.vni
             if not self.datapath.has_network(vni):
                 try:
@@ -138,9 +138,7 @@ class Reconciler:
     def candidates(self, addrs: list[KV]) -> list[Garbage]:
         """What nothing owns any more, given every address record (read from etcd this pass)."""
         out: list[Garbage] = []
-        with self.state.lock:
-            networks = dict(self.state.data.networks)
-            endpoints = dict(self.state.data.endpoints)
+        networks, endpoints = self.state.snapshot()
         vnis = {n.record.vni for n in networks.values()}
         joined = {e.record.endpoint_id for e in endpoints.values() if e.joined}
         for vni in self.datapath.list_networks():

@@ -24,7 +24,7 @@ from plugin.cluster.peers import PeerSync
 from plugin.config import Settings
 from plugin.dns.names import NameService
 from plugin.docker.aliases import AliasPublisher
-from plugin.docker.api import DockerAPI, DockerWatch, Listener, socket_name
+from plugin.docker.api import DockerAPI, DockerWatch, Listener, Resync, socket_name
 from plugin.docker.propagation import Propagation
 from plugin.driver.networks import NetworkDriver
 from plugin.errors import Unavailable
@@ -36,6 +36,10 @@ from plugin.runtime.reconciler import Reconciler
 from plugin.state import LocalState
 
 log = logging.getLogger(__name__)
+
+
+def _nothing(*_: object) -> None:
+    pass
 
 
 class Runtime:
@@ -54,30 +58,17 @@ class Runtime:
                                      lambda: self.datapath.underlay().address, settings.esp_port,
                                      settings.cluster_secret, settings.key_rotation, settings.key_bits)
         self.driver = NetworkDriver(settings, self.store, self.keys, self.datapath, self.state, self.ipam,
-                                    self.encryption)
-        self.peers = PeerSync(self.store, self.keys, self.datapath, self.state, settings.host, self.encryption)
-        self.peers.on_seen_change = self.wake
+                                    self.encryption, network_changed=self._network_changed)
         # The cluster experience on plain Docker: names across hosts, networks on every host.
         self.names = NameService(self.store, self.keys, self.state, self.datapath, settings.dns_upstreams,
                                  settings.dns_address) \
             if settings.dns else None
-        self.propagation = Propagation(self.store, self.keys, self.state, settings.host) \
-            if settings.propagate else None
-        listeners: list[Listener] = []
-        if self.propagation is not None:
-            listeners.append(self.propagation)
-        if self.names is not None:
-            self.peers.on_change = self.names.changed
-            listeners.append(AliasPublisher(self.store, self.keys, self.state, settings.host,
-                                            self.names.current_aliases))
-        self.docker = DockerWatch(DockerAPI(settings.docker_host, socket_name(settings.socket), settings.docker_name),
-                                  listeners) if listeners else None
-        if self.propagation is not None:
-            self.propagation.watcher = self.docker
-        self.driver.on_network_change = self._network_changed
         self.vtep_filter = VtepFilter([settings.vxlan_port, settings.esp_port], self._vteps) \
             if settings.vtep_filter else None
-        self.peers.on_hosts = self._hosts_changed
+        self.peers = PeerSync(self.store, self.keys, self.datapath, self.state, settings.host, self.encryption,
+                              names=self.names.changed if self.names is not None else _nothing,
+                              hosts_changed=self._hosts_changed, acks_changed=self.wake)
+        self.propagation, self.docker = self._docker_consumers()
         # Its own Docker client: the reconciler's calls must not queue behind the event worker's.
         reconcile_docker = DockerAPI(settings.docker_host, socket_name(settings.socket), settings.docker_name) \
             if settings.scope == "local" else None
@@ -114,6 +105,21 @@ class Runtime:
         self._thread.start()
         self._reconcile_thread.start()
         self._lease_thread.start()
+
+    def _docker_consumers(self) -> tuple[Propagation | None, DockerWatch | None]:
+        """What follows Docker's events: propagation (networks on every host) and the alias publisher (names);
+        one event stream and worker for both, whose queue propagation also asks for resyncs through."""
+        settings, resync = self.settings, Resync()
+        propagation = Propagation(self.store, self.keys, self.state, settings.host, resync) \
+            if settings.propagate else None
+        listeners: list[Listener] = [propagation] if propagation is not None else []
+        if self.names is not None:
+            listeners.append(AliasPublisher(self.store, self.keys, self.state, settings.host,
+                                            self.names.current_aliases))
+        if not listeners:
+            return propagation, None
+        api = DockerAPI(settings.docker_host, socket_name(settings.socket), settings.docker_name)
+        return propagation, DockerWatch(api, listeners, resync)
 
     def _vteps(self) -> set[str]:
         """VTEPs that may send us VXLAN: every known host's (live, or not yet departed), and ours."""
@@ -160,7 +166,7 @@ class Runtime:
             "endpoints": [{"endpoint_id": e.record.endpoint_id[:12], "network": e.record.network_key,
                            "address": e.record.address, "address6": e.record.address6, "mac": e.record.mac,
                            "joined": e.joined, "container": e.record.name}
-                          for e in list(self.state.data.endpoints.values())],
+                          for e in self.state.endpoints()],
             "keys": {"epoch": enc.keyring.epoch, "age_seconds": round(time.time() - enc.rotated_at),
                      "rotation_seconds": enc.rotation, "peers_acked": dict(enc.seen),
                      "waiting_for": enc.lagging(), "refused": dict(enc.refused)},
@@ -171,9 +177,9 @@ class Runtime:
             "reconcile": {k: self.reconciler.last.get(k) for k in ("removed", "repaired", "waiting", "etcd")},
             "live_hosts": sorted(self.peers.hosts),
             "host": self.settings.host, "stage": self.stage, "scope": self.settings.scope,
-            "networks": {n.record.key: {"docker_id": nid[:12], "vni": n.record.vni, "mtu": n.mtu,
+            "networks": {n.record.key: {"docker_id": n.docker_network_id[:12], "vni": n.record.vni, "mtu": n.mtu,
                                         "encrypted": n.record.encrypted, "subnets": n.record.subnets}
-                         for nid, n in self.state.data.networks.items()},
+                         for n in self.state.networks()},
             "peers": {str(vni): {"expected": e, "programmed": p} for vni, (e, p) in self.peers.counts().items()},
             "docker_api": None if self.docker is None else {
                 "connected": self.docker.api.connected.is_set(), "error": self.docker.api.last_error},
