@@ -182,7 +182,7 @@ class NetworkDriver:
                 for net, given in zip(subnets, [*v4, *v6], strict=True):
                     if given.reserved:
                         self.ipam.mark_reserved(pool_id(net, explicit), list(given.reserved))
-                record, created = self._join_cluster_network(nid, wanted)
+                record, _ = self._join_cluster_network(nid, wanted)
             except StoreUnavailable as err:
                 raise Unavailable(f"cluster store unavailable, network not created: {err}") from err
             except StoreError as err:
@@ -196,11 +196,12 @@ class NetworkDriver:
                     self.encryption.guard({**self.state.encrypted_vnis(), record.vni: record.key})
                 self.datapath.ensure_network(self.plan(record, mtu))
             except Exception as err:
-                self._undo_create(nid, record, created)
+                undo = self._undo_create(nid, record)
                 self._guard_quietly()
                 if isinstance(err, PluginError):
-                    raise
-                raise Unavailable(f"could not set up the data path for VNI {record.vni}: {err}") from err
+                    raise type(err)(f"{err.message}; network not created, {undo}") from err
+                raise Unavailable(f"could not set up the data path for VNI {record.vni}: {err}; network not created, "
+                                  f"{undo}") from err
             self.state.put_network(local)
         self._network_changed()
         log.info("network %s: key=%s vni=%d mtu=%d subnets=%s", _short(nid), record.key, record.vni, mtu,
@@ -306,12 +307,22 @@ class NetworkDriver:
         # the same one.
         return VNI_MIN + zlib.crc32(key.encode()) % (VNI_MAX - VNI_MIN + 1)
 
-    def _undo_create(self, nid: str, record: NetworkRecord, created: bool) -> None:
+    def _undo_create(self, nid: str, record: NetworkRecord) -> str:
+        """Undo a create that failed after joining the cluster network: this host's kernel objects for it and
+        its membership. Returns how that went, for the error Docker shows: "rolled back" or what is left."""
+        left = []
+        if not any(n.record.vni == record.vni for n in self.state.networks()):   # no other network uses them
+            try:
+                self.datapath.remove_network(record.vni)
+            except Exception as err:  # noqa: BLE001 - reported; the reconciler removes unowned namespaces
+                left.append(f"its namespace for VNI {record.vni} ({err}; the reconciler removes it later)")
         try:
             self._leave_cluster_network(record)
         except StoreError as err:
             log.error("network %s: rollback could not reach etcd (%s); queued", _short(nid), err)
             self.state.defer({"op": "leave-network", "key": record.key})
+            left.append(f"its membership in etcd ({err}; queued until etcd answers)")
+        return "rolled back" if not left else f"failed to roll back: {'; '.join(left)}"
 
     def _leave_cluster_network(self, record: NetworkRecord) -> None:
         self.drop_member(record.key, self.host)
