@@ -258,7 +258,7 @@ def test_names_follow_each_change_and_equal_a_fresh_build() -> None:
             al = AliasRecord(endpoint_id=f"e{i:04d}", network_key="n1", host="h1", container=f"c{i}",
                              names=[f"c{i}", f"alias{step % 5}"])
             aliases[al.endpoint_id] = al
-            svc._events([WatchEvent("put", svc.keys.aliases("n1", al.endpoint_id), al.dump(), step)])
+            svc._aliases._events([WatchEvent("put", svc.keys.aliases("n1", al.endpoint_id), al.dump(), step)])
         if updates:
             svc.changed(updates, False, hosts)
         if step == 150:

@@ -23,9 +23,9 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
-from kvstore import KV, Keys, Store, WatchEvent
-from kvstore.base import Watch
-from kvstore.records import EndpointRecord, HostRecord, InvalidRecord
+from kvstore import Keys, Store
+from kvstore.records import EndpointRecord, HostRecord
+from kvstore.watched import Update, WatchedMap
 from plugin import metrics
 from plugin.cluster.encryption import Encryption
 from plugin.kernel.datapath import DataPath
@@ -69,7 +69,10 @@ class PeerSync:
         self.state = state
         self.host = host
         self._lock = threading.RLock()
-        self.endpoints: dict[str, EndpointRecord] = {}    # etcd key -> record
+        # etcd key -> record, current through the endpoints watch (changed under self._lock)
+        self.endpoints = WatchedMap(store, keys.all_endpoints(), EndpointRecord, self._endpoints_updated,
+                                    lock=self._lock)
+        self._host_records = WatchedMap(store, keys.hosts(), HostRecord, self._hosts_updated, lock=self._lock)
         self.hosts: dict[str, HostRecord] = {}            # host name -> record, live hosts (lease held)
         self.known: dict[str, HostRecord] = {}            # the last valid record of every host that is live
         #                                                   or still has endpoint records (not departed)
@@ -85,7 +88,6 @@ class PeerSync:
         self._named: set[str] = set()                     # endpoint keys changed since the names heard
         self._names_whole = True                          # the names hear every record at the next pass
         self._last_local: tuple[dict[str, int], set[tuple[str, str]]] = ({}, set())
-        self._watches: list[Watch] = []
         # Which snapshots have arrived ("hosts", "endpoints"). Nothing is programmed, removed or pruned on half
         # a view: at a restart, hosts without their endpoints would look like peers to remove.
         self._views: set[str] = set()
@@ -102,51 +104,38 @@ class PeerSync:
         self._acks_changed = acks_changed
 
     def start(self) -> None:
-        self._watches = [
-            self.store.watch_prefix(self.keys.hosts(), self._host_snapshot, self._host_events),
-            self.store.watch_prefix(self.keys.all_endpoints(), self._endpoint_snapshot, self._endpoint_events),
-        ]
+        self._host_records.start()
+        self.endpoints.start()
 
     def stop(self) -> None:
-        for w in self._watches:
-            w.stop()
+        self._host_records.stop()
+        self.endpoints.stop()
         if self._retry is not None:
             self._retry.cancel()
         self._background.shutdown(wait=False, cancel_futures=True)
 
     @property
     def synced(self) -> bool:
-        return all(w.synced.is_set() for w in self._watches)
+        return self._host_records.synced.is_set() and self.endpoints.synced.is_set()
 
     # -- watch callbacks --------------------------------------------------------------------------------
 
-    def _host_snapshot(self, kvs: list[KV], revision: int) -> None:
-        with self._lock:
-            self.hosts = {rec.host: rec for rec in HostRecord.load_valid(kvs).values()}
-            self.known.update(self.hosts)
+    def _hosts_updated(self, updates: list[Update[HostRecord]], whole: bool) -> None:
+        """The host records changed (under self._lock); a snapshot (whole) makes the next pass a full one."""
+        for u in updates:
+            name = Keys.last(u.key)
+            if not whole:
+                self._mark_hosts([name])
+            if u.new is not None:
+                self.hosts[name] = self.known[name] = u.new
+            elif self.hosts.pop(name, None) is not None and not whole:
+                log.info("host %s: lease expired or host stopped; its endpoints stay programmed until they "
+                         "are removed or it is declared departed", name)
+        if whole:
             self._views.add("hosts")
             self._full = True
-            self._prune_known()
-            self._hosts_changed()
-        self._reconcile_soon()
-
-    def _host_events(self, events: list[WatchEvent]) -> None:
-        with self._lock:
-            for ev in events:
-                name = Keys.last(ev.key)
-                self._mark_hosts([name])
-                if ev.kind == "delete":
-                    log.info("host %s: lease expired or host stopped; its endpoints stay programmed until they "
-                             "are removed or it is declared departed", name)
-                    self.hosts.pop(name, None)
-                    HostRecord.deleted(ev.key)
-                else:
-                    try:
-                        self.hosts[name] = self.known[name] = HostRecord.load(ev.value, ev.key)
-                    except InvalidRecord:
-                        continue  # noted in the quarantine; the host's last valid record stays
-            self._prune_known()
-            self._hosts_changed()
+        self._prune_known()
+        self._hosts_changed()
         self._reconcile_soon()
 
     def _whole_view(self) -> bool:
@@ -167,40 +156,22 @@ class PeerSync:
         except Exception:  # noqa: BLE001 - the next change retries
             log.exception("following the live hosts")
 
-    def _endpoint_snapshot(self, kvs: list[KV], revision: int) -> None:
-        with self._lock:
-            self.endpoints = EndpointRecord.load_valid(kvs)
-            self._by_host, self._by_network = {}, {}
-            for key, ep in self.endpoints.items():
-                link(self._by_host, ep.host, key)
-                link(self._by_network, ep.network_key, key)
+    def _endpoints_updated(self, updates: list[Update[EndpointRecord]], whole: bool) -> None:
+        """The endpoint records changed (under self._lock): their keys are marked for the next pass; a snapshot
+        (whole) makes it a full one."""
+        for u in updates:
+            self._index(u.key, u.old, u.new)
+            if not whole:
+                self._dirty.add(u.key)
+                self._named.add(u.key)
+        if whole:
             self._views.add("endpoints")
             self._full = self._names_whole = True
+        if whole or len(self.known) > len(self.hosts):
+            before = set(self.known)
             self._prune_known()
-            self._hosts_changed()
-        self._reconcile_soon()
-
-    def _endpoint_events(self, events: list[WatchEvent]) -> None:
-        with self._lock:
-            for ev in events:
-                if ev.kind == "delete":
-                    self._index(ev.key, None)
-                    self.endpoints.pop(ev.key, None)
-                    EndpointRecord.deleted(ev.key)
-                else:
-                    try:
-                        rec = EndpointRecord.load(ev.value, ev.key)
-                    except InvalidRecord:
-                        continue  # noted in the quarantine; the last valid record stays
-                    self._index(ev.key, rec)
-                    self.endpoints[ev.key] = rec
-                self._dirty.add(ev.key)
-                self._named.add(ev.key)
-            if len(self.known) > len(self.hosts):
-                before = set(self.known)
-                self._prune_known()
-                if set(self.known) != before:
-                    self._hosts_changed()
+            if whole or set(self.known) != before:
+                self._hosts_changed()
         self._reconcile_soon()
 
     # -- desired vs programmed --------------------------------------------------------------------------
@@ -246,8 +217,7 @@ class PeerSync:
         for name in names:
             self._dirty.update(self._by_host.get(name, ()))
 
-    def _index(self, key: str, ep: EndpointRecord | None) -> None:
-        old = self.endpoints.get(key)
+    def _index(self, key: str, old: EndpointRecord | None, ep: EndpointRecord | None) -> None:
         if old is not None:
             unlink(self._by_host, old.host, key)
             unlink(self._by_network, old.network_key, key)
@@ -317,7 +287,7 @@ class PeerSync:
         for vni, have in self.programmed.items():
             metrics.PEERS.labels(str(vni)).set(len(have))
         whole, self._names_whole = self._names_whole, False
-        updates: dict[str, EndpointRecord | None] = dict(self.endpoints) if whole else \
+        updates: dict[str, EndpointRecord | None] = dict(self.endpoints.items()) if whole else \
             {k: self.endpoints.get(k) for k in self._named}
         self._named = set()
         try:
@@ -494,7 +464,7 @@ class PeerSync:
     def endpoint_records(self) -> dict[str, EndpointRecord]:
         """etcd key -> endpoint record, as the watch holds them."""
         with self._lock:
-            return dict(self.endpoints)
+            return self.endpoints.copy()
 
     def endpoint_hosts(self) -> set[str]:
         with self._lock:

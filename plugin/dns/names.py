@@ -12,9 +12,9 @@ from __future__ import annotations
 import logging
 import threading
 
-from kvstore import KV, Keys, Store, WatchEvent
-from kvstore.base import Watch
-from kvstore.records import AliasRecord, EndpointRecord, HostRecord, InvalidRecord
+from kvstore import Keys, Store
+from kvstore.records import AliasRecord, EndpointRecord, HostRecord
+from kvstore.watched import Update, WatchedMap
 from plugin.dns.nameserver import FORWARD_ONLY, HOST_NAMESPACE, NameIndex, Names, NameServer, endpoint_names
 from plugin.kernel.datapath import DataPath
 from plugin.kernel.dnsredirect import DnsRedirect
@@ -35,7 +35,6 @@ class NameService:
         self.server = NameServer(upstreams, exclude=[address] if address else [])
         # Other networks' lookups to the address skip the plugin (plugin/kernel/dnsredirect.py).
         self.redirect = DnsRedirect(address, self.server.upstreams) if address else None
-        self.aliases: dict[str, AliasRecord] = {}          # etcd key -> record
         self._alias_of: dict[str, AliasRecord] = {}        # endpoint ID -> its aliases
         self._endpoints: dict[str, EndpointRecord] = {}    # etcd key -> record (as the peer watch has them)
         self._keys_of: dict[str, set[str]] = {}            # endpoint ID -> etcd keys (two while it moves)
@@ -43,7 +42,7 @@ class NameService:
         self._hosts: set[str] = set()
         self._index = NameIndex()
         self._lock = threading.Lock()
-        self._watch: Watch | None = None
+        self._aliases = WatchedMap(store, keys.all_aliases(), AliasRecord, self._aliases_changed, lock=self._lock)
 
     def start(self) -> None:
         self.server.start()
@@ -52,44 +51,32 @@ class NameService:
             # Once, here: the rule depends on the host's resolvers, not on the networks, and CreateNetwork
             # should not wait for nft. Lost rules fall back to the forwarder on lo until the next start.
             self.redirect.apply()
-        self._watch = self.store.watch_prefix(self.keys.all_aliases(), self._snapshot, self._events)
+        self._aliases.start()
 
     def stop(self) -> None:
-        if self._watch is not None:
-            self._watch.stop()
+        self._aliases.stop()
         self.server.stop()
 
-    def _snapshot(self, kvs: list[KV], revision: int) -> None:
-        with self._lock:
-            self.aliases = {}
-            for kv in kvs:
-                rec = _load(kv.value, kv.key)
-                if rec is not None:
-                    self.aliases[kv.key] = rec
-            self._alias_of = {al.endpoint_id: al for al in self.aliases.values()}
+    def _aliases_changed(self, updates: list[Update[AliasRecord]], whole: bool) -> None:
+        if whole:
+            self._alias_of = {al.endpoint_id: al for al in self._aliases.values()}
             self._rebuild()
-
-    def _events(self, events: list[WatchEvent]) -> None:
-        with self._lock:
-            touched = set()
-            for ev in events:
-                old = self.aliases.get(ev.key)
-                if ev.kind == "delete":
-                    AliasRecord.deleted(ev.key)
-                    self.aliases.pop(ev.key, None)
-                    if old is not None and self._alias_of.get(old.endpoint_id) is old:
-                        del self._alias_of[old.endpoint_id]
-                        touched.add(old.endpoint_id)
-                elif (rec := _load(ev.value, ev.key)) is not None:
-                    self.aliases[ev.key] = self._alias_of[rec.endpoint_id] = rec
-                    touched.add(rec.endpoint_id)   # an invalid record changes nothing: the last valid one stays
-            for eid in touched:
-                for key in self._keys_of.get(eid, ()):
-                    self._index.set(key, self._names(key))
+            return
+        touched = set()
+        for u in updates:
+            if u.new is not None:
+                self._alias_of[u.new.endpoint_id] = u.new
+                touched.add(u.new.endpoint_id)
+            elif u.old is not None and self._alias_of.get(u.old.endpoint_id) is u.old:
+                del self._alias_of[u.old.endpoint_id]
+                touched.add(u.old.endpoint_id)
+        for eid in touched:
+            for key in self._keys_of.get(eid, ()):
+                self._index.set(key, self._names(key))
 
     def current_aliases(self) -> dict[str, AliasRecord]:
         with self._lock:
-            return dict(self.aliases)
+            return self._aliases.copy()
 
     def changed(self, updates: dict[str, EndpointRecord | None], whole: bool, hosts: dict[str, HostRecord]) -> None:
         """The peer watches moved: these endpoint records changed (None: gone), or, with whole, `updates` is
@@ -165,9 +152,3 @@ class NameService:
                 "names": {nkey: sorted(z.forward) for nkey, z in sorted(zones.items())},
                 "queries": self.server.queries, "dropped": self.server.dropped, "upstreams": self.server.upstreams}
 
-
-def _load(raw: bytes, key: str) -> AliasRecord | None:
-    try:
-        return AliasRecord.load(raw, key)
-    except InvalidRecord:
-        return None  # noted in the quarantine

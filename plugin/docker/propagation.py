@@ -21,9 +21,9 @@ from typing import Any
 import docker.errors
 import docker.types
 
-from kvstore import KV, Keys, Store, StoreError, Txn, WatchEvent
-from kvstore.base import Watch
-from kvstore.records import InvalidRecord, NetDefRecord, PoolConfig
+from kvstore import Keys, Store, StoreError, Txn
+from kvstore.records import NetDefRecord, PoolConfig
+from kvstore.watched import Update, WatchedMap
 from plugin.docker.api import DockerAPI, Resync
 from plugin.state import LocalState
 
@@ -72,36 +72,23 @@ class Propagation:
         self.known: dict[str, tuple[str, str | None]] = {}   # local network id -> (name, definition uid)
         self._undelivered: dict[str, str] = {}  # name -> uid whose definition must still be deleted
         self._lock = threading.RLock()
-        self._watch: Watch | None = None
+        self._netdefs = WatchedMap(store, keys.netdefs(), NetDefRecord, self._netdefs_changed, lock=self._lock)
         self._docker_work = resync   # the Docker worker's queue: a changed definition asks it to resync
 
     def start(self) -> None:
-        self._watch = self.store.watch_prefix(self.keys.netdefs(), self._snapshot, self._events)
+        self._netdefs.start()
 
     def stop(self) -> None:
-        if self._watch is not None:
-            self._watch.stop()
+        self._netdefs.stop()
 
-    def _snapshot(self, kvs: list[KV], revision: int) -> None:
-        with self._lock:
+    def _netdefs_changed(self, updates: list[Update[NetDefRecord]], whole: bool) -> None:
+        if whole:
             self.defs = {}
-            for kv in kvs:
-                rec = _load(kv.value, kv.key)
-                if rec is not None:
-                    self.defs[rec.name] = (rec, kv.mod_revision)
-        self._kick()
-
-    def _events(self, events: list[WatchEvent]) -> None:
-        with self._lock:
-            for ev in events:
-                name = Keys.last(ev.key)
-                if ev.kind == "delete":
-                    self.defs.pop(name, None)
-                    NetDefRecord.deleted(ev.key)
-                else:
-                    rec = _load(ev.value, ev.key)
-                    if rec is not None:
-                        self.defs[name] = (rec, ev.mod_revision)
+        for u in updates:
+            if u.new is None:
+                self.defs.pop(Keys.last(u.key), None)
+            else:
+                self.defs[Keys.last(u.key)] = (u.new, u.revision)
         self._kick()
 
     def _kick(self) -> None:
@@ -146,7 +133,7 @@ class Propagation:
                 log.warning("network %s: could not delete its definition yet (%s); retrying", name, err)
 
     def resync(self, api: DockerAPI) -> None:
-        if self._watch is None or not self._watch.synced.is_set():
+        if not self._netdefs.synced.is_set():
             return  # judge nothing from an empty or stale view of etcd
         self._deliver_removals()
         ours = api.driver_name()
@@ -257,9 +244,3 @@ class Propagation:
             return {"definitions": sorted(self.defs), "pending_removal": dict(self.pending),
                     "conflicts": dict(self.conflicts)}
 
-
-def _load(raw: bytes, key: str) -> NetDefRecord | None:
-    try:
-        return NetDefRecord.load(raw, key)
-    except InvalidRecord:
-        return None  # noted in the quarantine
