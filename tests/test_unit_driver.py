@@ -32,7 +32,8 @@ class Kernel:
     def __init__(self) -> None:
         self.networks: dict[int, NetworkPlan] = {}
         self.removed: list[int] = []
-        self.links: dict[str, int] = {}
+        self.links: dict[str, int] = {}      # endpoint id -> vni of its veth
+        self.host_links: list[str] = []       # host-side links left by an interrupted Join (tagged ours)
         self.fail: Exception | None = None
 
     def underlay(self) -> Underlay:
@@ -57,6 +58,20 @@ class Kernel:
 
     def remove_endpoint_later(self, vni: int, endpoint_id: str) -> None:
         self.links.pop(endpoint_id, None)
+
+    remove_endpoint = remove_endpoint_later
+
+    def list_networks(self) -> list[int]:
+        return list(self.networks)
+
+    def endpoint_links(self, vni: int) -> list[str]:
+        return [eid for eid, v in self.links.items() if v == vni]
+
+    def stale_host_links(self, endpoint_ids: set[str]) -> list[str]:
+        return [name for name in self.host_links if name.removeprefix("pyo") not in {e[:8] for e in endpoint_ids}]
+
+    def delete_host_link(self, name: str) -> None:
+        self.host_links.remove(name)
 
 
 class NoEncryption:
@@ -193,3 +208,23 @@ def test_the_allocator_hands_out_each_address_once_and_takes_it_back(env: Any) -
         env.ipam.request_address(pid, "10.35.0.2", {})
     env.ipam.release_address(pid, "10.35.0.2")
     assert env.ipam.request_address(pid, "10.35.0.2", {})["Address"] == "10.35.0.2/29"
+
+
+def test_restore_rebuilds_the_recorded_networks_and_sweeps_what_nothing_owns(env: Any) -> None:
+    """The start-up restore is the reconciler's kernel sweep with no grace: the same definition of garbage."""
+    _pool(env, "10.36.0.0/24")
+    env.driver.create_network(NID, {}, [Subnet("10.36.0.0/24", "10.36.0.1/24")], [])
+    vni = env.state.network(NID).record.vni
+    address = env.ipam.request_address(env.ipam.request_pool("10.36.0.0/24", "", {}, False)["PoolID"], "", {})
+    env.driver.create_endpoint(NID, EID, Interface(address=address["Address"]))
+    env.driver.join(NID, EID, "/var/run/docker/netns/x")
+    # While the plugin was down: its namespace vanished (a reboot), a stranger's namespace and veth of ours
+    # were left behind, and a host-side link of an interrupted Join.
+    env.kernel.networks.clear()
+    env.kernel.networks[4242] = None
+    env.kernel.links["f" * 64] = vni
+    env.kernel.host_links[:] = ["pyoffffffff", f"pyo{EID[:8]}"]
+    env.driver.restore()
+    assert list(env.kernel.networks) == [vni], "the recorded network is back, the unowned namespace gone"
+    assert env.kernel.links == {EID: vni}, "the joined endpoint's veth stays, the unowned one goes"
+    assert env.kernel.host_links == [f"pyo{EID[:8]}"]

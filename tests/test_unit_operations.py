@@ -16,9 +16,10 @@ import pytest
 from kvstore import KV, Keys, StoreUnavailable
 from kvstore.records import NetworkRecord
 from plugin import config
+from plugin.driver.garbage import Garbage
 from plugin.kernel.datapath import Underlay
 from plugin.ops import doctor
-from plugin.runtime.reconciler import Garbage, Reconciler
+from plugin.runtime.reconciler import Reconciler
 from plugin.state import LocalNetwork, LocalState
 
 

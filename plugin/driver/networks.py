@@ -22,6 +22,7 @@ from kvstore import KV, Keys, Store, StoreError, StoreUnavailable, Txn
 from kvstore.records import AddressRecord, EndpointRecord, InvalidRecord, MemberRecord, NetworkRecord, R
 from plugin.cluster.encryption import Encryption
 from plugin.config import Settings
+from plugin.driver.garbage import kernel_garbage, remove_kernel_garbage
 from plugin.errors import Conflict, InvalidRequest, NotFound, PluginError, Unavailable
 from plugin.kernel.datapath import DataPath, NetworkPlan, mac_from_ip, validate_mtu
 from plugin.kernel.ipsec import ESP_OVERHEAD
@@ -567,19 +568,11 @@ class NetworkDriver:
                 self.datapath.ensure_network(self.plan(local.record, local.mtu))
             except Exception as err:  # noqa: BLE001 - keep restoring the others
                 log.error("restore network %s (vni %d): %s", local.record.key, local.record.vni, err)
-        for vni in self.datapath.list_networks():
-            if vni not in known_vnis:
-                log.info("removing stale network namespace for vni %d", vni)
-                self.datapath.remove_network(vni)
-        joined = {e.record.endpoint_id for e in self.state.endpoints() if e.joined}
-        for vni in known_vnis:
-            for eid in self.datapath.endpoint_links(vni):
-                if eid not in joined:
-                    log.info("removing stale endpoint link %s (vni %d)", _short(eid), vni)
-                    self.datapath.remove_endpoint(vni, eid)
-        for name in self.datapath.stale_host_links(self.state.endpoint_ids()):
-            log.info("removing stale host link %s", name)
-            self.datapath.delete_host_link(name)
+        # Then the reconciler's sweep of our kernel objects, with no grace: nothing of this host's can be using
+        # what its state does not name (the plugin was not running).
+        for g in kernel_garbage(self.datapath, *self.state.snapshot()):
+            log.info("restore: removing %s (%s)", g.what, g.why)
+            remove_kernel_garbage(self.datapath, g)
 
     def flush_pending(self) -> int:
         """Retry queued etcd changes; returns how many are still pending."""

@@ -24,7 +24,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import docker.errors
@@ -36,20 +36,13 @@ from plugin import metrics
 from plugin.cluster.encryption import Encryption
 from plugin.cluster.peers import PeerSync
 from plugin.docker.api import API_ERRORS, DockerAPI
+from plugin.driver.garbage import Garbage, kernel_garbage, remove_kernel_garbage
 from plugin.driver.networks import NetworkDriver
 from plugin.kernel.datapath import DataPath
 from plugin.kernel.vtepfilter import VtepFilter
 from plugin.state import LocalState
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Garbage:
-    kind: str    # namespace | veth | host-link | endpoint-record | endpoint | address | network
-    what: str    # what it is, for people
-    why: str
-    ref: tuple[str, ...]  # what removing it needs (and its identity across passes)
 
 
 class Reconciler:
@@ -139,20 +132,7 @@ class Reconciler:
         """What nothing owns any more, given every address record (read from etcd this pass)."""
         out: list[Garbage] = []
         networks, endpoints = self.state.snapshot()
-        vnis = {n.record.vni for n in networks.values()}
-        joined = {e.record.endpoint_id for e in endpoints.values() if e.joined}
-        for vni in self.datapath.list_networks():
-            if vni not in vnis:
-                out.append(Garbage("namespace", f"network namespace of vni {vni}", "no network of this host uses it",
-                                   ("namespace", str(vni))))
-                continue
-            for eid in self.datapath.endpoint_links(vni):
-                if eid not in joined:
-                    out.append(Garbage("veth", f"veth of endpoint {eid[:12]} (vni {vni})",
-                                       "no joined endpoint owns it", ("veth", str(vni), eid)))
-        for name in self.datapath.stale_host_links(set(endpoints)):
-            out.append(Garbage("host-link", f"link {name}", "a leftover of an interrupted Join or network create",
-                               ("host-link", name)))
+        out += kernel_garbage(self.datapath, networks, endpoints)
         if self.peers.synced:  # etcd's endpoint records, as the peers' watch holds them
             for key, rec in self.peers.endpoint_records().items():
                 if rec.host == self.host and rec.endpoint_id not in endpoints:
@@ -219,14 +199,10 @@ class Reconciler:
         return out
 
     def _remove(self, g: Garbage) -> None:
+        if remove_kernel_garbage(self.datapath, g):
+            return
         kind, *ref = g.ref
-        if kind == "namespace":
-            self.datapath.remove_network(int(ref[0]))
-        elif kind == "veth":
-            self.datapath.remove_endpoint(int(ref[0]), ref[1])
-        elif kind == "host-link":
-            self.datapath.delete_host_link(ref[0])
-        elif kind == "endpoint-record":
+        if kind == "endpoint-record":
             self.store.delete(ref[0])
         elif kind == "endpoint":
             ep = self.state.endpoint(ref[0])
