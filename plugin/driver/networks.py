@@ -17,26 +17,30 @@ from dataclasses import dataclass
 from typing import Any
 
 from ipam.allocator import Ipam
-from ipam.subnets import NETWORK_OPT, check_network_id, network_key, parse_cidr, pool_id
+from ipam.subnets import NETWORK_OPT, network_key, pool_id
 from kvstore import KV, Keys, Store, StoreError, StoreUnavailable, Txn
 from kvstore.records import AddressRecord, EndpointRecord, InvalidRecord, MemberRecord, NetworkRecord, R
 from plugin.cluster.encryption import Encryption
 from plugin.config import Settings
 from plugin.driver.garbage import kernel_garbage, remove_kernel_garbage
+from plugin.driver.options import (
+    GENERIC,
+    VNI_MAX,
+    VNI_MIN,
+    VNI_OPT,
+    Addressing,
+    NetworkOptions,
+    Subnet,
+    addressing,
+    network_options,
+)
 from plugin.errors import Conflict, InvalidRequest, NotFound, PluginError, Unavailable
-from plugin.kernel.datapath import DataPath, NetworkPlan, mac_from_ip, validate_mtu
+from plugin.kernel.datapath import DataPath, NetworkPlan, mac_from_ip
 from plugin.kernel.ipsec import ESP_OVERHEAD
 from plugin.state import LocalEndpoint, LocalNetwork, LocalState
 
 log = logging.getLogger(__name__)
 
-GENERIC = "com.docker.network.generic"
-DRIVER_MTU = "com.docker.network.driver.mtu"
-INTERNAL = "com.docker.network.internal"
-VNI_OPT = "pyoverlay.vni"
-ENCRYPTED = "encrypted"
-KNOWN_OPTS = {ENCRYPTED, NETWORK_OPT, VNI_OPT, DRIVER_MTU}
-VNI_MIN, VNI_MAX = 4096, (1 << 24) - 1  # below 4096 would collide with 802.1Q VLAN ids on some platforms
 
 
 def _loads_as(cls: type[R], kv: KV) -> R | None:
@@ -45,15 +49,6 @@ def _loads_as(cls: type[R], kv: KV) -> R | None:
         return cls.load(kv.value, kv.key)
     except InvalidRecord:
         return None
-
-
-@dataclass(frozen=True)
-class Subnet:
-    """One address pool Docker's IPAM gave a network (a CreateNetwork IPv4Data/IPv6Data entry)."""
-
-    pool: str
-    gateway: str | None = None
-    reserved: tuple[str, ...] = ()   # --aux-address values: never handed to a container
 
 
 @dataclass(frozen=True)
@@ -98,116 +93,112 @@ class NetworkDriver:
     # -- networks ---------------------------------------------------------------------------------------
 
     def create_network(self, nid: str, opts: dict[str, Any], v4: list[Subnet], v6: list[Subnet]) -> dict[str, Any]:
-        generic = opts.get(GENERIC) or {}
-        if not isinstance(generic, dict) or not all(isinstance(v, str) for v in generic.values()):
-            raise InvalidRequest(f"Options.{GENERIC}: expected a map of strings (the --opt values)")
-        unknown = sorted(set(generic) - KNOWN_OPTS)
-        if unknown:
-            raise InvalidRequest(
-                f"unknown --opt {', '.join(unknown)}; pyoverlay understands: {', '.join(sorted(KNOWN_OPTS))}"
-            )
-        if ENCRYPTED in generic and generic[ENCRYPTED] not in ("", "true", "1"):
-            raise InvalidRequest(f"--opt encrypted={generic[ENCRYPTED]!r}: give it bare (--opt encrypted)")
-        encrypted = ENCRYPTED in generic
-        explicit = generic.get(NETWORK_OPT) or None
-        if explicit is not None:
-            check_network_id(explicit, f"--opt {NETWORK_OPT}")
-        mtu_opt = validate_mtu(generic[DRIVER_MTU], f"--opt {DRIVER_MTU}") if DRIVER_MTU in generic else None
-        vni_opt = None
-        if VNI_OPT in generic:
-            try:
-                vni_opt = int(generic[VNI_OPT])
-            except ValueError:
-                raise InvalidRequest(f"--opt {VNI_OPT}={generic[VNI_OPT]!r} is not a number") from None
-            if not 1 <= vni_opt <= VNI_MAX:
-                raise InvalidRequest(f"--opt {VNI_OPT}={vni_opt} is outside 1..{VNI_MAX}")
-        internal = opts.get(INTERNAL) is True
+        """Docker's CreateNetwork: check everything first, then join (or make) the cluster network in etcd, then
+        this host's kernel objects; a failure after the join is rolled back, and the error says how that went."""
+        options, addrs = network_options(opts), addressing(v4, v6)
+        self._check_encryption_possible(options)
+        wanted = self._wanted_record(nid, options, addrs)
+        # Per cluster network too: two Docker networks created at the same moment for one cluster network (by
+        # hand and by propagation, which Docker 20.10's name check lets through) must not both be made here.
+        with self._lock(nid), self._lock(f"key:{wanted.key}"):
+            if self._already_here(nid, wanted):
+                return {}  # a repeated CreateNetwork: already done
+            record = self._register_network(nid, wanted, options, addrs)
+            mtu = self._set_up_kernel(nid, record)
+            self.state.put_network(LocalNetwork(docker_network_id=nid, record=record, mtu=mtu))
+        self._network_changed()
+        log.info("network %s: key=%s vni=%d mtu=%d subnets=%s", _short(nid), record.key, record.vni, mtu,
+                 ",".join(record.subnets))
+        return {}
 
-        if len(v4) > 1 or len(v6) > 1:
-            raise InvalidRequest("pyoverlay networks take one IPv4 and/or one IPv6 subnet (several --subnet given)")
-        if not v4 and not v6:
-            raise InvalidRequest("IPv4Data: a network needs a subnet (none was allocated)")
-        subnets = []
-        for label, data, is6 in (("IPv4Data", v4, False), ("IPv6Data", v6, True)):
-            if data:
-                subnets.append(parse_cidr(data[0].pool, f"{label}.Pool", is6))
-        gateway = v4[0].gateway if v4 and v4[0].gateway else None
-        gateway6 = v6[0].gateway if v6 and v6[0].gateway else None
-        if encrypted and self.encryption.missing():
+    def _check_encryption_possible(self, options: NetworkOptions) -> None:
+        if not options.encrypted:
+            return
+        if self.encryption.missing():
             # Fail closed: no clear-text network may stand in for an encrypted one.
             raise Unavailable(
                 f"--opt encrypted: this host's kernel lacks {'; '.join(self.encryption.missing())}. "
                 f"No network was created and no clear-text path was set up; use a kernel with IPsec ESP and "
                 f"AES-GCM, or create the network without --opt encrypted only if clear text is acceptable"
             )
-        if encrypted and not self.settings.cluster_secret:
+        if not self.settings.cluster_secret:
             # Without a secret anyone who writes etcd can substitute a host's public keys (man in the middle).
             raise InvalidRequest(
                 "--opt encrypted needs a cluster secret: set PYOVERLAY_CLUSTER_SECRET to the same random value "
                 "on every host (for example from `openssl rand -hex 32`; managed plugin: docker plugin set "
                 "pyoverlay PYOVERLAY_CLUSTER_SECRET=...), restart the plugin, and create the network again"
             )
-        if encrypted and self.datapath.underlay().version == 6:
+        if self.datapath.underlay().version == 6:
             raise InvalidRequest(
                 "--opt encrypted needs an IPv4 underlay: this host's VTEP is IPv6, for which pyoverlay has no "
                 "fail-closed ESP path (its kernel policies block encrypted VXLAN over IPv6). Set PYOVERLAY_VTEP to "
                 "an IPv4 address of this host, or create the network without --opt encrypted"
             )
+
+    def _wanted_record(self, nid: str, options: NetworkOptions, addrs: Addressing) -> NetworkRecord:
         # Swarm hands every node the same NetworkID for a network: that is its cluster identity there.
-        swarm = self.settings.scope == "global"
-        nkey = f"swarm.{nid}" if swarm else network_key(subnets[0], explicit)
-        wanted = NetworkRecord(
-            key=nkey, vni=vni_opt or 0, subnets=[str(s) for s in subnets], gateway=gateway, gateway6=gateway6,
-            encrypted=encrypted, port=self.settings.esp_port if encrypted else self.settings.vxlan_port,
-            mtu=mtu_opt, internal=internal,
-            options={k: v for k, v in generic.items()}, created_by=self.host,
+        nkey = f"swarm.{nid}" if self._swarm else network_key(addrs.subnets[0], options.explicit)
+        return NetworkRecord(
+            key=nkey, vni=options.vni or 0, subnets=[str(s) for s in addrs.subnets], gateway=addrs.gateway,
+            gateway6=addrs.gateway6, encrypted=options.encrypted,
+            port=self.settings.esp_port if options.encrypted else self.settings.vxlan_port,
+            mtu=options.mtu, internal=options.internal, options=options.generic, created_by=self.host,
         )
 
-        # Per cluster network too: two Docker networks created at the same moment for one cluster network (by
-        # hand and by propagation, which Docker 20.10's name check lets through) must not both be made here.
-        with self._lock(nid), self._lock(f"key:{nkey}"):
-            existing = self.state.network(nid)
-            if existing is not None:
-                self._check_same(existing.record, wanted)
-                return {}  # a repeated CreateNetwork: already done
-            twin = self.state.by_key(nkey)
-            if twin is not None:
-                raise Conflict(
-                    f"this host already has a Docker network for {nkey} (network {_short(twin.docker_network_id)}, "
-                    f"created here by hand or by propagation): a second one would split the network; use that one "
-                    f"(if Docker no longer lists it, `pyoverlay gc` removes what is left of it)"
-                )
-            try:
-                if not swarm:  # in swarm the manager requested the pool; the network is keyed by its id
-                    self._check_ipam_matches(subnets, explicit)
-                for net, given in zip(subnets, [*v4, *v6], strict=True):
-                    if given.reserved:
-                        self.ipam.mark_reserved(pool_id(net, explicit), list(given.reserved))
-                record, _ = self._join_cluster_network(nid, wanted)
-            except StoreUnavailable as err:
-                raise Unavailable(f"cluster store unavailable, network not created: {err}") from err
-            except StoreError as err:
-                raise Unavailable(f"cluster store error, network not created: {err}") from err
-            except InvalidRecord as err:
-                raise Conflict(f"{err}; network not created (pyoverlay doctor lists such records)") from err
-            mtu = self._mtu(record)
-            local = LocalNetwork(docker_network_id=nid, record=record, mtu=mtu)
-            try:
-                if record.encrypted:  # the guard exists before the network's VXLAN device can send
-                    self.encryption.guard({**self.state.encrypted_vnis(), record.vni: record.key})
-                self.datapath.ensure_network(self.plan(record, mtu))
-            except Exception as err:
-                undo = self._undo_create(nid, record)
-                self._guard_quietly()
-                if isinstance(err, PluginError):
-                    raise type(err)(f"{err.message}; network not created, {undo}") from err
-                raise Unavailable(f"could not set up the data path for VNI {record.vni}: {err}; network not created, "
-                                  f"{undo}") from err
-            self.state.put_network(local)
-        self._network_changed()
-        log.info("network %s: key=%s vni=%d mtu=%d subnets=%s", _short(nid), record.key, record.vni, mtu,
-                 ",".join(record.subnets))
-        return {}
+    @property
+    def _swarm(self) -> bool:
+        return self.settings.scope == "global"
+
+    def _already_here(self, nid: str, wanted: NetworkRecord) -> bool:
+        """True for a repeated CreateNetwork of the same network; Conflict for another one with its key."""
+        existing = self.state.network(nid)
+        if existing is not None:
+            self._check_same(existing.record, wanted)
+            return True
+        twin = self.state.by_key(wanted.key)
+        if twin is not None:
+            raise Conflict(
+                f"this host already has a Docker network for {wanted.key} (network "
+                f"{_short(twin.docker_network_id)}, created here by hand or by propagation): a second one would "
+                f"split the network; use that one (if Docker no longer lists it, `pyoverlay gc` removes what is "
+                f"left of it)"
+            )
+        return False
+
+    def _register_network(self, nid: str, wanted: NetworkRecord, options: NetworkOptions,
+                          addrs: Addressing) -> NetworkRecord:
+        """This host joins the cluster network in etcd (made if it is the first); returns its record."""
+        try:
+            if not self._swarm:  # in swarm the manager requested the pool; the network is keyed by its id
+                self._check_ipam_matches(addrs.subnets, options.explicit)
+            for net, given in zip(addrs.subnets, addrs.given, strict=True):
+                if given.reserved:
+                    self.ipam.mark_reserved(pool_id(net, options.explicit), list(given.reserved))
+            record, _ = self._join_cluster_network(nid, wanted)
+            return record
+        except StoreUnavailable as err:
+            raise Unavailable(f"cluster store unavailable, network not created: {err}") from err
+        except StoreError as err:
+            raise Unavailable(f"cluster store error, network not created: {err}") from err
+        except InvalidRecord as err:
+            raise Conflict(f"{err}; network not created (pyoverlay doctor lists such records)") from err
+
+    def _set_up_kernel(self, nid: str, record: NetworkRecord) -> int:
+        """The network's namespace, bridge and VXLAN device (and first the encryption guard); returns the MTU.
+        On failure everything of this create is undone."""
+        mtu = self._mtu(record)
+        try:
+            if record.encrypted:  # the guard exists before the network's VXLAN device can send
+                self.encryption.guard({**self.state.encrypted_vnis(), record.vni: record.key})
+            self.datapath.ensure_network(self.plan(record, mtu))
+        except Exception as err:
+            undo = self._undo_create(nid, record)
+            self._guard_quietly()
+            if isinstance(err, PluginError):
+                raise type(err)(f"{err.message}; network not created, {undo}") from err
+            raise Unavailable(f"could not set up the data path for VNI {record.vni}: {err}; network not created, "
+                              f"{undo}") from err
+        return mtu
 
     def plan(self, record: NetworkRecord, mtu: int) -> NetworkPlan:
         # The gateway addresses go on the bridge only for the DNS server (plugin/dns/nameserver.py) to listen there.
