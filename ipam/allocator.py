@@ -12,7 +12,8 @@ import logging
 import random
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,18 +51,23 @@ class DefaultPools:
     v6_size: int
 
 
-def _store_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """etcd failures become plugin errors that say so (and are answered fast)."""
+@contextmanager
+def store_errors(outcome: str, prefix: str = "") -> Iterator[None]:
+    """etcd failures become plugin errors that say so and what did not happen (they are answered fast)."""
+    try:
+        yield
+    except StoreUnavailable as err:
+        raise Unavailable(f"{prefix}cluster store unavailable, {outcome}: {err}") from err
+    except StoreError as err:
+        raise Unavailable(f"{prefix}cluster store error, {outcome}: {err}") from err
+    except InvalidRecord as err:
+        raise Conflict(f"{prefix}{err}; {outcome} (pyoverlay doctor lists such records)") from err
 
+
+def _store_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapped(*args: Any, **kwargs: Any) -> Any:
-        try:
+        with store_errors("nothing was changed", "IPAM: "):
             return fn(*args, **kwargs)
-        except StoreUnavailable as err:
-            raise Unavailable(f"IPAM: cluster store unavailable, nothing was changed: {err}") from err
-        except StoreError as err:
-            raise Unavailable(f"IPAM: cluster store error, nothing was changed: {err}") from err
-        except InvalidRecord as err:
-            raise Conflict(f"IPAM: {err}; nothing was changed (pyoverlay doctor lists such records)") from err
 
     wrapped.__name__ = fn.__name__
     wrapped.__doc__ = fn.__doc__

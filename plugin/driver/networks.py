@@ -16,9 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ipam.allocator import Ipam
+from ipam.allocator import Ipam, store_errors
 from ipam.subnets import NETWORK_OPT, network_key, pool_id
-from kvstore import KV, Keys, Store, StoreError, StoreUnavailable, Txn
+from kvstore import KV, Keys, Store, StoreError, Txn
 from kvstore.records import AddressRecord, EndpointRecord, InvalidRecord, MemberRecord, NetworkRecord, R
 from plugin.cluster.encryption import Encryption
 from plugin.config import Settings
@@ -168,7 +168,7 @@ class NetworkDriver:
     def _register_network(self, nid: str, wanted: NetworkRecord, options: NetworkOptions,
                           addrs: Addressing) -> NetworkRecord:
         """This host joins the cluster network in etcd (made if it is the first); returns its record."""
-        try:
+        with store_errors("network not created"):
             if not self._swarm:  # in swarm the manager requested the pool; the network is keyed by its id
                 self._check_ipam_matches(addrs.subnets, options.explicit)
             for net, given in zip(addrs.subnets, addrs.given, strict=True):
@@ -176,12 +176,6 @@ class NetworkDriver:
                     self.ipam.mark_reserved(pool_id(net, options.explicit), list(given.reserved))
             record, _ = self._join_cluster_network(nid, wanted)
             return record
-        except StoreUnavailable as err:
-            raise Unavailable(f"cluster store unavailable, network not created: {err}") from err
-        except StoreError as err:
-            raise Unavailable(f"cluster store error, network not created: {err}") from err
-        except InvalidRecord as err:
-            raise Conflict(f"{err}; network not created (pyoverlay doctor lists such records)") from err
 
     def _set_up_kernel(self, nid: str, record: NetworkRecord) -> int:
         """The network's namespace, bridge and VXLAN device (and first the encryption guard); returns the MTU.
