@@ -32,7 +32,7 @@ from ipam.subnets import (
 )
 from kvstore import Keys, Store, StoreError, StoreUnavailable, Txn
 from kvstore.records import AddressRecord, InvalidRecord, PoolRecord, dns_name
-from plugin.errors import Conflict, InvalidRequest, NotFound, Unavailable
+from plugin.errors import Conflict, InvalidRequest, NotFound, Unavailable, short_id
 
 log = logging.getLogger(__name__)
 
@@ -263,7 +263,8 @@ class Ipam:
             new = AddressRecord(address=address, kind="endpoint", host=self.host, endpoint=endpoint,
                                 request=uuid.uuid4().hex)
             if self.store.create(key, new.dump()):
-                log.warning("address %s of endpoint %s re-claimed after this host was away", address, endpoint[:12])
+                log.warning("address %s of endpoint %s re-claimed after this host was away", address,
+                            short_id(endpoint))
                 continue
             cur = self.store.get(key)
             held = AddressRecord.load(cur.value, cur.key) if cur is not None else None
@@ -271,7 +272,7 @@ class Ipam:
                 lost.append(address)
                 log.error("address %s of local endpoint %s was released while this host was away and is "
                           "now held%s: two containers share it; remove one of them",
-                          address, endpoint[:12], self._holder(pid, address))
+                          address, short_id(endpoint), self._holder(pid, address))
         return lost
 
     def _pool(self, pid: str, field: str = "PoolID") -> tuple[PoolRecord, IPNetwork, int]:
@@ -341,7 +342,7 @@ class Ipam:
         held = AddressRecord.load(kv.value, kv.key)
         who = {"gateway": "the network gateway", "reserved": "a reserved (aux) address"}.get(
             held.kind, f"container {held.owner}" if held.owner else (
-                f"endpoint {held.endpoint[:12]}" if held.endpoint else "an endpoint"))
+                f"endpoint {short_id(held.endpoint)}" if held.endpoint else "an endpoint"))
         return f" by {who} on host {held.host}"
 
     def _claim(self, pid: str, addr: Any, kind: str, owner: str | None, create: bool = True) -> None:

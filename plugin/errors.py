@@ -34,3 +34,8 @@ class Unavailable(PluginError):
 
 class MethodNotFound(PluginError):
     status = 404
+
+
+def short_id(docker_id: str) -> str:
+    """How messages, logs and status name a Docker ID (network, endpoint, container): as `docker` prints it."""
+    return docker_id[:12]

@@ -17,7 +17,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from plugin import metrics
 from plugin.api import protocol as p
-from plugin.errors import InvalidRequest, MethodNotFound, PluginError
+from plugin.errors import InvalidRequest, MethodNotFound, PluginError, short_id
 from plugin.runtime.runtime import Runtime
 
 log = logging.getLogger("pyoverlay.calls")
@@ -85,7 +85,7 @@ def _ids(req: Any) -> str:
                          ("Pool", "subnet"), ("Address", "address")):
         value = getattr(req, field, None)
         if value:
-            out.append(f"{label}={value[:12] if field.endswith('ID') and field != 'PoolID' else value}")
+            out.append(f"{label}={short_id(value) if field.endswith('ID') and field != 'PoolID' else value}")
     return " ".join(out)
 
 

@@ -25,6 +25,7 @@ from kvstore import Keys, Store, StoreError, Txn
 from kvstore.records import NetDefRecord, PoolConfig
 from kvstore.watched import Update, WatchedMap
 from plugin.docker.api import DockerAPI, Resync
+from plugin.errors import short_id
 from plugin.state import LocalState
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,7 @@ class Propagation:
         with self._lock:
             _, uid = self.known.pop(network_id, (name, None))
             uid = self.state.originated(network_id) or uid
-            log.debug("network %s (%s) went here; its definition %s", name, network_id[:12], uid)
+            log.debug("network %s (%s) went here; its definition %s", name, short_id(network_id), uid)
             self.pending.pop(name, None)
             if uid is None:
                 return
@@ -231,7 +232,7 @@ class Propagation:
             containers = api.client.networks.get(network_id).attrs.get("Containers") or {}
         except docker.errors.APIError:
             return []
-        return sorted(c.get("Name", cid[:12]) for cid, c in containers.items())
+        return sorted(c.get("Name", short_id(cid)) for cid, c in containers.items())
 
     def _remember_originated(self, network_id: str, uid: str) -> None:
         self.state.set_originated(network_id, uid)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from plugin.errors import short_id
 from plugin.kernel.datapath import DataPath
 from plugin.state import LocalEndpoint, LocalNetwork
 
@@ -35,8 +36,8 @@ def kernel_garbage(datapath: DataPath, networks: dict[str, LocalNetwork],
             continue
         for eid in datapath.endpoint_links(vni):
             if eid not in joined:
-                out.append(Garbage("veth", f"veth of endpoint {eid[:12]} (vni {vni})", "no joined endpoint owns it",
-                                   ("veth", str(vni), eid)))
+                out.append(Garbage("veth", f"veth of endpoint {short_id(eid)} (vni {vni})",
+                                   "no joined endpoint owns it", ("veth", str(vni), eid)))
     for name in datapath.stale_host_links(set(endpoints)):
         out.append(Garbage("host-link", f"link {name}", "a leftover of an interrupted Join or network create",
                            ("host-link", name)))

@@ -34,7 +34,7 @@ from plugin.driver.options import (
     addressing,
     network_options,
 )
-from plugin.errors import Conflict, InvalidRequest, NotFound, PluginError, Unavailable
+from plugin.errors import Conflict, InvalidRequest, NotFound, PluginError, Unavailable, short_id
 from plugin.kernel.datapath import DataPath, NetworkPlan, mac_from_ip
 from plugin.kernel.ipsec import ESP_OVERHEAD
 from plugin.state import LocalEndpoint, LocalNetwork, LocalState
@@ -58,10 +58,6 @@ class Interface:
     address: str = ""
     address6: str = ""
     mac: str = ""
-
-
-def _short(docker_id: str) -> str:
-    return docker_id[:12]
 
 
 class NetworkDriver:
@@ -107,7 +103,7 @@ class NetworkDriver:
             mtu = self._set_up_kernel(nid, record)
             self.state.put_network(LocalNetwork(docker_network_id=nid, record=record, mtu=mtu))
         self._network_changed()
-        log.info("network %s: key=%s vni=%d mtu=%d subnets=%s", _short(nid), record.key, record.vni, mtu,
+        log.info("network %s: key=%s vni=%d mtu=%d subnets=%s", short_id(nid), record.key, record.vni, mtu,
                  ",".join(record.subnets))
         return {}
 
@@ -159,7 +155,7 @@ class NetworkDriver:
         if twin is not None:
             raise Conflict(
                 f"this host already has a Docker network for {wanted.key} (network "
-                f"{_short(twin.docker_network_id)}, created here by hand or by propagation): a second one would "
+                f"{short_id(twin.docker_network_id)}, created here by hand or by propagation): a second one would "
                 f"split the network; use that one (if Docker no longer lists it, `pyoverlay gc` removes what is "
                 f"left of it)"
             )
@@ -264,7 +260,7 @@ class NetworkDriver:
                     other = MemberRecord.load(mine.value, mine.key).docker_network_id
                     if other != nid and self.state.network(other) is not None:
                         raise Conflict(
-                            f"network {record.key} already exists on this host as Docker network {_short(other)}"
+                            f"network {record.key} already exists on this host as Docker network {short_id(other)}"
                         )
                 txn = Txn().unchanged(kv.key, kv.mod_revision).put(kv.key, kv.value).put(member_key, member.dump())
                 if self.store.commit(txn):
@@ -305,7 +301,7 @@ class NetworkDriver:
         try:
             self._leave_cluster_network(record)
         except StoreError as err:
-            log.error("network %s: rollback could not reach etcd (%s); queued", _short(nid), err)
+            log.error("network %s: rollback could not reach etcd (%s); queued", short_id(nid), err)
             self.state.defer({"op": "leave-network", "key": record.key})
             left.append(f"its membership in etcd ({err}; queued until etcd answers)")
         return "rolled back" if not left else f"failed to roll back: {'; '.join(left)}"
@@ -361,10 +357,10 @@ class NetworkDriver:
             try:
                 self._leave_cluster_network(local.record)
             except StoreError as err:
-                log.warning("network %s: etcd unreachable (%s); membership removal queued", _short(nid), err)
+                log.warning("network %s: etcd unreachable (%s); membership removal queued", short_id(nid), err)
                 self.state.defer({"op": "leave-network", "key": local.record.key})
         self._network_changed()
-        log.info("network %s deleted (key=%s vni=%d)", _short(nid), local.record.key, local.record.vni)
+        log.info("network %s deleted (key=%s vni=%d)", short_id(nid), local.record.key, local.record.vni)
         return {}
 
     @staticmethod
@@ -380,7 +376,7 @@ class NetworkDriver:
         local = self.state.network(nid)
         if local is None:
             raise NotFound(
-                f"NetworkID: unknown network {_short(nid)}: pyoverlay has no record of it on this host "
+                f"NetworkID: unknown network {short_id(nid)}: pyoverlay has no record of it on this host "
                 f"(created while another plugin served this name?); remove and re-create the network"
             )
         return local
@@ -480,13 +476,13 @@ class NetworkDriver:
                 self.store.delete(key)
             except StoreError as err:
                 log.warning("endpoint %s: etcd unreachable (%s); record removal queued",
-                            _short(record.endpoint_id), err)
+                            short_id(record.endpoint_id), err)
                 self.state.defer({"op": "delete", "key": key})
 
     def join(self, nid: str, eid: str, sandbox: str) -> dict[str, Any]:
         ep = self.state.endpoint(eid)
         if ep is None:
-            raise NotFound(f"EndpointID: unknown endpoint {_short(eid)} (CreateEndpoint never succeeded)")
+            raise NotFound(f"EndpointID: unknown endpoint {short_id(eid)} (CreateEndpoint never succeeded)")
         local = self._network(nid)
         try:
             ifname = self.datapath.add_endpoint(local.record.vni, eid, ep.record.mac, local.mtu)

@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from plugin.errors import Conflict, InvalidRequest, Unavailable
+from plugin.errors import Conflict, InvalidRequest, Unavailable, short_id
 from plugin.kernel import neighbours, netns
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,8 @@ def ns_name(vni: int) -> str:
     return f"pyo-{vni:06x}"
 
 
+# Interface names hold 15 characters: the endpoint ID's first 11 make them. A name is never proof of whose a link
+# is (another endpoint's ID may start alike); the tag in its alias is.
 def host_ifname(endpoint_id: str) -> str:
     return f"pyo{endpoint_id[:11]}"
 
@@ -474,7 +476,7 @@ class DataPath:
                 owner = self._owned(handle.link("get", index=old)[0], "ep")
                 if owner != endpoint_id:
                     raise Conflict(f"EndpointID: interface {name} already belongs to "
-                                   f"{'endpoint ' + owner[:12] if owner else 'something that is not pyoverlay'}")
+                                   f"{'endpoint ' + short_id(owner) if owner else 'something that is not pyoverlay'}")
                 handle.link("del", index=old)
         host_fd = netns.open_host()
         try:
@@ -514,7 +516,7 @@ class DataPath:
 
         def done(fut: Any) -> None:
             if fut.exception() is not None:
-                log.error("removing endpoint %s (vni %d): %s", endpoint_id[:12], vni, fut.exception())
+                log.error("removing endpoint %s (vni %d): %s", short_id(endpoint_id), vni, fut.exception())
 
         self._exec.submit(self.remove_endpoint, vni, endpoint_id).add_done_callback(done)
 

@@ -9,7 +9,7 @@ from ipam.subnets import NETWORK_OPT, pool_id, usable
 from kvstore import Keys, Store
 from kvstore.records import AddressRecord, AliasRecord, EndpointRecord, HostRecord, MemberRecord, NetworkRecord
 from plugin.docker.api import API_ERRORS, DockerAPI
-from plugin.errors import NotFound
+from plugin.errors import NotFound, short_id
 from plugin.state import LocalState
 
 
@@ -47,7 +47,7 @@ def inspect(name: str, store: Store, keys: Keys, state: LocalState, docker: Dock
     for kv in store.range(keys.members(rec.key))[0]:
         m = MemberRecord.load(kv.value, kv.key)
         live = hosts.get(m.host)
-        members[m.host] = {"docker_network_id": m.docker_network_id[:12], "live": live is not None,
+        members[m.host] = {"docker_network_id": short_id(m.docker_network_id), "live": live is not None,
                            "vtep": live.vtep if live else None, "key_epoch": live.key_epoch if live else None}
     names = {}
     for kv in store.range(keys.all_aliases() + rec.key + "/")[0]:
@@ -62,7 +62,7 @@ def inspect(name: str, store: Store, keys: Keys, state: LocalState, docker: Dock
             ep = EndpointRecord.load(kv.value, kv.key)
         except ValueError:
             continue
-        endpoints.append({"endpoint_id": ep.endpoint_id[:12], "host": ep.host, "vtep": ep.vtep, "mac": ep.mac,
+        endpoints.append({"endpoint_id": short_id(ep.endpoint_id), "host": ep.host, "vtep": ep.vtep, "mac": ep.mac,
                           "address": ep.address, "address6": ep.address6,
                           "container": ep.name or names.get(ep.endpoint_id)})
     addresses = []
@@ -78,7 +78,7 @@ def inspect(name: str, store: Store, keys: Keys, state: LocalState, docker: Dock
             except ValueError:
                 continue
             addresses.append({"pool": pid, "address": held.address, "kind": held.kind, "host": held.host,
-                              "owner": held.owner, "endpoint": held.endpoint[:12] if held.endpoint else None,
+                              "owner": held.owner, "endpoint": short_id(held.endpoint) if held.endpoint else None,
                               "claims": held.claims})
     return {
         "key": rec.key, "vni": rec.vni, "subnets": rec.subnets, "gateway": rec.gateway, "gateway6": rec.gateway6,

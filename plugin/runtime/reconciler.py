@@ -38,6 +38,7 @@ from plugin.cluster.peers import PeerSync
 from plugin.docker.api import API_ERRORS, DockerAPI
 from plugin.driver.garbage import Garbage, kernel_garbage, remove_kernel_garbage
 from plugin.driver.networks import NetworkDriver
+from plugin.errors import short_id
 from plugin.kernel.datapath import DataPath
 from plugin.kernel.vtepfilter import VtepFilter
 from plugin.state import LocalState
@@ -136,7 +137,7 @@ class Reconciler:
         if self.peers.synced:  # etcd's endpoint records, as the peers' watch holds them
             for key, rec in self.peers.endpoint_records().items():
                 if rec.host == self.host and rec.endpoint_id not in endpoints:
-                    out.append(Garbage("endpoint-record", f"endpoint {rec.endpoint_id[:12]} ({rec.address})",
+                    out.append(Garbage("endpoint-record", f"endpoint {short_id(rec.endpoint_id)} ({rec.address})",
                                        "etcd has it, this host does not", ("endpoint-record", key)))
         out += self._docker_candidates(networks, endpoints, addrs)
         return out
@@ -154,7 +155,7 @@ class Reconciler:
                 try:
                     info = self.docker.client.api.inspect_network(nid)
                 except docker.errors.NotFound:
-                    out.append(Garbage("network", f"network {local.record.key} ({nid[:12]})",
+                    out.append(Garbage("network", f"network {local.record.key} ({short_id(nid)})",
                                        "Docker no longer has this network", ("network", nid)))
                     continue
                 ips = set()
@@ -177,7 +178,7 @@ class Reconciler:
                     ifc = ipaddress.ip_interface(addr)
                     held[f"{_pool(local.record, ifc.network)}/{ifc.ip}"] = eid
             if eid not in docker_eps and ep.record.docker_network_id in used:
-                out.append(Garbage("endpoint", f"endpoint {eid[:12]} ({ep.record.address or ep.record.address6})",
+                out.append(Garbage("endpoint", f"endpoint {short_id(eid)} ({ep.record.address or ep.record.address6})",
                                    "Docker no longer has this endpoint", ("endpoint", eid)))
         pools = {_pool(local.record, ipaddress.ip_network(cidr)): local.docker_network_id
                  for local in networks.values() for cidr in local.record.subnets}

@@ -27,7 +27,7 @@ from plugin.docker.aliases import AliasPublisher
 from plugin.docker.api import DockerAPI, DockerWatch, Listener, Resync, socket_name
 from plugin.docker.propagation import Propagation
 from plugin.driver.networks import NetworkDriver
-from plugin.errors import Unavailable
+from plugin.errors import Unavailable, short_id
 from plugin.kernel.datapath import DataPath
 from plugin.kernel.ipsec import IPsec
 from plugin.kernel.vtepfilter import VtepFilter
@@ -163,7 +163,7 @@ class Runtime:
         enc = self.encryption
         return {
             "etcd": etcd,
-            "endpoints": [{"endpoint_id": e.record.endpoint_id[:12], "network": e.record.network_key,
+            "endpoints": [{"endpoint_id": short_id(e.record.endpoint_id), "network": e.record.network_key,
                            "address": e.record.address, "address6": e.record.address6, "mac": e.record.mac,
                            "joined": e.joined, "container": e.record.name}
                           for e in self.state.endpoints()],
@@ -177,7 +177,7 @@ class Runtime:
             "reconcile": {k: self.reconciler.last.get(k) for k in ("removed", "repaired", "waiting", "etcd")},
             "live_hosts": sorted(self.peers.hosts),
             "host": self.settings.host, "stage": self.stage, "scope": self.settings.scope,
-            "networks": {n.record.key: {"docker_id": n.docker_network_id[:12], "vni": n.record.vni, "mtu": n.mtu,
+            "networks": {n.record.key: {"docker_id": short_id(n.docker_network_id), "vni": n.record.vni, "mtu": n.mtu,
                                         "encrypted": n.record.encrypted, "subnets": n.record.subnets}
                          for n in self.state.networks()},
             "peers": {str(vni): {"expected": e, "programmed": p} for vni, (e, p) in self.peers.counts().items()},
