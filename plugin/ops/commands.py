@@ -73,12 +73,21 @@ def status(settings: Settings, as_json: bool) -> int:
     if as_json:
         _json(st)
         return 0
+    for part in (_status_overview, _status_tables, _status_keys, _status_services):
+        part(st)
+    return 0
+
+
+def _status_overview(st: dict[str, Any]) -> None:
     etcd = st["etcd"]
     print(f"host {st['host']}  ({st['stage']}, scope {st['scope']})")
     print(f"etcd {', '.join(etcd['endpoints'])}: " + (f"healthy, {etcd['latency_ms']} ms" if etcd["healthy"]
                                                       else f"UNREACHABLE: {etcd['error']}")
           + (f"; {etcd['pending_changes']} changes queued" if etcd["pending_changes"] else ""))
     print(f"live hosts: {', '.join(st['live_hosts']) or '-'}")
+
+
+def _status_tables(st: dict[str, Any]) -> None:
     print()
     print(f"{'NETWORK':<28} {'VNI':>8} {'MTU':>6} {'ENC':>4}  {'PEERS':>9}  SUBNETS")
     for key, n in sorted(st["networks"].items()):
@@ -90,6 +99,9 @@ def status(settings: Settings, as_json: bool) -> int:
     for e in sorted(st["endpoints"], key=lambda e: (e["network"], e["address"] or "")):
         print(f"{e['endpoint_id']:<13} {e['network']:<28} {e['address'] or e['address6'] or '-':<20} {e['mac']:<18} "
               f"{'yes' if e['joined'] else 'no':<6} {e['container'] or '-'}")
+
+
+def _status_keys(st: dict[str, Any]) -> None:
     keys = st["keys"]
     print()
     print(f"key epoch {keys['epoch']}, {keys['age_seconds']} s old (rotation every {keys['rotation_seconds']} s); "
@@ -97,6 +109,9 @@ def status(settings: Settings, as_json: bool) -> int:
           + (f"; waiting for {', '.join(keys['waiting_for'])}" if keys["waiting_for"] else ""))
     for h, why in sorted(keys["refused"].items()):
         print(f"  keys of {h} REFUSED: {why}")
+
+
+def _status_services(st: dict[str, Any]) -> None:
     vf = st.get("vtep_filter")
     if vf is not None:
         print("VXLAN filter: " + (f"{len(vf['vteps'])} registered VTEPs, {vf['dropped']} datagrams from others dropped"
@@ -120,7 +135,6 @@ def status(settings: Settings, as_json: bool) -> int:
         print(f"DNS: {'; '.join(names['serving']) or 'no network'}; upstreams {', '.join(names['upstreams']) or '-'}")
         if names.get("other_networks"):
             print(f"DNS address {names['address']} for other networks' containers: {names['other_networks']}")
-    return 0
 
 
 def inspect(settings: Settings, name: str, as_json: bool) -> int:
