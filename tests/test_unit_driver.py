@@ -229,3 +229,22 @@ def test_restore_rebuilds_the_recorded_networks_and_sweeps_what_nothing_owns(env
     assert list(env.kernel.networks) == [vni], "the recorded network is back, the unowned namespace gone"
     assert env.kernel.links == {EID: vni}, "the joined endpoint's veth stays, the unowned one goes"
     assert env.kernel.host_links == [f"pyo{EID[:8]}"]
+
+
+def test_inspect_shows_the_network_as_etcd_has_it_and_skips_invalid_records(env: Any) -> None:
+    from plugin.ops.cluster_view import inspect
+
+    pid = _pool(env, "10.37.0.0/24")
+    env.driver.create_network(NID, {}, [Subnet("10.37.0.0/24", "10.37.0.1/24")], [])
+    address = env.ipam.request_address(pid, "", {})["Address"]
+    env.driver.create_endpoint(NID, EID, Interface(address=address))
+    nkey = env.state.network(NID).record.key
+    env.store.put(env.keys.member(nkey, "h9"), b"{broken")       # a bad member record does not break inspect
+    info = inspect(NID[:12], env.store, env.keys, env.state, None)
+    assert info["key"] == nkey and info["vni"] == env.state.network(NID).record.vni
+    assert list(info["hosts"]) == ["h1"] and info["hosts"]["h1"]["docker_network_id"] == NID[:12]
+    assert [(e["endpoint_id"], e["address"]) for e in info["endpoints"]] == [(EID[:12], address)]
+    assert info["pools"][pid]["used"] == 1 and info["pools"][pid]["usable"] == 254
+    assert [(a["address"], a["endpoint"]) for a in info["addresses"]] == [(address.split("/")[0], EID[:12])]
+    with pytest.raises(NotFound, match="no pyoverlay network"):
+        inspect("nonesuch", env.store, env.keys, env.state, None)

@@ -35,56 +35,48 @@ def resolve(name: str, store: Store, keys: Keys, state: LocalState, docker: Dock
 
 
 def inspect(name: str, store: Store, keys: Keys, state: LocalState, docker: DockerAPI | None) -> dict[str, Any]:
+    """One network as etcd has it: its record, its hosts, endpoints, pools and addresses (invalid records are
+    left out here; `pyoverlay doctor` lists them)."""
     rec = resolve(name, store, keys, state, docker)
-    hosts = {}
-    for kv in store.range(keys.hosts())[0]:
-        try:
-            h = HostRecord.load(kv.value, kv.key)
-        except ValueError:
-            continue
-        hosts[h.host] = h
+    pools, addresses = _pools_and_addresses(rec, store, keys)
+    return {
+        "key": rec.key, "vni": rec.vni, "subnets": rec.subnets, "gateway": rec.gateway, "gateway6": rec.gateway6,
+        "encrypted": rec.encrypted, "internal": rec.internal, "mtu": rec.mtu, "port": rec.port,
+        "created_by": rec.created_by, "options": rec.options, "hosts": _members(rec, store, keys),
+        "endpoints": sorted(_endpoints(rec, store, keys), key=lambda e: (e["host"], e["address"] or "")),
+        "addresses": sorted(addresses, key=lambda a: (a["pool"], ipaddress.ip_address(a["address"]))),
+        "pools": pools,
+    }
+
+
+def _members(rec: NetworkRecord, store: Store, keys: Keys) -> dict[str, dict[str, Any]]:
+    hosts = {h.host: h for h in HostRecord.load_valid(store.range(keys.hosts())[0]).values()}
     members = {}
-    for kv in store.range(keys.members(rec.key))[0]:
-        m = MemberRecord.load(kv.value, kv.key)
+    for m in MemberRecord.load_valid(store.range(keys.members(rec.key))[0]).values():
         live = hosts.get(m.host)
         members[m.host] = {"docker_network_id": short_id(m.docker_network_id), "live": live is not None,
                            "vtep": live.vtep if live else None, "key_epoch": live.key_epoch if live else None}
-    names = {}
-    for kv in store.range(keys.all_aliases() + rec.key + "/")[0]:
-        try:
-            a = AliasRecord.load(kv.value, kv.key)
-            names[a.endpoint_id] = a.container
-        except ValueError:
-            continue
-    endpoints = []
-    for kv in store.range(keys.endpoints(rec.key))[0]:
-        try:
-            ep = EndpointRecord.load(kv.value, kv.key)
-        except ValueError:
-            continue
-        endpoints.append({"endpoint_id": short_id(ep.endpoint_id), "host": ep.host, "vtep": ep.vtep, "mac": ep.mac,
-                          "address": ep.address, "address6": ep.address6,
-                          "container": ep.name or names.get(ep.endpoint_id)})
-    addresses = []
-    pools = {}
+    return members
+
+
+def _endpoints(rec: NetworkRecord, store: Store, keys: Keys) -> list[dict[str, Any]]:
+    aliases = AliasRecord.load_valid(store.range(keys.all_aliases() + rec.key + "/")[0]).values()
+    names = {a.endpoint_id: a.container for a in aliases}
+    return [{"endpoint_id": short_id(ep.endpoint_id), "host": ep.host, "vtep": ep.vtep, "mac": ep.mac,
+             "address": ep.address, "address6": ep.address6, "container": ep.name or names.get(ep.endpoint_id)}
+            for ep in EndpointRecord.load_valid(store.range(keys.endpoints(rec.key))[0]).values()]
+
+
+def _pools_and_addresses(rec: NetworkRecord, store: Store, keys: Keys
+                         ) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    pools, addresses = {}, []
     for cidr in rec.subnets:
         pid = pool_id(ipaddress.ip_network(cidr), rec.options.get(NETWORK_OPT))
         kvs, _ = store.range(keys.addrs(pid))
         first, last = usable(ipaddress.ip_network(cidr))
         pools[pid] = {"cidr": cidr, "used": len(kvs), "usable": last - first + 1}
-        for kv in kvs:
-            try:
-                held = AddressRecord.load(kv.value, kv.key)
-            except ValueError:
-                continue
+        for held in AddressRecord.load_valid(kvs).values():
             addresses.append({"pool": pid, "address": held.address, "kind": held.kind, "host": held.host,
                               "owner": held.owner, "endpoint": short_id(held.endpoint) if held.endpoint else None,
                               "claims": held.claims})
-    return {
-        "key": rec.key, "vni": rec.vni, "subnets": rec.subnets, "gateway": rec.gateway, "gateway6": rec.gateway6,
-        "encrypted": rec.encrypted, "internal": rec.internal, "mtu": rec.mtu, "port": rec.port,
-        "created_by": rec.created_by, "options": rec.options, "hosts": members,
-        "endpoints": sorted(endpoints, key=lambda e: (e["host"], e["address"] or "")),
-        "addresses": sorted(addresses, key=lambda a: (a["pool"], ipaddress.ip_address(a["address"]))),
-        "pools": pools,
-    }
+    return pools, addresses
