@@ -23,6 +23,9 @@ class ConfigError(Exception):
     pass
 
 
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
 def _env(name: str, default: str | None = None) -> str | None:
     value = os.environ.get(name)
     return value if value not in (None, "") else default
@@ -49,7 +52,7 @@ def _float(name: str, default: float) -> float:
         raise ConfigError(f"{name}={raw!r} is not a number") from None
 
 
-def _pool(name: str, default: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, int]:
+def _pool(name: str, default: str) -> tuple[IPNetwork, int]:
     """BASE/SIZE, for example 10.128.0.0/9/24: networks of /SIZE taken from BASE."""
     raw = _env(name, default) or default
     try:
@@ -162,21 +165,38 @@ class Settings:
         )
 
 
-def load() -> Settings:
+def _scope() -> str:
     scope = (_env("PYOVERLAY_SCOPE", "local") or "local").lower()
     if scope not in ("local", "global"):
         raise ConfigError(f"PYOVERLAY_SCOPE={scope!r}: use local (plain Docker) or global (swarm)")
-    endpoints = [e.strip() for e in (_env("ETCD_ENDPOINTS", "") or "").split(",") if e.strip()]
-    mtu = _env("PYOVERLAY_MTU")
+    return scope
+
+
+def _pools() -> tuple[tuple[IPNetwork, int], tuple[IPNetwork, int]]:
     pool4 = _pool("PYOVERLAY_DEFAULT_POOL", "10.128.0.0/9/24")
     pool6 = _pool("PYOVERLAY_DEFAULT_POOL6", "fd75:7079:6f76::/48/64")
     if pool4[0].version != 4 or pool6[0].version != 6:
         raise ConfigError("PYOVERLAY_DEFAULT_POOL must be IPv4 and PYOVERLAY_DEFAULT_POOL6 IPv6")
+    return pool4, pool6
+
+
+def _ports() -> tuple[int, int]:
+    """The clear VXLAN port and the encrypted networks' port (whatever is sent to it goes inside ESP)."""
     vxlan_port = _int("PYOVERLAY_VXLAN_PORT", DEFAULT_VXLAN_PORT, 1, 65535)
     esp_port = _int("PYOVERLAY_ESP_PORT", vxlan_port + 1 if vxlan_port < 65535 else vxlan_port - 1, 1, 65535)
     if esp_port == vxlan_port:
         raise ConfigError(f"PYOVERLAY_ESP_PORT={esp_port} must differ from PYOVERLAY_VXLAN_PORT: the kernel "
                           f"encrypts everything sent to the encrypted networks' port, and only that")
+    return vxlan_port, esp_port
+
+
+def _list(name: str) -> list[str]:
+    return [item.strip() for item in (_env(name, "") or "").split(",") if item.strip()]
+
+
+def load() -> Settings:
+    """The settings from the environment, each checked: a ConfigError names the variable and what it takes."""
+    scope, (pool4, pool6), (vxlan_port, esp_port) = _scope(), _pools(), _ports()
     return Settings(
         socket=Path(_env("PYOVERLAY_SOCKET", DEFAULT_SOCKET) or DEFAULT_SOCKET),
         state_dir=Path(_env("PYOVERLAY_STATE_DIR", DEFAULT_STATE_DIR) or DEFAULT_STATE_DIR),
@@ -185,8 +205,8 @@ def load() -> Settings:
         vxlan_port=vxlan_port,
         esp_port=esp_port,
         scope=scope,
-        mtu=_int("PYOVERLAY_MTU", 0, 576, 65535) if mtu else None,
-        etcd_endpoints=endpoints,
+        mtu=_int("PYOVERLAY_MTU", 0, 576, 65535) if _env("PYOVERLAY_MTU") else None,
+        etcd_endpoints=_list("ETCD_ENDPOINTS"),
         etcd_cacert=_env("ETCD_CACERT"),
         etcd_cert=_env("ETCD_CERT"),
         etcd_key=_env("ETCD_KEY"),
@@ -206,7 +226,7 @@ def load() -> Settings:
         # Swarm propagates networks and resolves names across nodes itself.
         propagate=_bool("PYOVERLAY_PROPAGATE", scope == "local"),
         dns=_bool("PYOVERLAY_DNS", scope == "local"),
-        dns_upstreams=[u.strip() for u in (_env("PYOVERLAY_DNS_UPSTREAMS", "") or "").split(",") if u.strip()],
+        dns_upstreams=_list("PYOVERLAY_DNS_UPSTREAMS"),
         dns_address=_dns_address(),
         docker_host=_env("DOCKER_HOST"),
         docker_name=_env("PYOVERLAY_DOCKER_NAME"),
