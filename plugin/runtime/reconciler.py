@@ -147,24 +147,8 @@ class Reconciler:
         """What Docker no longer has. Nothing when Docker cannot be asked."""
         if self.docker is None:
             return []
-        out: list[Garbage] = []
-        used: dict[str, set[str]] = {}      # docker network id -> addresses Docker's endpoints hold
-        docker_eps: set[str] = set()
         try:
-            for nid, local in networks.items():
-                try:
-                    info = self.docker.client.api.inspect_network(nid)
-                except docker.errors.NotFound:
-                    out.append(Garbage("network", f"network {local.record.key} ({short_id(nid)})",
-                                       "Docker no longer has this network", ("network", nid)))
-                    continue
-                ips = set()
-                for c in (info.get("Containers") or {}).values():
-                    docker_eps.add(c.get("EndpointID", ""))
-                    for field in ("IPv4Address", "IPv6Address"):
-                        if c.get(field):
-                            ips.add(str(ipaddress.ip_interface(c[field]).ip))
-                used[nid] = ips
+            out, used, docker_eps = self._docker_networks(self.docker, networks)
         except API_ERRORS as err:
             log.debug("reconcile: Docker API unavailable (%s); nothing Docker owns is judged", err)
             return []
@@ -180,6 +164,36 @@ class Reconciler:
             if eid not in docker_eps and ep.record.docker_network_id in used:
                 out.append(Garbage("endpoint", f"endpoint {short_id(eid)} ({ep.record.address or ep.record.address6})",
                                    "Docker no longer has this endpoint", ("endpoint", eid)))
+        return out + self._address_garbage(networks, addrs, held, used)
+
+    @staticmethod
+    def _docker_networks(api: DockerAPI, networks: dict[str, Any]
+                         ) -> tuple[list[Garbage], dict[str, set[str]], set[str]]:
+        """Docker's view of this host's networks: those it no longer has (garbage), the addresses its endpoints
+        hold per network, and its endpoint IDs. Raises API_ERRORS when Docker cannot be asked."""
+        out: list[Garbage] = []
+        used: dict[str, set[str]] = {}      # docker network id -> addresses Docker's endpoints hold
+        docker_eps: set[str] = set()
+        for nid, local in networks.items():
+            try:
+                info = api.client.api.inspect_network(nid)
+            except docker.errors.NotFound:
+                out.append(Garbage("network", f"network {local.record.key} ({short_id(nid)})",
+                                   "Docker no longer has this network", ("network", nid)))
+                continue
+            ips = set()
+            for c in (info.get("Containers") or {}).values():
+                docker_eps.add(c.get("EndpointID", ""))
+                for field in ("IPv4Address", "IPv6Address"):
+                    if c.get(field):
+                        ips.add(str(ipaddress.ip_interface(c[field]).ip))
+            used[nid] = ips
+        return out, used, docker_eps
+
+    def _address_garbage(self, networks: dict[str, Any], addrs: list[KV], held: dict[str, str],
+                         used: dict[str, set[str]]) -> list[Garbage]:
+        """This host's address records in its networks' pools that no endpoint holds and Docker does not use."""
+        out: list[Garbage] = []
         pools = {_pool(local.record, ipaddress.ip_network(cidr)): local.docker_network_id
                  for local in networks.values() for cidr in local.record.subnets}
         for kv in addrs:
