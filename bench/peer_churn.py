@@ -21,7 +21,7 @@ from tests.peer_fleet import Fleet
 def run(hosts: int, per_host: int, coalesce: bool) -> dict[str, float]:
     fleet = Fleet(hosts, per_host)
     if not coalesce:
-        fleet.peers._reconcile_soon = fleet.peers.reconcile  # type: ignore[method-assign]
+        fleet.peers._pass_soon = fleet.peers.full_pass  # type: ignore[method-assign]
     fleet.write_hosts()
     fleet.peers.start()
     try:

@@ -63,7 +63,7 @@ def test_a_change_is_programmed_from_the_changed_records_alone() -> None:
         mine = rec.model_copy(update={"host": "local", "endpoint_id": "local1"})
         fleet.state.put_endpoint(LocalEndpoint(record=mine))
         fleet.want.pop(claimed)
-        fleet.peers._reconcile_soon()
+        fleet.peers._pass_soon()
         fleet.wait_programmed()
         # A failed add is retried by a pass of its own, change or no change, without a full recomputation.
         failing = fleet.prepare(1)[0]

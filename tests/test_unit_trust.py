@@ -411,7 +411,7 @@ def test_guard_repair_keeps_encrypted_vxlan_down_until_everything_is_back_then_u
         def __init__(self, enc: Enc) -> None:
             self.enc, self.synced_policies, self.forced = enc, 0, []
 
-        def reconcile(self) -> None:
+        def full_pass(self) -> None:
             self.enc.missing = []   # a sync puts the per-peer policies back
             self.synced_policies += 1
 
@@ -435,7 +435,7 @@ def test_guard_repair_keeps_encrypted_vxlan_down_until_everything_is_back_then_u
     # Something a sync cannot repair: the devices stay down, and come up at the first pass that finds it back.
     enc.missing = ["the iptables guard"]
     enc.repair_guard = lambda: None  # type: ignore[method-assign]
-    r.peers.reconcile = lambda: None  # type: ignore[method-assign]
+    r.peers.full_pass = lambda: None  # type: ignore[method-assign]
     assert "still missing" in r.repair_guard()[0] and path.up == {5000: False}
     enc.missing = []
     assert "up again" in r.repair_guard()[0] and path.up == {5000: True}

@@ -77,7 +77,7 @@ class PeerSync:
         self.known: dict[str, HostRecord] = {}            # the last valid record of every host that is live
         #                                                   or still has endpoint records (not departed)
         self.programmed: dict[int, dict[str, Peer]] = {}  # vni -> entry key (endpoint key#address) -> peer
-        # What should be programmed, kept current change by change (see reconcile):
+        # What should be programmed, kept current change by change (see _run_pass):
         self.want: dict[int, dict[str, Peer]] = {}        # vni -> entry key -> peer
         self._want_of: dict[str, list[tuple[int, str]]] = {}  # endpoint key -> its (vni, entry key) in want
         self._users: dict[int, Counter[tuple[str, str]]] = {}  # vni -> (ip, mac) -> entries in want
@@ -94,7 +94,7 @@ class PeerSync:
         self._background = ThreadPoolExecutor(1, thread_name_prefix="peers")
         self._pending_lock = threading.Lock()
         self._pending = False
-        self.passes = 0      # reconcile passes run for watch changes (a burst is coalesced into few)
+        self.passes = 0      # passes run for watch changes (a burst is coalesced into few)
         self._last_pass = 0.0
         self._retry: threading.Timer | None = None
         self._suspects: dict[int, set[Peer]] = {}         # vni -> peers missing at the last kernel check
@@ -136,7 +136,7 @@ class PeerSync:
             self._full = True
         self._prune_known()
         self._hosts_changed()
-        self._reconcile_soon()
+        self._pass_soon()
 
     def _whole_view(self) -> bool:
         return len(self._views) == 2
@@ -172,7 +172,7 @@ class PeerSync:
             self._prune_known()
             if whole or set(self.known) != before:
                 self._hosts_changed()
-        self._reconcile_soon()
+        self._pass_soon()
 
     # -- desired vs programmed --------------------------------------------------------------------------
     #
@@ -225,13 +225,13 @@ class PeerSync:
             link(self._by_host, ep.host, key)
             link(self._by_network, ep.network_key, key)
 
-    def reconcile(self) -> None:
+    def full_pass(self) -> None:
         """Program the difference between what should be and what is, all of it (safe to call any time)."""
         with self._lock:
             self._full = True
-            self._reconcile()
+            self._run_pass()
 
-    def _reconcile(self) -> None:
+    def _run_pass(self) -> None:
         if not self._whole_view():
             return  # the kernel keeps what it has until both watches have delivered their snapshot
         local, mine = self._local_view()
@@ -375,9 +375,9 @@ class PeerSync:
         Queued, not run here: Docker waits on CreateNetwork, and a network with thousands of remote
         endpoints takes seconds to program. Reconciles are serialised by the lock and idempotent.
         """
-        self._background.submit(self._reconcile_logged, False)   # the pass looks at that network alone
+        self._background.submit(self._run_pass_logged, False)   # the pass looks at that network alone
 
-    def _reconcile_soon(self) -> None:
+    def _pass_soon(self) -> None:
         """Watch callbacks only record what changed; a pass on the peers thread programs it. Changes that arrive
         while a pass runs are programmed together by the next one: a burst of a thousand watch answers costs a
         few passes over the desired state, not a thousand (each is O(all endpoints))."""
@@ -391,7 +391,7 @@ class PeerSync:
         """Entries the kernel refused get a pass of their own after RETRY_AFTER, change or no change."""
         if self._retry is not None and self._retry.is_alive():
             return
-        self._retry = threading.Timer(RETRY_AFTER, self._reconcile_soon)
+        self._retry = threading.Timer(RETRY_AFTER, self._pass_soon)
         self._retry.daemon = True
         self._retry.start()
 
@@ -404,14 +404,14 @@ class PeerSync:
         with self._pending_lock:
             self._pending = False
         self.passes += 1
-        self._reconcile_logged(full=False)
+        self._run_pass_logged(full=False)
         self._last_pass = time.monotonic()
 
-    def _reconcile_logged(self, full: bool = True) -> None:
+    def _run_pass_logged(self, full: bool = True) -> None:
         try:
             with self._lock:
                 self._full = self._full or full
-                self._reconcile()
+                self._run_pass()
         except Exception:  # noqa: BLE001 - the next change or watch event retries
             with self._lock:
                 self._full = True
@@ -452,7 +452,7 @@ class PeerSync:
                 log.warning("vni %d: %d peers missing from the kernel; programming them again", vni, len(gone))
                 lost.append(vni)
         if lost:
-            self._reconcile_soon()
+            self._pass_soon()
         return lost
 
     def _missing(self, vni: int, believed: set[Peer]) -> set[Peer]:

@@ -83,7 +83,7 @@ class Reconciler:
             self._guard_down.update(vnis)
             try:
                 self.encryption.repair_guard()
-                self.peers.reconcile()  # per-peer policies and states come back with a sync
+                self.peers.full_pass()  # per-peer policies and states come back with a sync
             except Exception as err:  # noqa: BLE001 - they stay down; retried next pass
                 log.error("encryption guard: could not re-install it (%s); encrypted networks stay down", err)
                 return [f"encryption guard missing ({', '.join(missing)}); re-installing failed: {err}"]
@@ -95,7 +95,7 @@ class Reconciler:
         for vni in sorted(self._guard_down):
             self.datapath.set_vxlan_up(vni, True)
         up, self._guard_down = set(self._guard_down), set()
-        self.peers.reconcile()
+        self.peers.full_pass()
         self.peers.verify_kernel(force=up)  # a device taken down lost its neighbour entries
         metrics.RECONCILE_REPAIRS.labels("encryption-guard").inc()
         gone = f" ({', '.join(missing)} had gone)" if missing else ""

@@ -251,7 +251,7 @@ class Runtime:
         if self.encryption.rotation_due():
             # Inbound states of the new epoch are in place (reconcile) before the key is published.
             self.encryption.rotate()
-            self.peers.reconcile()
+            self.peers.full_pass()
         self._keep_registered()
         if not self.synced:
             self.driver.republish()
