@@ -43,6 +43,9 @@ def _nothing(*_: object) -> None:
 
 
 class Runtime:
+    """Builds every component in three steps (this host's own, the cluster's, the repair), each getting what it
+    needs at construction, and runs the background loops (see docs/architecture.md, Threads)."""
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.keys = Keys(settings.etcd_prefix)
@@ -50,33 +53,9 @@ class Runtime:
         self.store = KVStore(settings.etcd(), observe=metrics.observe_etcd, health_key=self.keys.health())
         self.state = LocalState(settings.state_dir / "state.json")
         self.datapath = DataPath(settings.netns_dir, settings.host, settings.vtep)
-        defaults = DefaultPools(settings.default_pool[0], settings.default_pool[1],
-                                settings.default_pool6[0], settings.default_pool6[1])
-        self.ipam = Ipam(self.store, self.keys, settings.host, defaults, self.datapath.host_routes,
-                         swarm=settings.scope == "global")
-        self.encryption = Encryption(KeyRing(settings.state_dir / "keys"), IPsec(), settings.host,
-                                     lambda: self.datapath.underlay().address, settings.esp_port,
-                                     settings.cluster_secret, settings.key_rotation, settings.key_bits)
-        self.driver = NetworkDriver(settings, self.store, self.keys, self.datapath, self.state, self.ipam,
-                                    self.encryption, network_changed=self._network_changed)
-        # The cluster experience on plain Docker: names across hosts, networks on every host.
-        self.names = NameService(self.store, self.keys, self.state, self.datapath, settings.dns_upstreams,
-                                 settings.dns_address) \
-            if settings.dns else None
-        self.vtep_filter = VtepFilter([settings.vxlan_port, settings.esp_port], self._vteps) \
-            if settings.vtep_filter else None
-        self.peers = PeerSync(self.store, self.keys, self.datapath, self.state, settings.host, self.encryption,
-                              names=self.names.changed if self.names is not None else _nothing,
-                              hosts_changed=self._hosts_changed, acks_changed=self.wake)
-        self.propagation, self.docker = self._docker_consumers()
-        # Its own Docker client: the reconciler's calls must not queue behind the event worker's.
-        reconcile_docker = DockerAPI(settings.docker_host, socket_name(settings.socket), settings.docker_name) \
-            if settings.scope == "local" else None
-        self.reconciler = Reconciler(self.driver, self.datapath, self.peers, self.state, self.store, self.keys,
-                                     settings.host, reconcile_docker, self.vtep_filter, settings.reconcile_grace,
-                                     self.encryption)
-        self.departures = Departures(self.store, self.keys, settings.host, settings.dead_host_grace,
-                                     [self.driver.forget_host, self.ipam.forget_host])
+        self._build_host()
+        self._build_cluster()
+        self._build_repair()
         self.ready = threading.Event()
         self.stage = "starting"
         self.lease: int | None = None
@@ -91,6 +70,45 @@ class Runtime:
         # the background thread must not let it expire (other hosts would see this one leave).
         self._lease_thread = threading.Thread(target=self._lease_loop, name="lease", daemon=True)
         self._lease_lock = threading.Lock()
+
+    def _build_host(self) -> None:
+        """This host's calls: addresses, keys, the driver."""
+        settings = self.settings
+        defaults = DefaultPools(settings.default_pool[0], settings.default_pool[1],
+                                settings.default_pool6[0], settings.default_pool6[1])
+        self.ipam = Ipam(self.store, self.keys, settings.host, defaults, self.datapath.host_routes,
+                         swarm=settings.scope == "global")
+        self.encryption = Encryption(KeyRing(settings.state_dir / "keys"), IPsec(), settings.host,
+                                     lambda: self.datapath.underlay().address, settings.esp_port,
+                                     settings.cluster_secret, settings.key_rotation, settings.key_bits)
+        self.driver = NetworkDriver(settings, self.store, self.keys, self.datapath, self.state, self.ipam,
+                                    self.encryption, network_changed=self._network_changed)
+
+    def _build_cluster(self) -> None:
+        """Other hosts: their endpoints (peers), and on plain Docker names across hosts and networks on every
+        host; the names and the VTEP filter follow the peers."""
+        settings = self.settings
+        self.names = NameService(self.store, self.keys, self.state, self.datapath, settings.dns_upstreams,
+                                 settings.dns_address) \
+            if settings.dns else None
+        self.vtep_filter = VtepFilter([settings.vxlan_port, settings.esp_port], self._vteps) \
+            if settings.vtep_filter else None
+        self.peers = PeerSync(self.store, self.keys, self.datapath, self.state, settings.host, self.encryption,
+                              names=self.names.changed if self.names is not None else _nothing,
+                              hosts_changed=self._hosts_changed, acks_changed=self.wake)
+        self.propagation, self.docker = self._docker_consumers()
+
+    def _build_repair(self) -> None:
+        """The reconciler and the departures of dead hosts."""
+        settings = self.settings
+        # Its own Docker client: the reconciler's calls must not queue behind the event worker's.
+        reconcile_docker = DockerAPI(settings.docker_host, socket_name(settings.socket), settings.docker_name) \
+            if settings.scope == "local" else None
+        self.reconciler = Reconciler(self.driver, self.datapath, self.peers, self.state, self.store, self.keys,
+                                     settings.host, reconcile_docker, self.vtep_filter, settings.reconcile_grace,
+                                     self.encryption)
+        self.departures = Departures(self.store, self.keys, settings.host, settings.dead_host_grace,
+                                     [self.driver.forget_host, self.ipam.forget_host])
 
     def start(self) -> None:
         if self.settings.metrics_addr:
