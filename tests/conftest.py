@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.rig import Etcd, Rig, cleanup_stale
+from kvstore import EtcdConfig, KVStore
+from tests.rig import Etcd, Rig, cleanup_stale, wait_for
 
 
 def _need_root() -> None:
@@ -93,6 +94,14 @@ def net(rig1: Rig, cleanup):  # type: ignore[no-untyped-def]
     nid = h.docker("network", "inspect", "-f", "{{.ID}}", "n-bad").stdout.strip()
     eid = h.docker("inspect", "-f", '{{(index .NetworkSettings.Networks "n-bad").EndpointID}}',
                    "bad-holder").stdout.strip()
+    # The holder's names reach etcd after its start event (the alias publisher): let that settle first, so
+    # that tests comparing etcd before and after a request see only what the request did.
+    store = KVStore(EtcdConfig([rig1.etcd.local_url]))
+    try:
+        wait_for("the holder's alias record", lambda: store.get(f"{rig1.etcd_prefix}/aliases/10.30.0.0_24/{eid}"),
+                 timeout=60)
+    finally:
+        store.close()
     return {"nid": nid, "eid": eid, "pool": "cidr.10.30.0.0_24"}
 
 
