@@ -60,6 +60,14 @@ def snapshot(rig: Rig, store: KVStore) -> tuple[list[tuple[str, bytes]], str]:
     return sorted((kv.key, kv.value) for kv in kvs), state.read_text() if state.exists() else ""
 
 
+def changes(before: tuple[list[tuple[str, bytes]], str], after: tuple[list[tuple[str, bytes]], str]) -> str:
+    """What differs between two snapshots, for the failure message: etcd keys (before -> after), state file."""
+    was, now = dict(before[0]), dict(after[0])
+    keys = {k: (was.get(k), now.get(k)) for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)}
+    state = "state.json unchanged" if before[1] == after[1] else f"state.json {before[1]!r} -> {after[1]!r}"
+    return f"etcd {keys}; {state}"
+
+
 def test_hostile_requests_get_an_answer_or_a_json_err_and_rejections_change_nothing(rig1: Rig, net, cleanup) -> None:  # type: ignore[no-untyped-def]
     h = rig1.hosts[0]
     target = net
@@ -77,7 +85,8 @@ def test_hostile_requests_get_an_answer_or_a_json_err_and_rejections_change_noth
         if "Err" in reply:
             assert isinstance(reply["Err"], str) and reply["Err"].strip(), (method, raw, reply)
             assert status >= 400, (method, raw, status, reply)
-            assert snapshot(rig1, store) == before, f"rejected {method} {raw[:200]!r} changed state: {reply}"
+            after = snapshot(rig1, store)
+            assert after == before, f"rejected {method} {raw[:200]!r} changed state: {reply}; {changes(before, after)}"
             counts["err"] += 1
         else:
             assert status == 200, (method, raw, status, reply)
