@@ -116,7 +116,7 @@ class Propagation:
             if uid is None:
                 return
             self._undelivered[name] = uid
-            self._forget_originated(network_id)
+            self.state.forget_originated(network_id)
         self._deliver_removals()
 
     def _deliver_removals(self) -> None:
@@ -167,13 +167,13 @@ class Propagation:
         mine = definition_of(net, self.host, api.driver_name())
         if current is None:
             if self.store.create(self.keys.netdef(name), mine.dump()):
-                self._remember_originated(net["Id"], mine.uid)
+                self.state.set_originated(net["Id"], mine.uid)
                 self.conflicts.pop(name, None)
                 log.info("network %s published: every host running pyoverlay creates it", name)
             return
         problem = same_network(mine, current[0])
         if problem is None:  # the same network, created here by hand too: it is that definition's copy
-            self._remember_originated(net["Id"], current[0].uid)
+            self.state.set_originated(net["Id"], current[0].uid)
             self.conflicts.pop(name, None)
         elif self.conflicts.get(name) != problem:
             self.conflicts[name] = problem
@@ -223,7 +223,7 @@ class Propagation:
         with self._lock:
             self.pending.pop(name, None)
             self.known.pop(net["Id"], None)
-            self._forget_originated(net["Id"])
+            self.state.forget_originated(net["Id"])
         log.info("network %s removed here (removed in the cluster)", name)
 
     @staticmethod
@@ -233,12 +233,6 @@ class Propagation:
         except docker.errors.APIError:
             return []
         return sorted(c.get("Name", short_id(cid)) for cid, c in containers.items())
-
-    def _remember_originated(self, network_id: str, uid: str) -> None:
-        self.state.set_originated(network_id, uid)
-
-    def _forget_originated(self, network_id: str) -> None:
-        self.state.forget_originated(network_id)
 
     def status(self) -> dict[str, Any]:
         with self._lock:

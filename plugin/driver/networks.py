@@ -110,10 +110,11 @@ class NetworkDriver:
     def _check_encryption_possible(self, options: NetworkOptions) -> None:
         if not options.encrypted:
             return
-        if self.encryption.missing():
+        missing = self.encryption.missing()   # probes the kernel: once
+        if missing:
             # Fail closed: no clear-text network may stand in for an encrypted one.
             raise Unavailable(
-                f"--opt encrypted: this host's kernel lacks {'; '.join(self.encryption.missing())}. "
+                f"--opt encrypted: this host's kernel lacks {'; '.join(missing)}. "
                 f"No network was created and no clear-text path was set up; use a kernel with IPsec ESP and "
                 f"AES-GCM, or create the network without --opt encrypted only if clear text is acceptable"
             )
