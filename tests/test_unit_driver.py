@@ -16,8 +16,8 @@ from ipam.subnets import network_key
 from kvstore import Keys, MemoryStore
 from kvstore.records import EndpointRecord, NetworkRecord
 from plugin import config
-from plugin.driver.networks import Interface, NetworkDriver
-from plugin.driver.options import Subnet
+from plugin.driver.networks import NetworkDriver
+from plugin.driver.options import Interface, Subnet
 from plugin.errors import Conflict, InvalidRequest, NotFound, Unavailable
 from plugin.kernel.datapath import NetworkPlan, Underlay
 from plugin.state import LocalState

@@ -11,8 +11,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError
 
-from plugin.driver.networks import Interface
-from plugin.driver.options import Subnet
+from plugin.driver.options import Interface, Subnet
 from plugin.errors import InvalidRequest
 
 # Docker IDs end up in etcd keys and interface names: keep them to safe characters.

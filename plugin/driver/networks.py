@@ -13,7 +13,6 @@ import threading
 import zlib
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from ipam.allocator import Ipam, store_errors
@@ -29,6 +28,7 @@ from plugin.driver.options import (
     VNI_MIN,
     VNI_OPT,
     Addressing,
+    Interface,
     NetworkOptions,
     Subnet,
     addressing,
@@ -49,15 +49,6 @@ def _loads_as(cls: type[R], kv: KV) -> R | None:
         return cls.load(kv.value, kv.key)
     except InvalidRecord:
         return None
-
-
-@dataclass(frozen=True)
-class Interface:
-    """What Docker's IPAM chose for a new endpoint (CreateEndpoint's Interface); "" where it chose nothing."""
-
-    address: str = ""
-    address6: str = ""
-    mac: str = ""
 
 
 class NetworkDriver:

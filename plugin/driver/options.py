@@ -1,4 +1,4 @@
-"""A CreateNetwork's options and subnets, checked: what `docker network create` was given, as plain values.
+"""The driver's plain inputs: a CreateNetwork's options and subnets, checked, and a CreateEndpoint's interface.
 
 Nothing here touches etcd or the kernel; every refusal names the option and what it takes.
 """
@@ -29,6 +29,15 @@ class Subnet:
     pool: str
     gateway: str | None = None
     reserved: tuple[str, ...] = ()   # --aux-address values: never handed to a container
+
+
+@dataclass(frozen=True)
+class Interface:
+    """What Docker's IPAM chose for a new endpoint (CreateEndpoint's Interface); "" where it chose nothing."""
+
+    address: str = ""
+    address6: str = ""
+    mac: str = ""
 
 
 @dataclass(frozen=True)
