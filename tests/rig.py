@@ -462,7 +462,7 @@ class DockerHost:
                                         stderr=subprocess.STDOUT, start_new_session=True, env=env)
         try:
             wait_for(f"dockerd on {self.name}",
-                     lambda: self.docker("info", check=False, timeout=5 * SLOW).returncode == 0,
+                     lambda: self.docker("info", check=False, timeout=5).returncode == 0,
                      timeout=60 * SLOW, interval=0.2)
         except TimeoutError:
             print(f"--- {self.name} dockerd log (tail)\n{self.dockerd_log()[-4000:]}")
@@ -628,7 +628,9 @@ class DockerHost:
     # -- helpers for tests ------------------------------------------------------------------------------
 
     def docker(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return sh(*self.docker_cmd(), *args, check=check, timeout=timeout)
+        # In the guest dockerd itself is slow (a bridge network takes ~10 s to create there, a container
+        # ~30 s when the machine's CPU is stolen): its commands get the guest's margin.
+        return sh(*self.docker_cmd(), *args, check=check, timeout=timeout * SLOW)
 
     def docker_cmd(self) -> list[str]:
         """The engine's own client, talking to this host's dockerd."""

@@ -1,29 +1,107 @@
-"""nftables through its JSON interface (`nft -j -f -`): rulesets are data, never text to be parsed.
+"""nftables through its JSON interface: rulesets are data, never text to be parsed.
 
 Values that came from etcd or Docker (addresses, VNIs, ports) enter as JSON numbers and strings, so none can
 close a brace or start a new command the way text fed to `nft -f` could. Only pyoverlay's own constants are
 names and comments.
+
+The commands go to libnftables in this process (the library `nft` itself is built on), not to an `nft`
+child: the reconciler checks the firewall every few seconds, and a fork and exec of nft each time cost a
+host ~1.5% of a core when idle and a slow kernel (the user-mode-linux guest) almost half of one. Where the
+library cannot be loaded, the `nft` program does the same work.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import subprocess
+import threading
 from typing import Any
 
 Cmd = dict[str, Any]
 
+NFT_CTX_OUTPUT_JSON = 1 << 4
+
+
+class _Lib:
+    """libnftables through ctypes. A context per call, made in the calling thread: its netlink socket is
+    then in that thread's namespace, as an `nft` child's would be. One call at a time (the library keeps a
+    little global state)."""
+
+    def __init__(self) -> None:
+        name = ctypes.util.find_library("nftables") or "libnftables.so.1"
+        lib = ctypes.CDLL(name, use_errno=True)
+        lib.nft_ctx_new.restype = ctypes.c_void_p
+        lib.nft_ctx_new.argtypes = [ctypes.c_uint32]
+        lib.nft_ctx_free.argtypes = [ctypes.c_void_p]
+        lib.nft_ctx_output_set_flags.argtypes = [ctypes.c_void_p, ctypes.c_uint]
+        lib.nft_ctx_set_dry_run.argtypes = [ctypes.c_void_p, ctypes.c_bool]
+        for fn in (lib.nft_ctx_buffer_output, lib.nft_ctx_buffer_error):
+            fn.argtypes, fn.restype = [ctypes.c_void_p], ctypes.c_int
+        for fn in (lib.nft_ctx_get_output_buffer, lib.nft_ctx_get_error_buffer):
+            fn.argtypes, fn.restype = [ctypes.c_void_p], ctypes.c_char_p
+        lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        lib.nft_run_cmd_from_buffer.restype = ctypes.c_int
+        self.lib = lib
+        self.lock = threading.Lock()
+
+    def run(self, text: str, dry_run: bool = False) -> tuple[int, str, str]:
+        lib = self.lib
+        with self.lock:
+            ctx = lib.nft_ctx_new(0)
+            if not ctx:
+                return 1, "", "libnftables: could not make a context"
+            try:
+                lib.nft_ctx_output_set_flags(ctx, NFT_CTX_OUTPUT_JSON)
+                lib.nft_ctx_set_dry_run(ctx, dry_run)
+                if lib.nft_ctx_buffer_output(ctx) or lib.nft_ctx_buffer_error(ctx):
+                    return 1, "", "libnftables: could not buffer its output"
+                rc = lib.nft_run_cmd_from_buffer(ctx, text.encode())
+                out = (lib.nft_ctx_get_output_buffer(ctx) or b"").decode(errors="replace")
+                err = (lib.nft_ctx_get_error_buffer(ctx) or b"").decode(errors="replace")
+                return (0 if rc == 0 else 1), out, err
+            finally:
+                lib.nft_ctx_free(ctx)
+
+
+_lib: _Lib | None = None
+_lib_tried = False
+_lib_guard = threading.Lock()
+
+
+def _library() -> _Lib | None:
+    global _lib, _lib_tried
+    with _lib_guard:
+        if not _lib_tried:
+            _lib_tried = True
+            try:
+                _lib = _Lib()
+            except (OSError, AttributeError):
+                _lib = None   # no libnftables (or too old an one): the nft program instead
+        return _lib
+
+
+def _nft(args: list[str], text: str, dry_run: bool = False, stdin: bool = False) -> subprocess.CompletedProcess[str]:
+    """One nft command (text) or JSON transaction (stdin) through the library, or the program."""
+    lib = _library()
+    if lib is not None:
+        rc, out, err = lib.run(text, dry_run)
+        return subprocess.CompletedProcess(["libnftables", *args], rc, out, err)
+    cmd = ["nft", "-j", *(["-c"] if dry_run else []), *(["-f", "-"] if stdin else args)]
+    return subprocess.run(cmd, input=text if stdin else None, capture_output=True, text=True, timeout=10,
+                          check=False)
+
 
 def run(commands: list[Cmd], check_only: bool = False) -> subprocess.CompletedProcess[str]:
-    """One atomic nft transaction of these commands."""
-    args = ["nft", "-j", *(["-c"] if check_only else []), "-f", "-"]
-    return subprocess.run(args, input=json.dumps({"nftables": commands}), capture_output=True, text=True,
-                          timeout=10, check=False)
+    """One atomic nft transaction of these commands (only checked, not applied, with check_only)."""
+    return _nft([], json.dumps({"nftables": commands}), dry_run=check_only, stdin=True)
 
 
 def listing(*what: str) -> list[dict[str, Any]]:
-    """`nft -j list ...` as a list of objects ([] when it does not exist)."""
-    res = subprocess.run(["nft", "-j", "list", *what], capture_output=True, text=True, timeout=10, check=False)
+    """`nft -j list ...` as a list of objects ([] when it does not exist). The words are pyoverlay's own
+    constants (families, table and chain names), never a value from outside."""
+    res = _nft(["list", *what], " ".join(["list", *what]))
     if res.returncode != 0:
         return []
     try:
