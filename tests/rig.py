@@ -505,6 +505,11 @@ class DockerHost:
         if plugin.poll() is not None:
             raise RuntimeError(f"pyoverlay on {self.name} exited ({plugin.returncode}): {self.plugin_log()[-2000:]}")
 
+    def wait_ready(self) -> None:
+        """Until the plugin has restored its state and joined the cluster (its log says `ready:`); the socket
+        answers before that, and on the slow guest the rest of a start takes tens of seconds."""
+        wait_for(f"pyoverlay on {self.name} ready", lambda: "ready: host=" in self.plugin_log(), timeout=60 * SLOW)
+
     def cli(self, *args: str, check: bool = False, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         """`pyoverlay ARGS` on this host, with the environment its plugin runs with (as an operator would)."""
         env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),

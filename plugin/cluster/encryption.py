@@ -138,11 +138,12 @@ class Encryption:
             if not self.vnis:
                 return []
             missing = []
-            if not self.ipsec.catchall_present(self.port):
+            policies = self.ipsec.policy_listing()   # one read for the catch-alls and the per-peer policies
+            if not self.ipsec.catchall_present(self.port, policies):
                 missing.append("the xfrm catch-all policies")
             if not self.ipsec.guard_present(sorted(self.vnis)):
                 missing.append(f"the {self.ipsec.backend()} guard")
-            if self._want_policies and not set(self.ipsec.policies()) >= self._want_policies:
+            if self._want_policies and not set(self.ipsec.policies(policies)) >= self._want_policies:
                 missing.append("per-peer xfrm policies")
             return missing
 

@@ -217,11 +217,12 @@ class IPsec:
         if not vnis:
             return True
         if self.backend() == "iptables":
-            if not all(xtables.hooked("iptables", t, hook, chain) for t, hook, chain in GUARD_HOOKS):
+            tables = {t: xtables.saved("iptables", t) for t in {t for t, _, _ in GUARD_HOOKS}}  # one read each
+            if not all(xtables.jumps_in(tables[t], hook, chain) for t, hook, chain in GUARD_HOOKS):
                 return False
-            marked = xtables.rules("iptables", "mangle", CHAIN_MARK)
+            marked = xtables.rules_in(tables["mangle"], CHAIN_MARK)
             have = {int(m) for m in re.findall(r"pyoverlay:enc:vni(\d+)", marked)}
-            return have == {int(v) for v in vnis} and "-j DROP" in xtables.rules("iptables", "filter", CHAIN_OUT)
+            return have == {int(v) for v in vnis} and "-j DROP" in xtables.rules_in(tables["filter"], CHAIN_OUT)
         table = nftjson.listing("table", "ip", TABLE)
         notes = {r["rule"].get("comment", "") for r in table if "rule" in r}
         want = {f"pyoverlay:enc:vni{int(v)}" for v in vnis} | {"pyoverlay: no SA, never clear text"}
@@ -288,13 +289,17 @@ class IPsec:
                 failed.append((src, dst, why))
         return failed
 
-    def policies(self) -> list[Policy]:
+    @staticmethod
+    def policy_listing() -> str:
+        """Every xfrm policy as `ip xfrm policy list` prints it: one read for the checks that need several."""
+        return run(["ip", "xfrm", "policy", "list"]).stdout
+
+    def policies(self, listing: str | None = None) -> list[Policy]:
         """Our per-peer outbound policies (a /32 pair with a template tagged REQID)."""
-        res = run(["ip", "xfrm", "policy", "list", "dir", "out"])
         out = []
-        for block in re.split(r"\n(?=src )", res.stdout):
+        for block in re.split(r"\n(?=src )", self.policy_listing() if listing is None else listing):
             m = re.match(r"src (\S+)/32 dst (\S+)/32 proto udp dport (\d+)", block)
-            if m and f"reqid {REQID} " in block + " ":
+            if m and re.search(r"\sdir out\s", block) and f"reqid {REQID} " in block + " ":
                 out.append(Policy(m.group(1), m.group(2), int(m.group(3))))
         return out
 
@@ -323,10 +328,9 @@ class IPsec:
             raise Unavailable(f"could not install the xfrm catch-all policies for port {port}: "
                               f"{res.stderr.strip()[:300]}")
 
-    def catchall_present(self, port: int) -> bool:
-        res = run(["ip", "xfrm", "policy", "list"])
+    def catchall_present(self, port: int, listing: str | None = None) -> bool:
         found = 0
-        for block in re.split(r"\n(?=src )", res.stdout):
+        for block in re.split(r"\n(?=src )", self.policy_listing() if listing is None else listing):
             if (re.match(rf"src (0\.0\.0\.0|::)/0 dst (0\.0\.0\.0|::)/0 proto udp dport {int(port)}\b", block)
                     and f"priority {CATCHALL_PRIORITY} " in block + " "):
                 found += 1

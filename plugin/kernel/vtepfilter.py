@@ -151,10 +151,10 @@ class IptablesBackend:
                           f'-m comment --comment "{NOTE}" -j DROP', "COMMIT", ""])
 
     def _present(self, fam: str) -> bool:
-        tool = TOOLS[fam]
-        if not xtables.hooked(tool, "filter", "INPUT", CHAIN):
+        table = xtables.saved(TOOLS[fam], "filter")   # one read for the hook and the rules
+        if not xtables.jumps_in(table, "INPUT", CHAIN):
             return False
-        rules = xtables.rules(tool, "filter", CHAIN)
+        rules = xtables.rules_in(table, CHAIN)
         return f"--match-set {IPSETS[fam]} src" in rules and ",".join(map(str, self.ports)) in rules
 
     def present(self) -> bool:

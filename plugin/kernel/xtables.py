@@ -39,11 +39,26 @@ def unhook(tool: str, table: str, hook: str, chain: str) -> None:
     run([tool, "-w", "-t", table, "-X", chain])
 
 
+def saved(tool: str, table: str) -> str:
+    """`<tool>-save -t table`: one read of a whole table ("" when it cannot be read). Checks read this once
+    instead of asking `-C`/`-S` per chain: on a slow kernel every fork of the tool counts."""
+    res = run([f"{tool}-save", "-t", table])
+    return res.stdout if res.returncode == 0 else ""
+
+
+def jumps_in(saved_table: str, hook: str, chain: str) -> bool:
+    """Whether a saved table has the plain jump from hook to chain (the rule `hook` puts there)."""
+    return f"-A {hook} -j {chain}" in saved_table.splitlines()
+
+
+def rules_in(saved_table: str, chain: str) -> str:
+    """A chain's rules out of a saved table, as `-S chain` prints them ("" when it does not exist)."""
+    lines = saved_table.splitlines()
+    if not any(line.startswith(f":{chain} ") for line in lines):
+        return ""
+    return "\n".join([f"-N {chain}", *(line for line in lines if line.startswith(f"-A {chain} "))])
+
+
 def listing(tool: str, table: str, chain: str) -> subprocess.CompletedProcess[str]:
     """`-L chain -n -v -x`: rules with exact packet counters."""
     return run([tool, "-w", "-t", table, "-L", chain, "-n", "-v", "-x"])
-
-
-def rules(tool: str, table: str, chain: str) -> str:
-    """`-S chain`: the chain's rules as iptables prints them ("" when it does not exist)."""
-    return run([tool, "-w", "-t", table, "-S", chain]).stdout

@@ -39,6 +39,8 @@ def rig2() -> Iterator[Rig]:
             h.start_plugin(PYOVERLAY_KEY_ROTATION=str(ROTATION), PYOVERLAY_CLUSTER_SECRET=SECRET,
                            PYOVERLAY_LEASE_TTL="6", PYOVERLAY_RECONCILE_INTERVAL="5")
         for h in rig.hosts:
+            h.wait_ready()
+        for h in rig.hosts:
             h.docker("network", "create", *PY, "--opt", "encrypted", "--subnet", "10.50.0.0/24", "enc")
             h.docker("network", "create", *PY, "--subnet", "10.51.0.0/24", "clr")
             h.run(f"e-{h.name}", "enc")
