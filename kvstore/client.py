@@ -29,6 +29,14 @@ __all__ = ["KV", "Compacted", "KVStore", "PrefixWatch", "StoreError", "StoreUnav
 
 log = logging.getLogger(__name__)
 
+# grpc's Python layer waits for a stream's next message in slices of this many seconds (0.1 by default) so
+# that a blocked main thread still runs signal handlers (grpc/grpc#19464). Our streams (the watches) are read
+# on worker threads, where the slices only wake each idle watch ten times a second: measured, most of an
+# idle plugin's system calls, and on a slow kernel (the user-mode-linux guest) a large share of its CPU. A
+# waiter is still woken at once by a message, a cancel or an error; only the idle polling slows down.
+if hasattr(grpc, "_common") and isinstance(getattr(grpc._common, "MAXIMUM_WAIT_TIMEOUT", None), float):
+    grpc._common.MAXIMUM_WAIT_TIMEOUT = 2.0
+
 T = TypeVar("T")
 
 # Short reconnect backoff: after an outage the first call should find etcd again within a second or two,
