@@ -426,7 +426,7 @@ class DockerHost:
             start_new_session=True,
         )
         # Wait until the holder's mount namespace is set up (the bind mount is visible in it).
-        wait_for("host namespace", lambda: self._holder_ready(), timeout=10)
+        wait_for("host namespace", lambda: self._holder_ready(), timeout=10 * SLOW)
 
     def _holder_pid(self) -> int:
         assert self.holder is not None

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import pytest
 
 from plugin.kernel.vtepfilter import NftBackend
-from tests.rig import Rig, cleanup_stale, sh, wait_for
+from tests.rig import SLOW, Rig, cleanup_stale, sh, wait_for
 from tests.uml import host_cpu_hog
 
 PY = ("-d", "pyoverlay", "--ipam-driver", "pyoverlay")
@@ -37,7 +37,7 @@ def rig2() -> Iterator[Rig]:
         rig.up(2, plugin=False)
         for h in rig.hosts:
             h.start_plugin(PYOVERLAY_KEY_ROTATION=str(ROTATION), PYOVERLAY_CLUSTER_SECRET=SECRET,
-                           PYOVERLAY_LEASE_TTL="6", PYOVERLAY_RECONCILE_INTERVAL="5")
+                           PYOVERLAY_LEASE_TTL="20", PYOVERLAY_RECONCILE_INTERVAL="15")
         for h in rig.hosts:
             h.wait_ready()
         for h in rig.hosts:
@@ -69,7 +69,7 @@ def reachable(rig: Rig, net: str) -> str:
     h1, h2 = rig.hosts
     target = h2.ip_of(f"{net[0]}-h2", net)
     wait_for(f"{net} h1->h2", lambda: in_container(h1, f"{net[0]}-h1", "ping", "-c1", "-W1", target).returncode == 0,
-             timeout=60, interval=0.5)
+             timeout=60 * SLOW, interval=0.5)
     return target
 
 
@@ -107,7 +107,8 @@ def test_encrypted_traffic_is_only_esp_on_the_wire(rig2: Rig) -> None:
     # ipset + iptables (6.1).
     expected = "nftables" if NftBackend.usable([4789], "ip") else "ipset+iptables"
     for h in rig2.hosts:
-        wait_for(f"VTEP filter on {h.name}", lambda h=h: h.cli_json("status")["vtep_filter"]["present"], timeout=60)
+        wait_for(f"VTEP filter on {h.name}", lambda h=h: h.cli_json("status")["vtep_filter"]["present"],
+                 timeout=60 * SLOW)
         vf = h.cli_json("status")["vtep_filter"]
         assert vf["vteps"] == [x.ip for x in rig2.hosts] and vf["backend"].startswith(expected), vf
     cap = Capture(rig2)
@@ -116,7 +117,7 @@ def test_encrypted_traffic_is_only_esp_on_the_wire(rig2: Rig) -> None:
     h2.docker("exec", "-d", "e-h2", "httpd", "-f", "-p", "8080", "-h", "/tmp/www")
     sent = h2.exec("e-h2", "md5sum", "/tmp/www/data").stdout.split()[0]
     wait_for("transfer", lambda: h1.exec("e-h1", "wget", "-q", "-O", "/tmp/got", f"http://{enc_target}:8080/data",
-                                         check=False, timeout=300).returncode == 0, timeout=300, interval=1)
+                                         check=False, timeout=300).returncode == 0, timeout=300 * SLOW, interval=1)
     assert h1.exec("e-h1", "md5sum", "/tmp/got").stdout.split()[0] == sent
     assert in_container(h1, "e-h1", "ping", "-c", "5", "-i", "0.2", enc_target).returncode == 0
     assert in_container(h1, "c-h1", "ping", "-c", "10", "-i", "0.2", clr_target).returncode == 0
@@ -202,7 +203,7 @@ def test_rotation_under_ping_and_tcp_loses_nothing(rig2: Rig) -> None:
         # A host's record may be missing for a moment (a lease lapsing in the slow guest; it costs no traffic):
         # read it once it is there.
         recs = [wait_for(f"{h.name}'s record", lambda h=h: rig2.etcd.get_json(f"{rig2.etcd_prefix}/hosts/{h.name}"),
-                         timeout=30) for h in rig2.hosts]
+                         timeout=30 * SLOW) for h in rig2.hosts]
         return [int(r["key_epoch"]) for r in recs]
 
     before = epochs()
@@ -255,7 +256,7 @@ def test_substituted_public_key_is_refused(rig2: Rig) -> None:
     forged["public_keys"] = {e: base64.b64encode(bytes(32 - i for i in range(32))).decode()
                              for e in rec["public_keys"]}
     rig2.etcd.ctl("put", key, json.dumps(forged))
-    wait_for("refusal logged", lambda: "fails authentication" in h1.plugin_log(), timeout=30)
+    wait_for("refusal logged", lambda: "fails authentication" in h1.plugin_log(), timeout=30 * SLOW)
     # Refused whole: h1 keeps h2's last authentic record, so no SA is made from a key an attacker chose and
     # the encrypted network keeps working with the real keys.
     assert in_container(h1, "e-h1", "ping", "-c", "3", "-W", "2", target).returncode == 0
@@ -301,7 +302,7 @@ def test_guard_loss_never_lets_clear_text_out(rig2: Rig, flush: str) -> None:
         h1.exec("e-h1", "sh", "-c", f"wget -q -O /tmp/g http://{target}:8082/g", check=False, timeout=60)
         transfers += 1
     wait_for("guard repaired", lambda: "encryption guard re-installed" in h1.plugin_log()
-             and "encryption guard re-installed" in h2.plugin_log(), timeout=60, interval=0.5)
+             and "encryption guard re-installed" in h2.plugin_log(), timeout=60 * SLOW, interval=0.5)
     reachable(rig2, "enc")
     res = h1.exec("e-h1", "sh", "-c", f"wget -q -O /tmp/g http://{target}:8082/g && md5sum /tmp/g", check=False)
     assert res.returncode == 0 and res.stdout.split()[0] == h2.exec("e-h2", "md5sum", "/tmp/www/g").stdout.split()[0]
