@@ -371,6 +371,7 @@ class DockerHost:
         self.dockerd: subprocess.Popen[bytes] | None = None
         self.plugin: subprocess.Popen[bytes] | None = None
         self.plugin_env: dict[str, str] = {}
+        self._log_mark = 0
         self.managed: str | None = None     # the managed plugin's name, once installed
 
     # -- lifecycle --------------------------------------------------------------------------------------
@@ -494,6 +495,7 @@ class DockerHost:
         }
         # A killed plugin leaves its socket file: do not mistake it for the new one listening.
         self.plugin_sock.unlink(missing_ok=True)
+        self._log_mark = len(self.plugin_log())   # wait_ready reads only what this start writes
         self.plugin = subprocess.Popen(
             self.enter() + ["env", "-i", *(f"{k}={v}" for k, v in full.items()), PYOVERLAY, "serve"],
             stdin=subprocess.DEVNULL, stdout=open(self.dir / "plugin.log", "ab"), stderr=subprocess.STDOUT,
@@ -508,7 +510,8 @@ class DockerHost:
     def wait_ready(self) -> None:
         """Until the plugin has restored its state and joined the cluster (its log says `ready:`); the socket
         answers before that, and on the slow guest the rest of a start takes tens of seconds."""
-        wait_for(f"pyoverlay on {self.name} ready", lambda: "ready: host=" in self.plugin_log(), timeout=60 * SLOW)
+        wait_for(f"pyoverlay on {self.name} ready", lambda: "ready: host=" in self.plugin_log()[self._log_mark:],
+                 timeout=60 * SLOW)
 
     def cli(self, *args: str, check: bool = False, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         """`pyoverlay ARGS` on this host, with the environment its plugin runs with (as an operator would)."""

@@ -170,6 +170,7 @@ def test_a_plugin_on_a_cut_off_member_fails_over(cluster: Rig) -> None:
     first = cluster.etcd.members[0]  # type: ignore[union-attr]
     h3.kill_plugin()
     h3.start_plugin(ETCD_ENDPOINTS=",".join(m.url for m in cluster.etcd.members))  # type: ignore[union-attr]
+    h3.wait_ready()
     h3.run("f-0", "cl")   # connected to the first member now
     try:
         first.partition(True)
