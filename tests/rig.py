@@ -234,7 +234,7 @@ class Etcd:
         self.proc = None
 
     def ctl(self, *args: str) -> str:
-        return sh("etcdctl", f"--endpoints={','.join(self.endpoints)}", *args, timeout=10).stdout
+        return sh("etcdctl", f"--endpoints={','.join(self.endpoints)}", *args, timeout=10 * SLOW).stdout
 
     def keys(self, prefix: str = "/") -> list[str]:
         return [k for k in self.ctl("get", prefix, "--prefix", "--keys-only").splitlines() if k.strip()]
@@ -348,7 +348,7 @@ class EtcdCluster:
             m.down()
 
     def ctl(self, *args: str) -> str:
-        return sh("etcdctl", f"--endpoints={','.join(self.endpoints)}", *args, timeout=10).stdout
+        return sh("etcdctl", f"--endpoints={','.join(self.endpoints)}", *args, timeout=10 * SLOW).stdout
 
     def keys(self, prefix: str = "/") -> list[str]:
         return [k for k in self.ctl("get", prefix, "--prefix", "--keys-only").splitlines() if k.strip()]
