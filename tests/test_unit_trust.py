@@ -489,3 +489,11 @@ def test_one_policy_listing_serves_both_checks() -> None:
     """The per-peer policies read from one full listing: only outbound ones with our reqid."""
     got = ipsec.IPsec.policies(ipsec.IPsec.__new__(ipsec.IPsec), POLICIES)
     assert got == [ipsec.Policy("10.99.0.1", "10.99.0.2", 4801)]
+
+
+def test_an_nft_listing_takes_only_plain_identifiers() -> None:
+    """The listing is the one text that reaches nft's parser: a word that could end or add a command is
+    refused before anything runs."""
+    for bad in ("x; flush ruleset", "pyoverlay vtep", "a\nflush ruleset", "", "Table", "{x}"):
+        with pytest.raises(ValueError):
+            nftjson.listing("table", "ip", bad)

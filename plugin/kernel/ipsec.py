@@ -198,7 +198,8 @@ class IPsec:
             for table, hook, chain in GUARD_HOOKS:
                 xtables.unhook("iptables", table, hook, chain)
             return
-        run(["nft", "delete", "table", "ip", TABLE])
+        if nftjson.listing("table", "ip", TABLE):
+            nftjson.run([{"delete": {"table": {"family": "ip", "name": TABLE}}}])
 
     def guard_counters(self) -> dict[str, int]:
         """Packets dropped by the guard: {"out": n, "in": n}."""

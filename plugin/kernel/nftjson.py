@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import json
+import re
 import subprocess
 import threading
 from typing import Any
@@ -22,6 +23,7 @@ from typing import Any
 Cmd = dict[str, Any]
 
 NFT_CTX_OUTPUT_JSON = 1 << 4
+_WORD = re.compile(r"[a-z][a-z0-9_]{0,63}")
 
 
 class _Lib:
@@ -82,26 +84,30 @@ def _library() -> _Lib | None:
         return _lib
 
 
-def _nft(args: list[str], text: str, dry_run: bool = False, stdin: bool = False) -> subprocess.CompletedProcess[str]:
-    """One nft command (text) or JSON transaction (stdin) through the library, or the program."""
+def _nft(text: str, *, json_input: bool, dry_run: bool = False) -> subprocess.CompletedProcess[str]:
+    """One nft command line or JSON transaction, through the library or else the program."""
     lib = _library()
     if lib is not None:
         rc, out, err = lib.run(text, dry_run)
-        return subprocess.CompletedProcess(["libnftables", *args], rc, out, err)
-    cmd = ["nft", "-j", *(["-c"] if dry_run else []), *(["-f", "-"] if stdin else args)]
-    return subprocess.run(cmd, input=text if stdin else None, capture_output=True, text=True, timeout=10,
+        return subprocess.CompletedProcess(["libnftables"], rc, out, err)
+    cmd = ["nft", "-j", *(["-c"] if dry_run else []), *(["-f", "-"] if json_input else text.split())]
+    return subprocess.run(cmd, input=text if json_input else None, capture_output=True, text=True, timeout=10,
                           check=False)
 
 
 def run(commands: list[Cmd], check_only: bool = False) -> subprocess.CompletedProcess[str]:
     """One atomic nft transaction of these commands (only checked, not applied, with check_only)."""
-    return _nft([], json.dumps({"nftables": commands}), dry_run=check_only, stdin=True)
+    return _nft(json.dumps({"nftables": commands}), json_input=True, dry_run=check_only)
 
 
 def listing(*what: str) -> list[dict[str, Any]]:
-    """`nft -j list ...` as a list of objects ([] when it does not exist). The words are pyoverlay's own
-    constants (families, table and chain names), never a value from outside."""
-    res = _nft(["list", *what], " ".join(["list", *what]))
+    """`nft -j list ...` as a list of objects ([] when it does not exist).
+
+    This is the one place text reaches nft's parser, so only plain identifiers pass (families, table,
+    chain and object names, all pyoverlay's constants): anything else is refused, never listed."""
+    if not what or not all(_WORD.fullmatch(w) for w in what):
+        raise ValueError(f"nft listing: not a plain identifier in {what!r}")
+    res = _nft(" ".join(["list", *what]), json_input=False)
     if res.returncode != 0:
         return []
     try:
