@@ -19,6 +19,7 @@ import json
 import logging
 import re
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -231,11 +232,20 @@ def _why(err: ValidationError) -> str:
     return "; ".join(parts)[:300]
 
 
+# pydantic keeps, per model instance, the set of fields it was given (728 bytes for 9 names): records read
+# from etcd, tens of thousands of them, share one set per distinct set of names instead. Only
+# `model_dump(exclude_unset=True)` reads it (never used here); model_copy copies it before changing it.
+_FIELDS_SETS: dict[frozenset[str], set[str]] = {}
+
+
 class Record(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=False)
     # Records that steer traffic or names are authenticated when a cluster secret is set (AUTH).
     signed: ClassVar[bool] = False
     writer_field: ClassVar[str | None] = None   # the field that must name the writer
+    # Fields whose values repeat across many records of a fleet (a network's key, a host's name and VTEP):
+    # records loaded from etcd keep one copy of each distinct value.
+    shared_fields: ClassVar[tuple[str, ...]] = ()
 
     def content(self) -> bytes:
         """The record without authentication: what to compare."""
@@ -288,7 +298,19 @@ class Record(BaseModel):
             why = AUTH.check(cls.__name__, key, body, auth, cls.writer_field)
             if why:
                 return None, why
-        return rec, ""
+        return rec._compacted(), ""
+
+    def _compacted(self: R) -> R:
+        """The same record in less memory (a fleet's hosts hold tens of thousands): see _FIELDS_SETS and
+        shared_fields."""
+        values = self.__dict__
+        for name in self.shared_fields:
+            value = values.get(name)
+            if type(value) is str:
+                values[name] = sys.intern(value)   # interned strings are freed when no record holds them
+        given = self.__pydantic_fields_set__
+        object.__setattr__(self, "__pydantic_fields_set__", _FIELDS_SETS.setdefault(frozenset(given), given))
+        return self
 
     @classmethod
     def load_valid(cls: type[R], kvs: Iterable[Stored]) -> dict[str, R]:
@@ -361,6 +383,7 @@ class MemberRecord(Record):
 class EndpointRecord(Record):
     signed = True
     writer_field = 'host'
+    shared_fields = ("network_key", "docker_network_id", "host", "vtep")
     endpoint_id: ObjectID
     network_key: NetworkKey
     docker_network_id: ObjectID
@@ -435,6 +458,7 @@ class AliasRecord(Record):
     """Names of one endpoint as Docker knows them (container name, --network-alias, short ID)."""
     signed = True
     writer_field = 'host'
+    shared_fields = ("network_key", "host")
     endpoint_id: ObjectID
     network_key: NetworkKey
     host: HostName

@@ -18,7 +18,7 @@ from kvstore.watched import Update, WatchedMap
 from plugin.dns.nameserver import FORWARD_ONLY, HOST_NAMESPACE, NameIndex, Names, NameServer, endpoint_names
 from plugin.kernel.datapath import DataPath
 from plugin.kernel.dnsredirect import DnsRedirect
-from plugin.multimap import link, unlink
+from plugin.multimap import MultiMap, link, unlink
 from plugin.state import LocalState
 
 log = logging.getLogger(__name__)
@@ -37,8 +37,8 @@ class NameService:
         self.redirect = DnsRedirect(address, self.server.upstreams) if address else None
         self._alias_of: dict[str, AliasRecord] = {}        # endpoint ID -> its aliases
         self._endpoints: dict[str, EndpointRecord] = {}    # etcd key -> record (as the peer watch has them)
-        self._keys_of: dict[str, set[str]] = {}            # endpoint ID -> etcd keys (two while it moves)
-        self._keys_on: dict[str, set[str]] = {}            # host -> etcd keys of its endpoints
+        self._keys_of: MultiMap[str, str] = {}             # endpoint ID -> etcd keys (two while it moves)
+        self._keys_on: MultiMap[str, str] = {}             # host -> etcd keys of its endpoints
         self._hosts: set[str] = set()
         self._index = NameIndex()
         self._lock = threading.Lock()

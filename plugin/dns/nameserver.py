@@ -112,21 +112,24 @@ def to_wire(reply: dns.message.Message, query: dns.message.Message, limit: int) 
 class Zone:
     """The names of one network: name -> addresses, address -> names.
 
-    The sets are frozen and replaced, never changed in place: the serving thread reads them while a change
-    is being applied, and sees each name's old or new addresses, never a set in the middle of a change."""
-    forward: dict[str, frozenset[str]] = field(default_factory=dict)
-    reverse: dict[str, frozenset[str]] = field(default_factory=dict)
+    The tuples are replaced, never changed in place: the serving thread reads them while a change is being
+    applied, and sees each name's old or new addresses, never a half-made change. (Tuples, not frozensets:
+    nearly every name has one address, and a 1-tuple takes 48 bytes where a frozenset takes 216.)"""
+    forward: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    reverse: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def add(self, name: str, address: str) -> None:
         name = _name(name)
         if name:
-            self.forward[name] = self.forward.get(name, frozenset()) | {address}
-            self.reverse[address] = self.reverse.get(address, frozenset()) | {name}
+            for table, k, v in ((self.forward, name, address), (self.reverse, address, name)):
+                have = table.get(k, ())
+                if v not in have:
+                    table[k] = (*have, v)
 
     def discard(self, name: str, address: str) -> None:
         name = _name(name)
         for table, k, v in ((self.forward, name, address), (self.reverse, address, name)):
-            rest = table.get(k, frozenset()) - {v}
+            rest = tuple(x for x in table.get(k, ()) if x != v)
             if rest:
                 table[k] = rest
             else:
@@ -134,7 +137,8 @@ class Zone:
 
 
 def _name(name: str) -> str:
-    return name.strip().rstrip(".").lower()
+    plain = name.strip().rstrip(".").lower()
+    return name if plain == name else plain   # the record's own string when it is already plain: one copy
 
 
 Names = tuple[str, tuple[tuple[str, str], ...]]   # (network key, ((name, address), ...)) of one endpoint
