@@ -15,6 +15,10 @@ from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+# First: etcd's messages in today's protobuf form, where etcd3 will look for its own (kvstore/etcdrpc).
+import kvstore.etcdrpc  # noqa: F401
+
+# isort: split
 import etcd3
 import etcd3.exceptions as etcd_exc
 import grpc
