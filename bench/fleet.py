@@ -100,19 +100,65 @@ def cpu_seconds(root_pid: int) -> float:
     return ticks / 100.0
 
 
-def thread_cpu(root_pid: int) -> dict[str, float]:
-    """CPU seconds per thread name (the kernel's comm: gRPC names its threads, Python's are "python3")."""
-    out: dict[str, float] = {}
+def thread_cpu(root_pid: int) -> dict[int, tuple[str, float, float]]:
+    """Per thread: (the kernel's comm, user seconds, system seconds). Python's threads all show the process's
+    comm; thread_names() tells them apart."""
+    out: dict[int, tuple[str, float, float]] = {}
     for pid in process_tree(root_pid):
         for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
             try:
                 text = stat.read_text()
             except OSError:
                 continue
-            name = text[text.index("(") + 1:text.rindex(")")]
             fields = text.rsplit(")", 1)[1].split()
-            out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / 100.0
+            out[int(stat.parent.name)] = (text[text.index("(") + 1:text.rindex(")")], int(fields[11]) / 100.0,
+                                          int(fields[12]) / 100.0)
     return out
+
+
+def restart_split(log: str) -> dict[str, float]:
+    """From a restarted plugin's log: the endpoint watch's snapshot (etcd read; validation and indexing) and
+    the peers' first full pass."""
+    out: dict[str, float] = {}
+    snap = re.search(r"watch \S*/endpoints/: snapshot of \d+ keys at revision \d+: read in ([\d.]+) s, taken in "
+                     r"([\d.]+) s", log)
+    if snap:
+        out["etcd_read"], out["validate_and_index"] = float(snap[1]), float(snap[2])
+    full = re.search(r"peers: \d+ programmed, \d+ removed \(a full pass over \d+ entries\) in ([\d.]+) s", log)
+    if full:
+        out["first_full_pass"] = float(full[1])
+    return out
+
+
+def thread_names(root_pid: int) -> dict[int, str]:
+    """OS thread id -> Python thread name, from py-spy (the bench extra's, next to this Python)."""
+    spy, names = str(Path(sys.executable).with_name("py-spy")), {}
+    for pid in process_tree(root_pid):   # one process per dump: --json shows only the first of --subprocesses
+        try:
+            done = subprocess.run([spy, "dump", "--json", "--nonblocking", "-p", str(pid)], capture_output=True,
+                                  text=True, timeout=60)
+            threads = json.loads(done.stdout)
+        except (OSError, ValueError, subprocess.TimeoutExpired):
+            continue
+        names.update({t["os_thread_id"]: str(t.get("thread_name") or "?") for t in threads
+                      if isinstance(threads, list) and isinstance(t, dict) and isinstance(t.get("os_thread_id"), int)})
+    return names
+
+
+def cpu_by_thread(before: dict[int, tuple[str, float, float]], after: dict[int, tuple[str, float, float]],
+                  names: dict[int, str]) -> dict[str, list[float]]:
+    """Thread name -> [user s, system s] spent between the two readings, the busiest first."""
+    out: dict[str, list[float]] = {}
+    for tid, (comm, user, system) in after.items():
+        _, user0, system0 = before.get(tid, (comm, 0.0, 0.0))
+        name = re.sub(r"_\d+$", "", names.get(tid, comm))   # pool workers: one line per pool
+        name = re.sub(r"^(dns(-tcp)?)-\d+$", r"\1", name)
+        row = out.setdefault(name, [0.0, 0.0])
+        row[0] += user - user0
+        row[1] += system - system0
+    rows = sorted(((k, [round(u, 2), round(s, 2)]) for k, (u, s) in out.items() if u + s > 0),
+                  key=lambda kv: -sum(kv[1]))
+    return dict(rows[:10])
 
 
 def etcd_sent_bytes(url: str) -> float:
@@ -340,8 +386,7 @@ def run(n: int, churn_seconds: float, profile: str | None = None) -> dict[str, o
                                f"plugin log: {h.plugin_log()[-3000:]}") from None
         churn_wall = time.monotonic() - began
         cpu = cpu_seconds(h.plugin.pid) - cpu0
-        threads = {name: round(t - threads0.get(name, 0.0), 2) for name, t in thread_cpu(h.plugin.pid).items()}
-        threads = dict(sorted(((k, v) for k, v in threads.items() if v > 0), key=lambda kv: -kv[1])[:8])
+        threads = cpu_by_thread(threads0, thread_cpu(h.plugin.pid), thread_names(h.plugin.pid))
         sent = etcd_sent_bytes(rig.etcd.local_url) - sent0
         # The dead hosts' endpoints go when the real host declares them departed (grace 15 s here).
         wait("departed", lambda: all(mon.seen("del", ip) is not None for ip in dead), timeout=180)
@@ -360,9 +405,10 @@ def run(n: int, churn_seconds: float, profile: str | None = None) -> dict[str, o
         began = time.monotonic()
         kind, ip = sim.arrive()
         restart = wait("restart", lambda: mon.seen("add", ip) is not None, timeout=120)
-        print(f"N={n}: restarted plugin programmed a new endpoint {restart:.2f} s after its socket was back",
-              flush=True)
         time.sleep(2)
+        split = restart_split(h.plugin_log()[h._log_mark:])
+        print(f"N={n}: restarted plugin programmed a new endpoint {restart:.2f} s after its socket was back; "
+              f"where the time went (its log): {split}", flush=True)
         rss_end = rss_mib(h.plugin.pid) if h.plugin is not None else 0.0
         store.close()
         return {"hosts": n, "endpoints": total, "record_bytes": round(record_bytes),
@@ -374,6 +420,7 @@ def run(n: int, churn_seconds: float, profile: str | None = None) -> dict[str, o
                 "churn_cpu_pct_core": round(100 * cpu / churn_wall, 1), "idle_cpu_pct_core": idle_pct,
                 "churn_cpu_s_by_thread": threads,
                 "etcd_bytes_per_change": round(sent / count), "restart_new_endpoint_s": round(restart, 2),
+                "restart_split_s": split,
                 "rss_idle_mib": rss_idle, "rss_full_mib": rss_full, "rss_after_restart_mib": rss_end,
                 "departed_after_lease_s": round(departed, 1), "monitor_errors": mon.errors, **side}
     finally:

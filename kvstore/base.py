@@ -5,10 +5,14 @@ the same transaction semantics, for fast tests) both implement.
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
+
+log = logging.getLogger(__name__)
 
 
 class StoreError(Exception):
@@ -117,10 +121,15 @@ class SnapshotFirst:
 
     def _snapshot_if_needed(self) -> None:
         if self.revision == 0:
+            began = time.monotonic()
             kvs, rev = self.store.range(self.prefix)
+            read = time.monotonic()
             self.on_snapshot(kvs, rev)
             self.revision = rev + 1
             self.synced.set()
+            if kvs:   # what a restart costs, and where: the read, or the validation and indexing
+                log.info("watch %s: snapshot of %d keys at revision %d: read in %.2f s, taken in %.2f s",
+                         self.prefix, len(kvs), rev, read - began, time.monotonic() - read)
 
 
 class Store(Protocol):

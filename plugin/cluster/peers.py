@@ -239,6 +239,7 @@ class PeerSync:
     def _run_pass(self) -> None:
         if not self._whole_view():
             return  # the kernel keeps what it has until both watches have delivered their snapshot
+        began, full = time.monotonic(), self._full
         local, mine = self._local_view()
         if not self._full and mine == self._last_local[1] and local != self._last_local[0]:
             came = self._networks_changed(local)
@@ -288,8 +289,10 @@ class PeerSync:
                 else:
                     have[entry] = peer
                     added += 1
-        if added or removed:
-            log.info("peers: %d programmed, %d removed", added, removed)
+        if added or removed or full:
+            log.info("peers: %d programmed, %d removed%s in %.2f s", added, removed,
+                     f" (a full pass over {sum(map(len, self.want.values()))} entries)" if full else "",
+                     time.monotonic() - began)
         for vni, have in self.programmed.items():
             metrics.PEERS.labels(str(vni)).set(len(have))
         whole, self._names_whole = self._names_whole, False
