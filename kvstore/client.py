@@ -187,6 +187,13 @@ class KVStore:
                     continue
                 self._observe(op, time.perf_counter() - start, False)
                 raise StoreError(f"etcd {op} failed: {_describe(err)}") from err
+            except ValueError as err:
+                # grpc refuses to start a call on a channel another thread closed a moment ago (its member
+                # failed, _drop): the same as CANCELLED, on the member that is current now.
+                if "closed channel" not in str(err):
+                    raise
+                last = err
+                continue
         self._observe(op, time.perf_counter() - start, False)
         raise StoreUnavailable(
             f"etcd unreachable ({', '.join(self.config.endpoints)}): {_describe(last)}"
