@@ -187,11 +187,13 @@ class KVStore:
                     continue
                 self._observe(op, time.perf_counter() - start, False)
                 raise StoreError(f"etcd {op} failed: {_describe(err)}") from err
-            except ValueError as err:
-                # grpc refuses to start a call on a channel another thread closed a moment ago (its member
-                # failed, _drop): the same as CANCELLED, on the member that is current now.
-                if "closed channel" not in str(err):
-                    raise
+            except Exception as err:  # noqa: BLE001 - re-raised unless the channel was closed under the call
+                # Another thread's failover (_drop) closed this client's channel during the call. grpc says so
+                # in more than one way (ValueError "Cannot invoke RPC on closed channel!", errors through
+                # etcd3's wrappers): whatever it raised, the call goes to the member that is current now.
+                with self._lock:
+                    if self._client is client:
+                        raise
                 last = err
                 continue
         self._observe(op, time.perf_counter() - start, False)
