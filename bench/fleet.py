@@ -403,10 +403,18 @@ def run(n: int, churn_seconds: float, profile: str | None = None) -> dict[str, o
         h.start_plugin()
         mon.reset()
         began = time.monotonic()
+        if profile:   # where the restarted plugin's time goes, every thread (py-spy, collapsed stacks)
+            spy = subprocess.Popen([spy_bin, "record", "--format", "raw", "-o", f"{profile}/fleet-{n}-restart.txt",
+                                    "-d", "5", "-p", str(h.plugin.pid), "--subprocesses", "-r", "200"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         kind, ip = sim.arrive()
         restart = wait("restart", lambda: mon.seen("add", ip) is not None, timeout=120)
         time.sleep(2)
-        split = restart_split(h.plugin_log()[h._log_mark:])
+        if profile and spy is not None:
+            spy.wait(timeout=60)
+        restart_log = h.plugin_log()[h._log_mark:]
+        (RESULTS / f"fleet-{n}-restart.log").write_text(restart_log)
+        split = restart_split(restart_log)
         print(f"N={n}: restarted plugin programmed a new endpoint {restart:.2f} s after its socket was back; "
               f"where the time went (its log): {split}", flush=True)
         rss_end = rss_mib(h.plugin.pid) if h.plugin is not None else 0.0

@@ -134,6 +134,7 @@ class Fleet:
 
     def close(self) -> None:
         self.peers.stop()
+        self.names.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def write_endpoints(self) -> list[str]:

@@ -264,6 +264,7 @@ def test_names_follow_each_change_and_equal_a_fresh_build() -> None:
         if step == 150:
             hosts = {"h1": hosts["h1"]}                    # h2 no longer counts
             svc.changed({}, False, hosts)
+        svc.settle()   # the names follow on a thread of their own
         fresh = build_zones(records.values(), set(hosts), aliases.values()).get("n1")
         got = svc.server.zones.get("n1")
         for table in ("forward", "reverse"):   # the same names and addresses, in whatever order they came

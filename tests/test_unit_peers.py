@@ -25,6 +25,7 @@ def _settle(fleet: Fleet) -> None:
     """Wait until the peers thread has no pass queued or running (the kernel then holds its final word)."""
     fleet.peers._background.submit(lambda: None).result(timeout=30)
     fleet.peers._background.submit(lambda: None).result(timeout=30)
+    fleet.names.settle()
 
 
 def test_a_change_is_programmed_from_the_changed_records_alone() -> None:

@@ -168,6 +168,20 @@ def test_signed_records_refuse_forgery_alteration_and_replay(secret: None, quara
         EndpointRecord.load(first, key)
 
 
+def test_signatures_check_in_the_writers_exact_text(secret: None, quarantine: None) -> None:
+    """Signatures are checked against orjson's text first (a restart checks tens of thousands); where it is
+    not the writer's text (json.dumps: non-ASCII escaped, 1e-05, integers past 64 bits, in fields a newer
+    version added), the writer's exact form decides: such records still pass, and forgeries still fail."""
+    key, body = GOOD[EndpointRecord]
+    for extra in ("caf\u00e9 \u2603", 1e-05, 1e16, 2 ** 70):
+        sealed = AUTH.seal("EndpointRecord", {**body, "note": extra})
+        assert EndpointRecord.load(json.dumps(sealed).encode(), key).endpoint_id == body["endpoint_id"]
+        forged = {**sealed, "note": "other"}
+        with pytest.raises(InvalidRecord, match="fails authentication"):
+            EndpointRecord.load(json.dumps(forged).encode(), key)
+        AUTH._last.clear()
+
+
 def test_unsigned_kinds_and_no_secret_stay_unsigned() -> None:
     key, body = GOOD[HostRecord]
     rec = HostRecord.model_validate(body)

@@ -7,7 +7,6 @@ the kernel, never only in a worker's memory).
 
 from __future__ import annotations
 
-import ctypes
 import grp
 import json
 import logging
@@ -20,6 +19,7 @@ from gunicorn.app.base import BaseApplication
 from gunicorn.glogging import Logger
 
 from kvstore.embedded import EmbeddedEtcd
+from plugin import heap
 from plugin.config import Settings
 from plugin.kernel import netns
 
@@ -121,21 +121,8 @@ def _clear_stale_socket(path: os.PathLike[str] | str) -> None:
         pass
 
 
-M_ARENA_MAX = -8   # glibc's mallopt parameter
-
-
-def _few_malloc_arenas() -> None:
-    """glibc gives each thread that allocates an arena of its own, up to 8 per core, and keeps what is freed
-    in each: with ~20 threads (watches, pools, gRPC's) that held memory idle. Two arenas serve this process's
-    mostly-waiting threads; set before any thread or fork, so the worker inherits it."""
-    try:
-        ctypes.CDLL(None).mallopt(M_ARENA_MAX, 2)
-    except (OSError, AttributeError):
-        pass   # not glibc: its own allocator's defaults
-
-
 def serve(settings: Settings) -> int:
-    _few_malloc_arenas()
+    heap.few_arenas()
     private_dir(settings.state_dir)
     settings.socket.parent.mkdir(parents=True, exist_ok=True)
     problem = unreadable_state(settings.state_dir / "state.json")

@@ -26,7 +26,7 @@ from typing import NamedTuple
 from kvstore import Keys, Store
 from kvstore.records import EndpointRecord, HostRecord
 from kvstore.watched import Update, WatchedMap
-from plugin import metrics
+from plugin import heap, metrics
 from plugin.cluster.encryption import Encryption
 from plugin.kernel.datapath import DataPath
 from plugin.multimap import MultiMap, link, unlink
@@ -38,6 +38,7 @@ PASS_SPACING = 0.05  # seconds between watch-driven passes under churn (at most 
 RETRY_AFTER = 1.0    # seconds before entries the kernel refused are tried again
 SKEW_LIMIT = 16      # up to this many entries missing from one read may be the dump's skew (see verify_kernel)
 CHECK_SHARE = 0.02   # the periodic kernel check reads a network at most this share of the time
+TRIM_AFTER = 1000    # a full pass over this many entries returns the heap's free pages (heap.give_back)
 
 
 class Peer(NamedTuple):
@@ -290,9 +291,7 @@ class PeerSync:
                     have[entry] = peer
                     added += 1
         if added or removed or full:
-            log.info("peers: %d programmed, %d removed%s in %.2f s", added, removed,
-                     f" (a full pass over {sum(map(len, self.want.values()))} entries)" if full else "",
-                     time.monotonic() - began)
+            self._log_pass(added, removed, full, began)
         for vni, have in self.programmed.items():
             metrics.PEERS.labels(str(vni)).set(len(have))
         whole, self._names_whole = self._names_whole, False
@@ -309,6 +308,13 @@ class PeerSync:
                 self._acks_changed()  # peers switch their sending on our ack: publish it now
         except Exception as err:  # noqa: BLE001 - retried at the next change; the guard stays closed
             log.error("programming IPsec: %s", err)
+
+    def _log_pass(self, added: int, removed: int, full: bool, began: float) -> None:
+        wanted = sum(map(len, self.want.values()))
+        log.info("peers: %d programmed, %d removed%s in %.2f s", added, removed,
+                 f" (a full pass over {wanted} entries)" if full else "", time.monotonic() - began)
+        if full and wanted >= TRIM_AFTER:
+            heap.give_back()   # what a snapshot of this size left free (the read, its decoding, the old maps)
 
     def _networks_changed(self, local: dict[str, int]) -> list[int]:
         """Networks came or went here: only their endpoints are looked at (marked dirty, or their entries
@@ -358,17 +364,22 @@ class PeerSync:
         Entries that are still wanted stay untouched (no blip for running traffic); the rest are stale
         leftovers of endpoints that went while the plugin was down, and go.
         """
+        began = time.monotonic()
         try:
             existing = {Peer(ip, mac, vtep) for ip, mac, vtep in self.datapath.peer_entries(vni)}
         except Exception as err:  # noqa: BLE001
             log.error("vni %d: reading programmed peers: %s", vni, err)
             return 0
+        read = time.monotonic() - began
         have = self.programmed.setdefault(vni, {})
         for key, peer in peers.items():
             if peer in existing:
                 have[key] = peer
         stale = existing - set(peers.values())
         self._program(vni, [], list(stale))
+        if existing:
+            log.info("vni %d: %d peers found in the kernel (read in %.2f s), %d kept, %d stale removed", vni,
+                     len(existing), read, len(have), len(stale))
         return len(stale)
 
     def _program(self, vni: int, add: list[Peer], remove: list[Peer]) -> set[Peer]:

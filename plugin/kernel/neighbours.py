@@ -158,31 +158,47 @@ def _write(sock: socket.socket, chunk: list[bytes], ack_seq: int, owner: dict[in
 RTM_GETNEIGH, NLMSG_DONE, NLM_F_DUMP = 30, 3, 0x300
 
 
-def _dump(sock: socket.socket, family: int) -> Iterator[tuple[int, int, int, int, dict[int, bytes]]]:
-    """Every neighbour (family AF_UNSPEC: IPv4 and IPv6) or FDB entry (AF_BRIDGE) of the namespace:
-    (family, ifindex, state, flags, attributes)."""
+Neighbour = tuple[int, int, int, bytes | None, bytes | None]   # family, state, flags, NDA_DST, NDA_LLADDR
+
+
+def _dump(sock: socket.socket, family: int, ifindex: int) -> Iterator[Neighbour]:
+    """Every neighbour (family AF_UNSPEC: IPv4 and IPv6) or FDB entry (AF_BRIDGE) of one device.
+
+    Tens of thousands per read (at restart, and in the periodic kernel check): entries of other devices are
+    skipped before their attributes are looked at, only the two attributes used are taken, and a whole
+    receive buffer is parsed at a time."""
     sock.send(_message(RTM_GETNEIGH, NLM_F_REQUEST | NLM_F_DUMP, 1, family, 0, 0, 0, []))
+    header, ndmsg, attr = _HEADER.unpack_from, _NDMSG.unpack_from, _ATTR.unpack_from
+    at_ndmsg, at_attrs = _HEADER.size, _HEADER.size + _NDMSG.size
     while True:
         data = sock.recv(RCVBUF)
-        offset = 0
-        while offset + _HEADER.size <= len(data):
-            length, kind, _, _, _ = _HEADER.unpack_from(data, offset)
-            if length < _HEADER.size or kind == NLMSG_DONE:
+        offset, size = 0, len(data)
+        found: list[Neighbour] = []
+        while offset + at_ndmsg <= size:
+            length, kind, _, _, _ = header(data, offset)
+            if length < at_ndmsg or kind == NLMSG_DONE:
+                yield from found
                 return
             if kind == NLMSG_ERROR:
-                code = -struct.unpack_from("=i", data, offset + _HEADER.size)[0]
+                code = -struct.unpack_from("=i", data, offset + at_ndmsg)[0]
                 raise OSError(code, os.strerror(code))
             if kind == RTM_NEWNEIGH:
-                fam, ifindex, state, ntf, _ = _NDMSG.unpack_from(data, offset + _HEADER.size)
-                attrs, a = {}, offset + _HEADER.size + _NDMSG.size
-                while a + _ATTR.size <= offset + length:
-                    alen, atype = _ATTR.unpack_from(data, a)
-                    if alen < _ATTR.size:
-                        break
-                    attrs[atype] = data[a + _ATTR.size:a + alen]
-                    a += (alen + 3) & ~3
-                yield fam, ifindex, state, ntf, attrs
+                fam, index, state, ntf, _ = ndmsg(data, offset + at_ndmsg)
+                if index == ifindex:
+                    dst = mac = None
+                    a, stop = offset + at_attrs, offset + length
+                    while a + 4 <= stop:
+                        alen, atype = attr(data, a)
+                        if alen < 4:
+                            break
+                        if atype == NDA_DST:
+                            dst = data[a + 4:a + alen]
+                        elif atype == NDA_LLADDR:
+                            mac = data[a + 4:a + alen]
+                        a += (alen + 3) & ~3
+                    found.append((fam, state, ntf, dst, mac))
             offset += (length + 3) & ~3
+        yield from found
 
 
 def entries(sock: socket.socket, ifindex: int) -> list[Peer]:
@@ -191,17 +207,14 @@ def entries(sock: socket.socket, ifindex: int) -> list[Peer]:
     for the tens of thousands of entries of a large fleet, and the reconciler reads them at every pass."""
     vteps: dict[bytes, str] = {}
     bridged: set[bytes] = set()
-    for _, index, state, ntf, attrs in _dump(sock, AF_BRIDGE):
-        mac, dst = attrs.get(NDA_LLADDR), attrs.get(NDA_DST)
-        if index != ifindex or mac is None:
+    for _, state, ntf, dst, mac in _dump(sock, AF_BRIDGE, ifindex):
+        if mac is None:
             continue
         if dst and state & NUD_PERMANENT:
             vteps[mac] = socket.inet_ntop(_family(dst), dst)
         elif not ntf & NTF_SELF and state & NUD_NOARP:
             bridged.add(mac)
-    out = []
-    for fam, index, state, _, attrs in _dump(sock, socket.AF_UNSPEC):
-        mac, dst = attrs.get(NDA_LLADDR), attrs.get(NDA_DST)
-        if index == ifindex and state & NUD_PERMANENT and dst and mac in vteps and mac in bridged:
-            out.append((socket.inet_ntop(fam, dst), ":".join(f"{b:02x}" for b in mac), vteps[mac]))
-    return out
+    ntop = socket.inet_ntop
+    return [(ntop(fam, dst), mac.hex(":"), vteps[mac])
+            for fam, state, _, dst, mac in _dump(sock, socket.AF_UNSPEC, ifindex)
+            if state & NUD_PERMANENT and dst and mac is not None and mac in vteps and mac in bridged]
