@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
-    from pyroute2 import IPRoute
+    from pyroute2.iproute import IPRoute
 
 T = TypeVar("T")
 
@@ -121,7 +121,7 @@ def remove(path: Path) -> None:
 
 def iproute(path: Path) -> IPRoute:
     """A pyroute2 IPRoute whose netlink socket lives in the namespace pinned at path."""
-    from pyroute2 import IPRoute  # here: `pyoverlay serve` imports this module before its socket is bound
+    from pyroute2.iproute import IPRoute  # here: `pyoverlay serve` imports this module before its socket is bound
 
 
     def run() -> socket.socket:
