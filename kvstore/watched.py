@@ -9,7 +9,10 @@ holds one of these instead of its own snapshot+events code. The rules are the sa
   last valid record stays); a deletion forgets the record and tells its type (a replay of the old value
   is refused from then on);
 - the consumer hears each batch once, as a list of updates (key, old, new, mod revision), under the lock it
-  gave, so that its own indexes change together with the map.
+  gave, so that its own indexes change together with the map;
+- a consumer that gives `deferred` takes events in batches on its own thread: the watch's thread only queues
+  them and calls `deferred()`; the consumer calls `drain()` (under its lock), which validates and applies what
+  came since. Under churn the watch thread then wakes for little, and records are validated together.
 """
 
 from __future__ import annotations
@@ -43,15 +46,19 @@ class Update(NamedTuple, Generic[R]):
 class WatchedMap(Generic[R]):
     def __init__(self, store: Store, prefix: str, kind: Loads[R],
                  on_change: Callable[[list[Update[R]], bool], None],
-                 lock: AbstractContextManager[object] | None = None) -> None:
-        """on_change(updates, whole) runs on the watch's thread, under `lock` when one is given (the consumer's
-        own), with the map already changed."""
+                 lock: AbstractContextManager[object] | None = None,
+                 deferred: Callable[[], None] | None = None) -> None:
+        """on_change(updates, whole) runs under `lock` when one is given (the consumer's own), with the map
+        already changed: on the watch's thread, or, for events when `deferred` is given, in `drain`."""
         self.store, self.prefix, self.kind = store, prefix, kind
         self._on_change = on_change
         self._lock = lock if lock is not None else nullcontext()
         self._map: dict[str, R] = {}
         self._watch: Watch | None = None
         self.synced = threading.Event()     # set once the first snapshot is in
+        self._deferred = deferred
+        self._queued: list[WatchEvent] = []   # events not drained yet (deferred consumers)
+        self._queue_lock = threading.Lock()
 
     def start(self) -> None:
         self._watch = self.store.watch_prefix(self.prefix, self._snapshot, self._events)
@@ -99,6 +106,8 @@ class WatchedMap(Generic[R]):
             if rec is not None:
                 fresh[kv.key], revisions[kv.key] = rec, kv.mod_revision
         with self._lock:
+            with self._queue_lock:
+                self._queued = []   # older than this snapshot, which has their outcome
             old, self._map = self._map, fresh
             updates = [Update(k, old.get(k), rec, revisions[k]) for k, rec in fresh.items()]
             updates += [Update(k, rec, None, 0) for k, rec in old.items() if k not in fresh]
@@ -106,6 +115,21 @@ class WatchedMap(Generic[R]):
         self.synced.set()
 
     def _events(self, events: list[WatchEvent]) -> None:
+        if self._deferred is None:
+            self._apply(events)
+            return
+        with self._queue_lock:
+            self._queued += events
+        self._deferred()
+
+    def drain(self) -> None:
+        """Validate and apply the events queued for a deferred consumer (called under its lock)."""
+        with self._queue_lock:
+            events, self._queued = self._queued, []
+        if events:
+            self._apply(events)
+
+    def _apply(self, events: list[WatchEvent]) -> None:
         loaded: list[tuple[WatchEvent, R | None]] = []
         for ev in events:   # in order: a deletion decides which later values count as replays
             if ev.kind == "delete":

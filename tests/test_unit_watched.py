@@ -73,3 +73,28 @@ def test_it_follows_a_live_store() -> None:
         assert heard_keys == [(KEYS.host("b"), False), (KEYS.host("a"), True)]
     finally:
         m.stop()
+
+
+def test_a_deferred_consumer_takes_events_in_batches_when_it_drains() -> None:
+    """The watch's thread only queues events for a deferred consumer (and tells it); drain validates and applies
+    them in order, under the consumer's lock; a snapshot supersedes what was queued before it."""
+    heard, told = Heard(), []
+    m = WatchedMap(MemoryStore(), KEYS.hosts(), HostRecord, heard, lock=heard.lock,
+                   deferred=lambda: told.append(len(m._queued)))
+    a, b = KEYS.host("a"), KEYS.host("b")
+    m._snapshot([KV(a, host("a"), 2, 2, 1, 0)], 2)
+    m._events([WatchEvent("put", a, host("a", "192.0.2.9"), 3)])
+    m._events([WatchEvent("put", b, host("b"), 4), WatchEvent("delete", a, b"", 5)])
+    assert told == [1, 3] and len(heard.calls) == 1 and m.get(a).vtep == "192.0.2.1", "queued, not applied"
+    m.drain()   # (the consumer's lock is reentrant: peers drain with it held)
+    updates, whole = heard.calls[-1]
+    assert not whole and heard.held_lock[-1] and [(u.key, u.new is not None) for u in updates] == \
+        [(a, True), (b, True), (a, False)]
+    assert list(m) == [b]
+    m.drain()
+    assert len(heard.calls) == 2, "nothing queued: nobody hears anything"
+    # Queued events older than a snapshot are dropped with it (the snapshot has their outcome).
+    m._events([WatchEvent("put", a, host("a"), 6)])
+    m._snapshot([KV(b, host("b"), 4, 4, 1, 0)], 7)
+    m.drain()
+    assert list(m) == [b] and heard.calls[-1][1] is True

@@ -76,8 +76,9 @@ class PeerSync:
         self.host = host
         self._lock = threading.RLock()
         # etcd key -> record, current through the endpoints watch (changed under self._lock)
+        # Its events are validated and applied in batches by the passes (drain), not one by one as they come.
         self.endpoints = WatchedMap(store, keys.all_endpoints(), EndpointRecord, self._endpoints_updated,
-                                    lock=self._lock)
+                                    lock=self._lock, deferred=self._pass_soon)
         self._host_records = WatchedMap(store, keys.hosts(), HostRecord, self._hosts_updated, lock=self._lock)
         self.hosts: dict[str, HostRecord] = {}            # host name -> record, live hosts (lease held)
         self.known: dict[str, HostRecord] = {}            # the last valid record of every host that is live
@@ -163,8 +164,8 @@ class PeerSync:
             log.exception("following the live hosts")
 
     def _endpoints_updated(self, updates: list[Update[EndpointRecord]], whole: bool) -> None:
-        """The endpoint records changed (under self._lock): their keys are marked for the next pass; a snapshot
-        (whole) makes it a full one."""
+        """The endpoint records changed (under self._lock): their keys are marked, for this pass (events are
+        drained at its start) or the next; a snapshot (whole) makes it a full one."""
         for u in updates:
             self._index(u.key, u.old, u.new)
             if not whole:
@@ -178,7 +179,8 @@ class PeerSync:
             self._prune_known()
             if whole or set(self.known) != before:
                 self._hosts_changed()
-        self._pass_soon()
+        if whole:
+            self._pass_soon()   # events come through drain, in a pass already
 
     # -- desired vs programmed --------------------------------------------------------------------------
     #
@@ -238,6 +240,7 @@ class PeerSync:
             self._run_pass()
 
     def _run_pass(self) -> None:
+        self.endpoints.drain()
         if not self._whole_view():
             return  # the kernel keeps what it has until both watches have delivered their snapshot
         began, full = time.monotonic(), self._full
