@@ -257,7 +257,10 @@ def _why(err: ValidationError) -> str:
 # from etcd, tens of thousands of them, share one set per distinct set of names instead. Only
 # `model_dump(exclude_unset=True)` reads it (never used here); model_copy copies it before changing it.
 _FIELDS_SETS: dict[frozenset[str], set[str]] = {}
-_LONG_DIGITS = re.compile(rb"[0-9]{20}")
+# 20 digits in a row, found in C (a regular expression costs 15 us a record): digits mapped to NUL, which
+# JSON text cannot hold raw
+_DIGITS = bytes.maketrans(b"0123456789", b"\0" * 10)
+_TWENTY_DIGITS = b"\0" * 20
 
 
 class Record(BaseModel):
@@ -304,7 +307,7 @@ class Record(BaseModel):
             return None, f"{len(raw)} bytes, more than {MAX_RECORD_BYTES}"
         try:
             # orjson in C, except where it would read an integer past 64 bits as a float (20 digits or more)
-            body = json.loads(raw) if _LONG_DIGITS.search(raw) else orjson.loads(raw)
+            body = json.loads(raw) if _TWENTY_DIGITS in raw.translate(_DIGITS) else orjson.loads(raw)
         except ValueError as err:   # orjson.JSONDecodeError is one too
             return None, f"not JSON: {str(err)[:100]}"
         if not isinstance(body, dict):

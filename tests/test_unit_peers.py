@@ -236,3 +236,43 @@ def test_a_remote_endpoint_costs_bounded_memory() -> None:
         assert EndpointRecord.model_validate_json(a.content()) == a
     finally:
         fleet.close()
+
+
+def test_a_restart_adopts_the_kernel_read_at_start_and_removes_what_went(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """At start the kernel's entries are read while etcd's are, once: the first pass keeps what is still
+    wanted (no blip), removes the entries of endpoints that went while the plugin was down, and programs only
+    what is new. A read older than EARLY_READ_FOR (etcd was slow to answer) is not trusted: read again."""
+    import threading
+
+    from plugin.cluster import peers as peers_module
+
+    for stale_read in (False, True):
+        monkeypatch.setattr(peers_module, "EARLY_READ_FOR", 0.0 if stale_read else 10.0)
+        fleet = Fleet(hosts=4, per_host=10)
+        fleet.write_hosts()
+        records = fleet.prepare(40)
+        kept, gone, new = records[:30], records[30:35], records[35:]
+        for key, _ in kept + gone:             # what the plugin had programmed before it stopped
+            fleet.kernel.program_peers(VNI, [peers_module.Peer(*fleet.want[key])], [])
+        for key, _ in gone:
+            fleet.want.pop(key)
+        fleet.write(kept + new)                # etcd as the restarted plugin finds it
+        reads: list[int] = []
+        real = fleet.kernel.peer_entries
+
+        def counted(vni: int, reads: list[int] = reads, real=real) -> list[tuple[str, str, str]]:  # type: ignore[no-untyped-def]
+            if threading.current_thread().name.startswith("peers"):   # not the test's own looks
+                reads.append(vni)
+            return real(vni)
+
+        fleet.kernel.peer_entries = counted  # type: ignore[method-assign]
+        try:
+            batches = fleet.kernel.batches
+            fleet.peers.start()
+            fleet.wait_programmed(timeout=30)
+            _settle(fleet)
+            assert fleet.kernel.count() == 35
+            assert reads == [VNI] * (2 if stale_read else 1), reads
+            assert fleet.kernel.batches - batches == 2, "the gone removed, the new added: nothing kept is rewritten"
+        finally:
+            fleet.close()

@@ -38,6 +38,7 @@ PASS_SPACING = 0.05  # seconds between watch-driven passes under churn (at most 
 RETRY_AFTER = 1.0    # seconds before entries the kernel refused are tried again
 SKEW_LIMIT = 16      # up to this many entries missing from one read may be the dump's skew (see verify_kernel)
 CHECK_SHARE = 0.02   # the periodic kernel check reads a network at most this share of the time
+EARLY_READ_FOR = 10.0  # seconds the kernel's entries read at start stand for it at the first pass
 TRIM_AFTER = 1000    # a full pass over this many entries returns the heap's free pages (heap.give_back)
 
 
@@ -105,14 +106,25 @@ class PeerSync:
         self._last_pass = 0.0
         self._retry: threading.Timer | None = None
         self._suspects: dict[int, set[Peer]] = {}         # vni -> peers missing at the last kernel check
+        self._early: dict[int, tuple[float, list[tuple[str, str, str]]]] = {}  # vni -> (when, entries) read at start
         self._next_check: dict[int, float] = {}            # vni -> when its kernel check is due (monotonic)
         self._names_follow = names
         self._hosts_follow = hosts_changed
         self._acks_changed = acks_changed
 
     def start(self) -> None:
+        # The kernel's entries are read while etcd's are (the first pass adopts them; at a restart with tens of
+        # thousands of peers each read takes about half a second): on the peers' thread, before any pass.
+        for vni in {n.record.vni for n in self.state.networks()}:
+            self._background.submit(self._read_early, vni)
         self._host_records.start()
         self.endpoints.start()
+
+    def _read_early(self, vni: int) -> None:
+        try:
+            self._early[vni] = (time.monotonic(), self.datapath.peer_entries(vni))
+        except Exception:  # noqa: BLE001 - the first pass reads it again, and reports
+            pass
 
     def stop(self) -> None:
         self._host_records.stop()
@@ -368,8 +380,11 @@ class PeerSync:
         leftovers of endpoints that went while the plugin was down, and go.
         """
         began = time.monotonic()
+        when, early = self._early.pop(vni, (0.0, None))
         try:
-            existing = {Peer(ip, mac, vtep) for ip, mac, vtep in self.datapath.peer_entries(vni)}
+            # What was read at start, unless etcd took long: then the kernel may have moved meanwhile.
+            found = early if early is not None and began - when < EARLY_READ_FOR else self.datapath.peer_entries(vni)
+            existing = {Peer(ip, mac, vtep) for ip, mac, vtep in found}
         except Exception as err:  # noqa: BLE001
             log.error("vni %d: reading programmed peers: %s", vni, err)
             return 0

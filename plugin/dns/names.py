@@ -105,7 +105,10 @@ class NameService:
             if self._queue_pending:
                 return   # queued and not started: it takes this change too
             self._queue_pending = True
-        self._worker.submit(self._apply_queued)
+        try:
+            self._worker.submit(self._apply_queued)
+        except RuntimeError:
+            pass   # stopped: a last pass of the peers may still tell us
 
     def _apply_queued(self) -> None:
         with self._queue_lock:
