@@ -442,17 +442,24 @@ def main() -> int:
     ap.add_argument("--hosts", type=int, nargs="+", default=[100, 500, 1000])
     ap.add_argument("--churn", type=float, default=20.0, help="seconds of churn at 100 changes/s")
     ap.add_argument("--profile", help="a directory: py-spy's collapsed stacks of the plugin during the churn")
-    ap.add_argument("--plot", action="store_true", help="only redraw the plots from bench/results/fleet.json")
+    ap.add_argument("--plot", action="store_true",
+                    help="only write the table and plots again from bench/results/fleet.json")
     args = ap.parse_args()
     if args.plot:
-        plot(json.loads((RESULTS / "fleet.json").read_text())["results"])
+        report(json.loads((RESULTS / "fleet.json").read_text())["results"])
         return 0
     results = []
     for n in args.hosts:
         results.append(run(n, args.churn, args.profile))
         print(json.dumps(results[-1]), flush=True)
+    report(results)
+    return 0
+
+
+def report(results: list[dict[str, Any]]) -> None:
+    """bench/results/fleet.json, the table in docs/bench/fleet.md and the plots."""
     rows = [[r["hosts"], r["endpoints"], r["bringup_programmed_s"], r["burst_2000_s"],
-             r["churn_latency_ms"]["p50"], r["churn_latency_ms"]["p99"], r["churn_cpu_pct_core"],  # type: ignore[index]
+             r["churn_latency_ms"]["p50"], r["churn_latency_ms"]["p99"], r["churn_cpu_pct_core"],
              r["idle_cpu_pct_core"], r["etcd_bytes_per_change"], r["restart_new_endpoint_s"], r["rss_idle_mib"],
              r["rss_full_mib"]]
             for r in results]
@@ -463,7 +470,6 @@ def main() -> int:
                    "restart: new endpoint s", "RSS idle MiB", "RSS all MiB"], rows))
     save("fleet", {"results": results}, md)
     plot(results)
-    return 0
 
 
 def plot(results: list[dict[str, Any]]) -> None:

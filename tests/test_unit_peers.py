@@ -3,6 +3,8 @@ exactly, churn leaves exactly what etcd holds, and a departed host's entries go 
 
 from __future__ import annotations
 
+import time
+
 from tests.peer_fleet import VNI, Fleet
 
 
@@ -276,3 +278,25 @@ def test_a_restart_adopts_the_kernel_read_at_start_and_removes_what_went(monkeyp
             assert fleet.kernel.batches - batches == 2, "the gone removed, the new added: nothing kept is rewritten"
         finally:
             fleet.close()
+
+
+def test_endpoint_churn_leaves_ipsec_alone_and_a_host_change_does_not() -> None:
+    """IPsec follows hosts and encrypted networks: passes for endpoint changes skip its O(hosts) sync; a
+    changed host record (a key rotation, an ack) is synced at the next pass."""
+    from kvstore.records import HostRecord
+
+    fleet = Fleet(hosts=5, per_host=10)
+    with fleet.running() as keys:
+        _settle(fleet)
+        encryption = fleet.peers.encryption
+        syncs, passes = encryption.syncs, fleet.peers.passes  # type: ignore[attr-defined]
+        fleet.churn(keys, 20)
+        fleet.wait_programmed()
+        _settle(fleet)
+        assert fleet.peers.passes > passes and encryption.syncs == syncs  # type: ignore[attr-defined]
+        rec = HostRecord(host="r1", vtep=fleet.vtep(1), port=4800, version="t2", started=0.0)
+        fleet.store.put(fleet.keys.host("r1"), rec.dump())
+        deadline = time.monotonic() + 30
+        while encryption.syncs == syncs and time.monotonic() < deadline:  # type: ignore[attr-defined]
+            time.sleep(0.01)
+        assert encryption.syncs > syncs, "a host change is synced"  # type: ignore[attr-defined]

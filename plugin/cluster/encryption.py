@@ -75,6 +75,12 @@ class Encryption:
     # -- rotation ---------------------------------------------------------------------------------------
 
     @property
+    def settled(self) -> bool:
+        """The kernel was last programmed from the current hosts and keys, without failures (a rotation, a
+        repair or a failed peer unsettle it until the next sync)."""
+        return self._synced is not None
+
+    @property
     def rotated_at(self) -> float:
         return self._rotated
 
