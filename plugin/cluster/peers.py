@@ -309,6 +309,7 @@ class PeerSync:
                 else:
                     have[entry] = peer
                     added += 1
+        self._early.clear()   # read at start for a network that went before the first pass
         if added or removed or full:
             self._log_pass(added, removed, full, began)
         for vni, have in self.programmed.items():
