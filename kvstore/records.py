@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
 import ipaddress
@@ -188,10 +189,10 @@ class Authenticator:
         restart checks tens of thousands, at a third of the cost); check() falls back on a mismatch."""
         assert self._keyed is not None
         signed = {"kind": kind, "body": body, "writer": writer, "counter": counter}
-        try:
-            text = orjson.dumps(signed, option=orjson.OPT_SORT_KEYS) if fast else None
-        except TypeError:   # an integer beyond 64 bits: only json.dumps writes it
-            text = None
+        text = None
+        if fast:
+            with contextlib.suppress(TypeError):   # an integer beyond 64 bits: only json.dumps writes it
+                text = orjson.dumps(signed, option=orjson.OPT_SORT_KEYS)
         if text is None:
             text = json.dumps(signed, sort_keys=True, separators=(",", ":")).encode()
         mac = self._keyed.copy()

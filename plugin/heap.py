@@ -5,9 +5,6 @@ its decoded messages, the JSON) are freed soon after."""
 from __future__ import annotations
 
 import ctypes
-import logging
-
-log = logging.getLogger(__name__)
 
 M_ARENA_MAX = -8   # glibc's mallopt parameter
 
