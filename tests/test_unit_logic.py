@@ -165,12 +165,13 @@ def test_dns_zones_and_answers() -> None:
     import dns.message
     import dns.rcode
 
-    from kvstore.records import AliasRecord, EndpointRecord
+    from kvstore.records import AliasRecord, EndpointRecord, RemoteEndpoint
     from plugin.dns.nameserver import answer, build_zones
 
-    def ep(eid: str, name: str, addr: str, host: str, addr6: str | None = None) -> EndpointRecord:
-        return EndpointRecord(endpoint_id=eid, network_key="n1", docker_network_id="d", host=host, vtep="1.1.1.1",
-                              mac="02:42:00:00:00:01", address=addr, address6=addr6, name=name)
+    def ep(eid: str, name: str, addr: str, host: str, addr6: str | None = None) -> RemoteEndpoint:
+        return RemoteEndpoint(EndpointRecord(endpoint_id=eid, network_key="n1", docker_network_id="d", host=host,
+                                             vtep="1.1.1.1", mac="02:42:00:00:00:01", address=addr, address6=addr6,
+                                             name=name))
 
     endpoints = [ep("e1", "web", "10.0.0.5/24", "h1", "fd00::5/64"), ep("e2", "db", "10.0.0.6/24", "gone"),
                  ep("e3", "old-name", "10.0.0.7/24", "h2")]
@@ -219,7 +220,7 @@ def test_names_follow_each_change_and_equal_a_fresh_build() -> None:
     import random
 
     from kvstore import Keys, MemoryStore, WatchEvent
-    from kvstore.records import AliasRecord, EndpointRecord, HostRecord
+    from kvstore.records import AliasRecord, EndpointRecord, HostRecord, RemoteEndpoint
     from plugin.dns.names import NameService
     from plugin.dns.nameserver import build_zones
     from plugin.state import LocalState
@@ -228,13 +229,13 @@ def test_names_follow_each_change_and_equal_a_fresh_build() -> None:
                       None, ["192.0.2.1"])  # type: ignore[arg-type]
     hosts = {h: HostRecord(host=h, vtep="10.99.0.1", port=4800, version="t", started=0.0) for h in ("h1", "h2")}
     rng = random.Random(7)
-    records: dict[str, EndpointRecord] = {}
+    records: dict[str, RemoteEndpoint] = {}
     aliases: dict[str, AliasRecord] = {}
 
-    def ep(i: int, host: str, name: str) -> EndpointRecord:
-        return EndpointRecord(endpoint_id=f"e{i:04d}", network_key="n1", docker_network_id="d", host=host,
-                              vtep="10.99.0.1", mac="02:42:00:00:00:01", address=f"10.0.{i // 250}.{i % 250 + 1}/16",
-                              name=name)
+    def ep(i: int, host: str, name: str | None) -> RemoteEndpoint:
+        return RemoteEndpoint(EndpointRecord(endpoint_id=f"e{i:04d}", network_key="n1", docker_network_id="d",
+                                             host=host, vtep="10.99.0.1", mac="02:42:00:00:00:01",
+                                             address=f"10.0.{i // 250}.{i % 250 + 1}/16", name=name))
 
     for i in range(200):
         records[f"/t/ep/{i}"] = ep(i, "h1" if i % 2 else "h2", f"c{i}")
@@ -252,7 +253,7 @@ def test_names_follow_each_change_and_equal_a_fresh_build() -> None:
         elif roll < 0.7:                                   # moving: a second record, same container, same IP
             old = records.get(key)
             if old is not None:
-                records[key + "m"] = old.model_copy(update={"host": "h2" if old.host == "h1" else "h1"})
+                records[key + "m"] = ep(i, "h2" if old.host == "h1" else "h1", old.name)
                 updates[key + "m"] = records[key + "m"]
         else:                                              # Docker's aliases for it
             al = AliasRecord(endpoint_id=f"e{i:04d}", network_key="n1", host="h1", container=f"c{i}",

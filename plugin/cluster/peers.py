@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 from kvstore import Keys, Store
-from kvstore.records import EndpointRecord, HostRecord
+from kvstore.records import HostRecord, RemoteEndpoint
 from kvstore.watched import Update, WatchedMap
 from plugin import heap, metrics
 from plugin.cluster.encryption import Encryption
@@ -55,7 +55,7 @@ Entry = tuple[str, str]
 
 # Endpoints and live hosts changed (the DNS names follow them): the records that changed (None: gone) or, when
 # the flag is set, all of them; and the known hosts.
-NamesFollow = Callable[[dict[str, EndpointRecord | None], bool, dict[str, HostRecord]], None]
+NamesFollow = Callable[[dict[str, RemoteEndpoint | None], bool, dict[str, HostRecord]], None]
 
 
 def _nothing(*_: object) -> None:
@@ -78,7 +78,7 @@ class PeerSync:
         self._lock = threading.RLock()
         # etcd key -> record, current through the endpoints watch (changed under self._lock)
         # Its events are validated and applied in batches by the passes (drain), not one by one as they come.
-        self.endpoints = WatchedMap(store, keys.all_endpoints(), EndpointRecord, self._endpoints_updated,
+        self.endpoints = WatchedMap(store, keys.all_endpoints(), RemoteEndpoint, self._endpoints_updated,
                                     lock=self._lock, deferred=self._pass_soon)
         self._host_records = WatchedMap(store, keys.hosts(), HostRecord, self._hosts_updated, lock=self._lock)
         self.hosts: dict[str, HostRecord] = {}            # host name -> record, live hosts (lease held)
@@ -179,7 +179,7 @@ class PeerSync:
         except Exception:  # noqa: BLE001 - the next change retries
             log.exception("following the live hosts")
 
-    def _endpoints_updated(self, updates: list[Update[EndpointRecord]], whole: bool) -> None:
+    def _endpoints_updated(self, updates: list[Update[RemoteEndpoint]], whole: bool) -> None:
         """The endpoint records changed (under self._lock): their keys are marked, for this pass (events are
         drained at its start) or the next; a snapshot (whole) makes it a full one."""
         for u in updates:
@@ -223,8 +223,8 @@ class PeerSync:
         if vni is None or ep.host == self.host or host is None or host.vtep != ep.vtep:
             return []
         # An address of one of this host's own endpoints is never sent elsewhere, whatever a record claims.
-        return [(vni, (key, addr), Peer(addr.split("/")[0], ep.mac, ep.vtep)) for addr in (ep.address, ep.address6)
-                if addr and (ep.network_key, addr.split("/")[0]) not in mine]
+        return [(vni, (key, addr), Peer(ip, ep.mac, ep.vtep)) for addr, ip in ep.addresses()
+                if (ep.network_key, ip) not in mine]
 
     def desired(self) -> dict[int, dict[Entry, Peer]]:
         local, mine = self._local_view()
@@ -241,7 +241,7 @@ class PeerSync:
         for name in names:
             self._dirty.update(self._by_host.get(name, ()))
 
-    def _index(self, key: str, old: EndpointRecord | None, ep: EndpointRecord | None) -> None:
+    def _index(self, key: str, old: RemoteEndpoint | None, ep: RemoteEndpoint | None) -> None:
         if old is not None:
             unlink(self._by_host, old.host, key)
             unlink(self._by_network, old.network_key, key)
@@ -315,7 +315,7 @@ class PeerSync:
         for vni, have in self.programmed.items():
             metrics.PEERS.labels(str(vni)).set(len(have))
         whole, self._names_whole = self._names_whole, False
-        updates: dict[str, EndpointRecord | None] = dict(self.endpoints.items()) if whole else \
+        updates: dict[str, RemoteEndpoint | None] = dict(self.endpoints.items()) if whole else \
             {k: self.endpoints.get(k) for k in self._named}
         self._named = set()
         try:
@@ -522,7 +522,7 @@ class PeerSync:
         except Exception:  # noqa: BLE001 - the namespace is being re-created: next pass
             return set()
 
-    def endpoint_records(self) -> dict[str, EndpointRecord]:
+    def endpoint_records(self) -> dict[str, RemoteEndpoint]:
         """etcd key -> endpoint record, as the watch holds them."""
         with self._lock:
             return self.endpoints.copy()

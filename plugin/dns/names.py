@@ -14,7 +14,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from kvstore import Keys, Store
-from kvstore.records import AliasRecord, EndpointRecord, HostRecord
+from kvstore.records import AliasRecord, HostRecord, RemoteEndpoint
 from kvstore.watched import Update, WatchedMap
 from plugin import heap
 from plugin.dns.nameserver import FORWARD_ONLY, HOST_NAMESPACE, NameIndex, Names, NameServer, endpoint_names
@@ -40,7 +40,7 @@ class NameService:
         # Other networks' lookups to the address skip the plugin (plugin/kernel/dnsredirect.py).
         self.redirect = DnsRedirect(address, self.server.upstreams) if address else None
         self._alias_of: dict[str, AliasRecord] = {}        # endpoint ID -> its aliases
-        self._endpoints: dict[str, EndpointRecord] = {}    # etcd key -> record (as the peer watch has them)
+        self._endpoints: dict[str, RemoteEndpoint] = {}    # etcd key -> record (as the peer watch has them)
         self._keys_of: MultiMap[str, str] = {}             # endpoint ID -> etcd keys (two while it moves)
         self._keys_on: MultiMap[str, str] = {}             # host -> etcd keys of its endpoints
         self._hosts: set[str] = set()
@@ -49,7 +49,7 @@ class NameService:
         self._aliases = WatchedMap(store, keys.all_aliases(), AliasRecord, self._aliases_changed, lock=self._lock)
         # The peers' changes wait here for the names thread (see `changed`), merged: key -> record (None: gone).
         self._queue_lock = threading.Lock()
-        self._queued: dict[str, EndpointRecord | None] = {}
+        self._queued: dict[str, RemoteEndpoint | None] = {}
         self._queued_whole = False
         self._queued_hosts: dict[str, HostRecord] = {}
         self._queue_pending = False
@@ -90,7 +90,7 @@ class NameService:
         with self._lock:
             return self._aliases.copy()
 
-    def changed(self, updates: dict[str, EndpointRecord | None], whole: bool, hosts: dict[str, HostRecord]) -> None:
+    def changed(self, updates: dict[str, RemoteEndpoint | None], whole: bool, hosts: dict[str, HostRecord]) -> None:
         """The peer watches moved: these endpoint records changed (None: gone), or, with whole, `updates` is
         every record there is; `hosts` are the hosts whose endpoints count.
 
@@ -125,7 +125,7 @@ class NameService:
         """Wait until every change queued so far is in the names (tests, and callers that need them now)."""
         self._worker.submit(lambda: None).result(timeout=timeout)
 
-    def _apply(self, updates: dict[str, EndpointRecord | None], whole: bool, hosts: dict[str, HostRecord]) -> None:
+    def _apply(self, updates: dict[str, RemoteEndpoint | None], whole: bool, hosts: dict[str, HostRecord]) -> None:
         with self._lock:
             if whole:
                 self._endpoints, self._keys_of, self._keys_on = {}, {}, {}

@@ -36,7 +36,6 @@ import socket
 import struct
 import threading
 import time
-from collections import Counter
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -54,7 +53,7 @@ import dns.resolver
 import dns.reversename
 import dns.rrset
 
-from kvstore.records import AliasRecord, EndpointRecord
+from kvstore.records import AliasRecord, RemoteEndpoint
 from plugin import metrics
 from plugin.kernel import netns
 
@@ -114,7 +113,9 @@ class Zone:
 
     The tuples are replaced, never changed in place: the serving thread reads them while a change is being
     applied, and sees each name's old or new addresses, never a half-made change. (Tuples, not frozensets:
-    nearly every name has one address, and a 1-tuple takes 48 bytes where a frozenset takes 216.)"""
+    nearly every name has one address, and a 1-tuple takes 48 bytes where a frozenset takes 216.)
+    A pair two endpoints give (a container moving between hosts has a record on each for a moment) is in the
+    tuples twice, and stays until neither gives it: the tuples count, answers show each value once."""
     forward: dict[str, tuple[str, ...]] = field(default_factory=dict)
     reverse: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
@@ -122,18 +123,20 @@ class Zone:
         name = _name(name)
         if name:
             for table, k, v in ((self.forward, name, address), (self.reverse, address, name)):
-                have = table.get(k, ())
-                if v not in have:
-                    table[k] = (*have, v)
+                table[k] = (*table.get(k, ()), v)
 
     def discard(self, name: str, address: str) -> None:
+        """One giver of the pair less."""
         name = _name(name)
         for table, k, v in ((self.forward, name, address), (self.reverse, address, name)):
-            rest = tuple(x for x in table.get(k, ()) if x != v)
-            if rest:
-                table[k] = rest
-            else:
-                table.pop(k, None)
+            have = table.get(k, ())
+            if v in have:
+                at = have.index(v)
+                rest = have[:at] + have[at + 1:]
+                if rest:
+                    table[k] = rest
+                else:
+                    del table[k]
 
 
 def _name(name: str) -> str:
@@ -141,26 +144,25 @@ def _name(name: str) -> str:
     return name if plain == name else plain   # the record's own string when it is already plain: one copy
 
 
-Names = tuple[str, tuple[tuple[str, str], ...]]   # (network key, ((name, address), ...)) of one endpoint
+# What one endpoint puts in its network's zone, flat: (network key, name, address, name, address, ...). One
+# tuple of strings the record holds (64 bytes for one name), where nested pairs took 160.
+Names = tuple[str, ...]
 
 
-def endpoint_names(ep: EndpointRecord, docker_names: list[str] | None) -> Names:
-    """What one endpoint puts in its network's zone. What Docker says now (a rename, aliases) wins over the
-    name given at CreateEndpoint."""
+def endpoint_names(ep: RemoteEndpoint, docker_names: list[str] | None) -> Names:
+    """What Docker says now (a rename, aliases) wins over the name given at CreateEndpoint."""
     names = [n for n in map(_name, docker_names or ([ep.name] if ep.name else [])) if n]
-    return ep.network_key, tuple((name, addr.split("/")[0]) for addr in (ep.address, ep.address6) if addr
-                                 for name in names)
+    return (ep.network_key, *(x for ip in (ep.ip, ep.ip6) if ip for name in names for x in (name, ip)))
 
 
 class NameIndex:
     """Every network's zone, kept current endpoint by endpoint: a change costs that endpoint's names, not
     everyone's. Two endpoints may give the same name and address (a container moving between hosts has a
-    record on each for a moment); the pair stays until neither gives it."""
+    record on each for a moment); the pair stays until neither gives it (see Zone)."""
 
     def __init__(self) -> None:
         self.zones: dict[str, Zone] = {}
         self._of: dict[str, Names] = {}                   # endpoint key -> what it gave
-        self._count: Counter[tuple[str, str, str]] = Counter()   # (network key, name, address) -> givers
 
     def set(self, key: str, names: Names | None) -> None:
         """The endpoint's names now (None: it gives none: gone, or its host is not live)."""
@@ -170,24 +172,17 @@ class NameIndex:
                 self._of[key] = names
             return
         if old is not None:
-            nkey, pairs = old
-            for name, addr in pairs:
-                self._count[(nkey, name, addr)] -= 1
-                if self._count[(nkey, name, addr)] <= 0:
-                    del self._count[(nkey, name, addr)]
-                    self.zones[nkey].discard(name, addr)
+            gone = self.zones[old[0]]
+            for at in range(1, len(old), 2):
+                gone.discard(old[at], old[at + 1])
         if names is not None:
             self._of[key] = names
-            nkey, pairs = names
-            zone = self.zones.get(nkey)
-            if zone is None:
-                zone = self.zones[nkey] = Zone()
-            for name, addr in pairs:
-                self._count[(nkey, name, addr)] += 1
-                zone.add(name, addr)
+            zone = self.zones.get(names[0]) or self.zones.setdefault(names[0], Zone())
+            for at in range(1, len(names), 2):
+                zone.add(names[at], names[at + 1])
 
 
-def build_zones(endpoints: Iterable[EndpointRecord], live_hosts: set[str],
+def build_zones(endpoints: Iterable[RemoteEndpoint], live_hosts: set[str],
                 aliases: Iterable[AliasRecord]) -> dict[str, Zone]:
     """Network key -> its names, from the endpoint records of live hosts and their aliases."""
     docker_names = {al.endpoint_id: al.names for al in aliases}
@@ -216,13 +211,13 @@ def answer(query: dns.message.Message, zone: Zone | None) -> dns.message.Message
         names = zone.reverse.get(str(ipaddress.ip_address(address)))
         if not names:
             return None
-        reply.answer.append(dns.rrset.from_text_list(q.name, TTL, "IN", "PTR", [f"{n}." for n in sorted(names)]))
+        reply.answer.append(dns.rrset.from_text_list(q.name, TTL, "IN", "PTR", [f"{n}." for n in sorted(set(names))]))
         return reply
     addresses = zone.forward.get(text)
     if addresses is None:
         return None
     family = {dns.rdatatype.A: 4, dns.rdatatype.AAAA: 6}.get(q.rdtype)
-    matching = sorted(a for a in addresses if ipaddress.ip_address(a).version == family)
+    matching = sorted({a for a in addresses if ipaddress.ip_address(a).version == family})
     if matching:
         rdtype = "A" if family == 4 else "AAAA"
         reply.answer.append(dns.rrset.from_text_list(q.name, TTL, "IN", rdtype, matching))
