@@ -70,11 +70,21 @@ def process_tree(root_pid: int) -> list[int]:
 
 
 def rss_kb(root_pid: int) -> int:
-    """Resident memory of a process and all its descendants, in KiB."""
+    """Resident memory of a process and all its descendants, in KiB (pages they share counted in each)."""
+    return _rollup_kb(root_pid, "Rss")
+
+
+def pss_kb(root_pid: int) -> int:
+    """Proportional set size of a process and its descendants, in KiB: each shared page counted once among
+    those sharing it (gunicorn's master and its forked worker share the interpreter's pages)."""
+    return _rollup_kb(root_pid, "Pss")
+
+
+def _rollup_kb(root_pid: int, field: str) -> int:
     total = 0
     for pid in process_tree(root_pid):
         try:
-            m = re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{pid}/status").read_text())
+            m = re.search(rf"^{field}:\s+(\d+)", Path(f"/proc/{pid}/smaps_rollup").read_text(), re.MULTILINE)
         except OSError:
             continue
         total += int(m.group(1)) if m else 0

@@ -16,7 +16,7 @@ For each N (default 100, 500, 1,000 hosts x 40 endpoints, all on one /16 network
    real host;
 4. *restart*: the plugin is killed and started again with every record in etcd; seconds until it programs
    an endpoint written after its socket is back;
-5. the plugin's RSS (master + worker) idle before bring-up and at the end.
+5. the plugin's RSS and PSS (master + worker) idle before bring-up and at the end.
 
     sudo .venv/bin/python bench/fleet.py [--hosts 100 500 1000] [--churn 20]
 """
@@ -37,7 +37,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from common import DOCS, RESULTS, ROOT, process_tree, rss_kb, save, summary, table
+from common import DOCS, RESULTS, ROOT, process_tree, pss_kb, rss_kb, save, summary, table
 
 from ipam.subnets import network_key
 from kvstore import EtcdConfig, Keys, KVStore, Txn
@@ -86,6 +86,10 @@ while True:
 
 def rss_mib(root_pid: int) -> float:
     return round(rss_kb(root_pid) / 1024, 1)
+
+
+def pss_mib(root_pid: int) -> float:
+    return round(pss_kb(root_pid) / 1024, 1)
 
 
 def cpu_seconds(root_pid: int) -> float:
@@ -305,7 +309,7 @@ def run(n: int, churn_seconds: float, profile: str | None = None) -> dict[str, o
         vni = NetworkRecord.load(got.value, keys.network(nkey)).vni
         assert h.plugin is not None
         time.sleep(2)
-        rss_idle = rss_mib(h.plugin.pid)
+        rss_idle, pss_idle = rss_mib(h.plugin.pid), pss_mib(h.plugin.pid)
         sim = Simulation(store, keys, nkey, n)
         mon = Monitor(h, vni)
         total = n * PER_HOST
@@ -316,9 +320,9 @@ def run(n: int, churn_seconds: float, profile: str | None = None) -> dict[str, o
         written = time.monotonic() - began
         wait(f"{total} programmed", lambda: programmed(h, vni) >= total, timeout=600)
         bringup = time.monotonic() - began
-        rss_full = rss_mib(h.plugin.pid)
+        rss_full, pss_full = rss_mib(h.plugin.pid), pss_mib(h.plugin.pid)
         print(f"N={n}: {total} endpoints written in {written:.1f} s, all programmed {bringup:.2f} s after the "
-              f"first write; RSS {rss_idle} -> {rss_full} MiB", flush=True)
+              f"first write; RSS {rss_idle} -> {rss_full} MiB, PSS {pss_idle} -> {pss_full} MiB", flush=True)
 
         # 2. burst: 1,000 leave, 1,000 arrive
         mon.reset()
@@ -418,6 +422,7 @@ def run(n: int, churn_seconds: float, profile: str | None = None) -> dict[str, o
         print(f"N={n}: restarted plugin programmed a new endpoint {restart:.2f} s after its socket was back; "
               f"where the time went (its log): {split}", flush=True)
         rss_end = rss_mib(h.plugin.pid) if h.plugin is not None else 0.0
+        pss_end = pss_mib(h.plugin.pid) if h.plugin is not None else 0.0
         store.close()
         return {"hosts": n, "endpoints": total, "record_bytes": round(record_bytes),
                 "bringup_write_s": round(written, 2), "bringup_programmed_s": round(bringup, 2),
@@ -430,6 +435,7 @@ def run(n: int, churn_seconds: float, profile: str | None = None) -> dict[str, o
                 "etcd_bytes_per_change": round(sent / count), "restart_new_endpoint_s": round(restart, 2),
                 "restart_split_s": split,
                 "rss_idle_mib": rss_idle, "rss_full_mib": rss_full, "rss_after_restart_mib": rss_end,
+                "pss_idle_mib": pss_idle, "pss_full_mib": pss_full, "pss_after_restart_mib": pss_end,
                 "departed_after_lease_s": round(departed, 1), "monitor_errors": mon.errors, **side}
     finally:
         if mon is not None:
@@ -461,13 +467,15 @@ def report(results: list[dict[str, Any]]) -> None:
     rows = [[r["hosts"], r["endpoints"], r["bringup_programmed_s"], r["burst_2000_s"],
              r["churn_latency_ms"]["p50"], r["churn_latency_ms"]["p99"], r["churn_cpu_pct_core"],
              r["idle_cpu_pct_core"], r["etcd_bytes_per_change"], r["restart_new_endpoint_s"], r["rss_idle_mib"],
-             r["rss_full_mib"]]
+             r["rss_full_mib"], r.get("pss_idle_mib", "-"), r.get("pss_full_mib", "-")]
             for r in results]
     md = ("One real host (dockerd + pyoverlay + kernel) and the signed etcd records of N simulated hosts x "
           f"{PER_HOST} endpoints on one /16 network (`bench/fleet.py`).\n\n"
           + table(["hosts", "remote endpoints", "all programmed s", "2,000 changes s", "churn p50 ms",
                    "churn p99 ms", "CPU % of a core at 100 changes/s", "idle CPU %", "etcd bytes per change",
-                   "restart: new endpoint s", "RSS idle MiB", "RSS all MiB"], rows))
+                   "restart: new endpoint s", "RSS idle MiB", "RSS all MiB", "PSS idle MiB", "PSS all MiB"], rows)
+          + "\nRSS sums the gunicorn master's and the worker's resident pages, counting the pages they share "
+          "(the interpreter, forked) twice; PSS counts each shared page once.\n")
     save("fleet", {"results": results}, md)
     plot(results)
 
@@ -505,10 +513,12 @@ def plot(results: list[dict[str, Any]]) -> None:
     fig.tight_layout()
     fig.savefig(DOCS / "fleet-convergence.png", dpi=100)
     fig, ax = plt.subplots(figsize=(6, 4))
-    draw(ax, "plugin RSS, MiB (gunicorn master + worker)", [
-        ("o-", "idle", [r["rss_idle_mib"] for r in results]),
-        ("s-", "every remote endpoint programmed", [r["rss_full_mib"] for r in results]),
-        ("^-", "after a restart", [r["rss_after_restart_mib"] for r in results])])
+    memory = [("o-", "idle", [r["rss_idle_mib"] for r in results]),
+              ("s-", "every remote endpoint programmed", [r["rss_full_mib"] for r in results]),
+              ("^-", "after a restart", [r["rss_after_restart_mib"] for r in results])]
+    if all("pss_full_mib" in r for r in results):   # results from before PSS was measured have none
+        memory.append(("d--", "PSS, every remote endpoint programmed", [r["pss_full_mib"] for r in results]))
+    draw(ax, "plugin RSS, MiB (gunicorn master + worker)", memory)
     fig.tight_layout()
     fig.savefig(DOCS / "fleet-memory.png", dpi=100)
     print(f"wrote {DOCS / 'fleet-convergence.png'} and {DOCS / 'fleet-memory.png'}")
