@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,16 @@ class WatchEvent:
     key: str
     value: bytes
     mod_revision: int
+
+
+class WatchAnswer(NamedTuple):
+    """One answer of an etcd watch stream, whichever way it was read (gRPC, or the JSON gateway)."""
+    events: list[WatchEvent]
+    revision: int            # the header's: etcd's revision when it answered
+    created: bool
+    compact_revision: int    # non-zero: the revision asked for was compacted
+    canceled: bool
+    cancel_reason: str
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,9 @@ from etcd3 import transactions as tx
 from etcd3.etcdrpc import rpc_pb2 as rpc
 from etcd3.etcdrpc import rpc_pb2_grpc as rpc_grpc
 
-from kvstore.base import KV, Compacted, Put, SnapshotFirst, StoreError, StoreUnavailable, Txn, WatchEvent
+from kvstore.base import KV, Compacted, Put, SnapshotFirst, StoreError, StoreUnavailable, Txn, WatchAnswer, WatchEvent
 from kvstore.config import EtcdConfig
+from kvstore.gateway import GatewayMissing, GatewayWatch, MemberLost
 
 __all__ = ["KV", "Compacted", "KVStore", "PrefixWatch", "StoreError", "StoreUnavailable", "Txn", "WatchEvent"]
 
@@ -65,7 +66,7 @@ FAILED_FOR = 10.0  # seconds an endpoint that failed is passed over while others
 
 def _kv(raw: Any) -> KV:
     return KV(
-        key=raw.key.decode(),
+        key=raw.key.decode(errors="replace"),   # an undecodable key must not stop a read: no record has it
         value=bytes(raw.value),
         mod_revision=raw.mod_revision,
         create_revision=raw.create_revision,
@@ -88,7 +89,9 @@ class KVStore:
         self.config = config
         self._lock = threading.Lock()
         self._client: etcd3.Etcd3Client | None = None
+        self._endpoint = ""                          # the current client's
         self._index = 0
+        self.gateway: bool | None = None             # watches through etcd's JSON gateway (None: not tried yet)
         self._failed_until: dict[int, float] = {}   # endpoint index -> skipped until (monotonic)
         self._observe = observe or (lambda op, seconds, ok: None)
         # Read by health(): under pyoverlay's prefix, as an etcd user limited to it may read nothing else.
@@ -133,7 +136,7 @@ class KVStore:
                     self._index += 1
                 endpoint = self.config.endpoints[self._index % n]
                 try:
-                    self._client = self._connect(endpoint)
+                    self._client, self._endpoint = self._connect(endpoint), endpoint
                     # Every request requires a leader (etcd's WithRequireLeader): a member cut off from the
                     # majority answers "no leader" at once, and the call moves on to the next member, instead
                     # of waiting out its request timeout.
@@ -329,8 +332,24 @@ class KVStore:
         return w
 
     def _watch_stream(self, prefix: str, start_revision: int
-                      ) -> tuple[Iterable[Any], Callable[[], None], etcd3.Etcd3Client]:
+                      ) -> tuple[Iterable[WatchAnswer], Callable[[], None], etcd3.Etcd3Client]:
+        """A watch of prefix from start_revision on the current member: through its JSON gateway (a third of
+        gRPC's CPU per event: kvstore/gateway.py), or gRPC's stream where the gateway is off."""
         client = self._current()
+        with self._lock:
+            endpoint = self._endpoint if self._client is client else ""
+        if endpoint and self.gateway is not False:
+            try:
+                watch = GatewayWatch(endpoint, self.config, client.metadata, prefix.encode(), prefix_end(prefix),
+                                     start_revision)
+                self.gateway = True
+                return watch, watch.cancel, client
+            except GatewayMissing as err:
+                log.info("%s; watching through gRPC's stream", err)
+                self.gateway = False
+            except MemberLost:
+                self._drop(client)   # unreachable, or refused us: the next try goes to another member
+                raise
         create = rpc.WatchCreateRequest(
             key=prefix.encode(), range_end=prefix_end(prefix), start_revision=start_revision,
             progress_notify=True,
@@ -350,7 +369,16 @@ class KVStore:
             stop.set()
             call.cancel()
 
-        return call, cancel, client
+        return (_answer(resp) for resp in call), cancel, client
+
+
+def _answer(resp: Any) -> WatchAnswer:
+    """gRPC's WatchResponse as a WatchAnswer."""
+    return WatchAnswer(
+        events=[WatchEvent(kind="delete" if ev.type == ev.DELETE else "put", key=ev.kv.key.decode(errors="replace"),
+                           value=bytes(ev.kv.value), mod_revision=ev.kv.mod_revision) for ev in resp.events],
+        revision=resp.header.revision, created=resp.created, compact_revision=resp.compact_revision,
+        canceled=resp.canceled, cancel_reason=resp.cancel_reason)
 
 
 class PrefixWatch(SnapshotFirst):
@@ -414,20 +442,16 @@ class PrefixWatch(SnapshotFirst):
                     continue  # its header revision is "now", not what we have received
                 if resp.canceled:
                     raise StoreUnavailable(f"watch canceled by etcd: {resp.cancel_reason}")
-                events = [
-                    WatchEvent(
-                        kind="delete" if ev.type == ev.DELETE else "put",
-                        key=ev.kv.key.decode(),
-                        value=bytes(ev.kv.value),
-                        mod_revision=ev.kv.mod_revision,
-                    )
-                    for ev in resp.events
-                ]
-                if events:
-                    self.on_events(events)
-                    self.revision = events[-1].mod_revision + 1
-                elif resp.header.revision >= self.revision:
-                    self.revision = resp.header.revision + 1  # progress notification
+                if resp.events:
+                    self.on_events(resp.events)
+                    self.revision = resp.events[-1].mod_revision + 1
+                elif resp.revision >= self.revision:
+                    self.revision = resp.revision + 1  # progress notification
+        except MemberLost:
+            if self._stop.is_set():
+                return
+            self.store._drop(client)   # that member is gone, without a leader, or refused our token
+            raise
         except grpc.RpcError as err:
             if self._stop.is_set():
                 return

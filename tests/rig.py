@@ -191,10 +191,11 @@ def _stop_group(proc: subprocess.Popen[bytes] | None, sig: int, timeout: float) 
 class Etcd:
     """A real etcd (Debian's etcd-server) with its data in a temp dir, on loopback and the underlay."""
 
-    def __init__(self, workdir: Path, listen: list[str]) -> None:
+    def __init__(self, workdir: Path, listen: list[str], extra: tuple[str, ...] = ()) -> None:
         self.dir = workdir / "etcd"
         self.port, self.peer = free_port(), free_port()
         self.listen = listen
+        self.extra = extra        # more etcd flags
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -222,7 +223,7 @@ class Etcd:
             ["etcd", "--name", "t", "--data-dir", str(self.dir / "data"), "--listen-client-urls", clients,
              "--advertise-client-urls", self.local_url, "--listen-peer-urls", purl,
              "--initial-advertise-peer-urls", purl, "--initial-cluster", f"t={purl}",
-             "--initial-cluster-state", "new", "--log-level", "warn", "--logger", "zap"],
+             "--initial-cluster-state", "new", "--log-level", "warn", "--logger", "zap", *self.extra],
             stdout=log, stderr=log, stdin=subprocess.DEVNULL,
         )
         log.close()

@@ -136,6 +136,65 @@ def test_watch_resumes_and_recovers_from_compaction(etcd_store: KVStore, keys: K
         w.stop()
 
 
+@pytest.mark.etcd
+@pytest.mark.parametrize("gateway", [True, False], ids=["json-gateway", "grpc-stream"])
+def test_watches_read_the_json_gateway_or_grpc_where_it_is_off(gateway: bool, keys: Keys, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Watches go through etcd's JSON gateway (a third of gRPC's CPU per event), and through gRPC's stream on
+    an etcd without one. Either way: binary values, deletions, one revision of 2,000 events (a ~1.8 MB answer),
+    and a key that is not UTF-8 (someone wrote it under our prefix) that must not stop the watch."""
+    server = Etcd(tmp_path, ["127.0.0.1"],   # room for 2,000 puts in one transaction: one answer of ~1.8 MB
+                  extra=("--max-txn-ops=2000", *(() if gateway else ("--enable-grpc-gateway=false",))))
+    server.start()
+    store = KVStore(EtcdConfig([server.local_url], timeout=2))
+    prefix = keys.networks()
+    seen: dict[str, bytes] = {}
+    lock = threading.Lock()
+
+    def on_snapshot(kvs, rev):  # type: ignore[no-untyped-def]
+        with lock:
+            seen.clear()
+            seen.update({kv.key: kv.value for kv in kvs})
+
+    def on_events(events):  # type: ignore[no-untyped-def]
+        with lock:
+            for ev in events:
+                if ev.kind == "put":
+                    seen[ev.key] = ev.value
+                else:
+                    seen.pop(ev.key, None)
+
+    def until(want: dict[str, bytes]) -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with lock:
+                if seen == want:
+                    return
+            time.sleep(0.05)
+        with lock:
+            assert seen == want
+
+    store.put(keys.network("a"), b"\xff\x00binary")
+    w = store.watch_prefix(prefix, on_snapshot, on_events)
+    try:
+        assert w.synced.wait(10)
+        until({keys.network("a"): b"\xff\x00binary"})
+        server.ctl("put", prefix + "\udcff", "x")   # the byte 0xff: no UTF-8
+        store.put(keys.network("b"), b"2")
+        store.delete(keys.network("a"))
+        until({prefix + "\ufffd": b"x", keys.network("b"): b"2"})
+        txn = Txn()
+        for i in range(2000):
+            txn.put(keys.network(f"m{i}"), b"v" * 500)
+        assert store.commit(txn)
+        until({prefix + "\ufffd": b"x", keys.network("b"): b"2",
+               **{keys.network(f"m{i}"): b"v" * 500 for i in range(2000)}})
+        assert store.gateway is gateway
+    finally:
+        w.stop()
+        store.close()
+        server.stop()
+
+
 def test_pool_refcount_across_hosts_and_release(store: KVStore, keys: Keys) -> None:
     a, b = ipam(store, keys, "a"), ipam(store, keys, "b")
     r1 = a.request_pool("10.50.0.0/24", "", {}, False)

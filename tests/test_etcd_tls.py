@@ -65,8 +65,9 @@ def _cert(cn: str, key: ec.EllipticCurvePrivateKey, ca: tuple[x509.Certificate, 
 
 
 class TlsEtcd:
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, client_cert_auth: bool = True) -> None:
         self.dir = workdir
+        self.client_cert_auth = client_cert_auth   # False: TLS and passwords, no client certificates asked
         ca_key = _key()
         ca = _cert("pyoverlay test CA", ca_key, None)
         self.cacert, _ = _write(workdir / "ca", ca_key, ca)
@@ -91,7 +92,8 @@ class TlsEtcd:
             ["etcd", "--name", "tls", "--data-dir", str(self.dir / "data"), "--listen-client-urls", self.url,
              "--advertise-client-urls", self.url, "--listen-peer-urls", purl, "--initial-advertise-peer-urls", purl,
              "--initial-cluster", f"tls={purl}", "--cert-file", self.server[0], "--key-file", self.server[1],
-             "--trusted-ca-file", self.cacert, "--client-cert-auth", "--log-level", "warn", "--logger", "zap"],
+             *(["--trusted-ca-file", self.cacert, "--client-cert-auth"] if self.client_cert_auth else []),
+             "--log-level", "warn", "--logger", "zap"],
             stdout=log, stderr=log, stdin=subprocess.DEVNULL)
         log.close()
         wait_for("TLS etcd", lambda: self.ctl("endpoint", "health", check=False).returncode == 0, timeout=20)
@@ -125,16 +127,25 @@ class TlsEtcd:
                 self.proc.wait()
 
 
-@pytest.fixture(scope="module")
-def tls_etcd() -> Iterator[TlsEtcd]:
+def _tls_etcd(client_cert_auth: bool) -> Iterator[TlsEtcd]:
     workdir = Path(tempfile.mkdtemp(prefix="pyoverlay-tls-"))
-    server = TlsEtcd(workdir)
+    server = TlsEtcd(workdir, client_cert_auth)
     try:
         server.start()
         yield server
     finally:
         server.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def tls_etcd() -> Iterator[TlsEtcd]:
+    yield from _tls_etcd(client_cert_auth=True)
+
+
+@pytest.fixture(scope="module")
+def tls_password_etcd() -> Iterator[TlsEtcd]:
+    yield from _tls_etcd(client_cert_auth=False)
 
 
 def _config(e: TlsEtcd, **over: object) -> EtcdConfig:
@@ -166,6 +177,29 @@ def test_store_works_over_tls_with_client_certificate_and_password(tls_etcd: Tls
         # The role allows this prefix only.
         with pytest.raises(StoreError, match="permission denied"):
             store.put("/elsewhere", b"x")
+        # etcd's JSON gateway refuses requests whose client certificate names a user: watches stay on gRPC.
+        assert store.gateway is False
+    finally:
+        store.close()
+
+
+def test_watches_go_through_the_json_gateway_with_tls_and_a_password(tls_password_etcd: TlsEtcd) -> None:
+    """TLS without client certificates, and a password: the watch reads etcd's JSON gateway over TLS with the
+    token in its Authorization header, and sees only what the user may read."""
+    e = tls_password_etcd
+    store = KVStore(EtcdConfig([e.url], cacert=e.cacert, username="pyo", password=PASSWORD, timeout=3.0))
+    try:
+        store.put(f"{PREFIX}/a", b"1")
+        seen: list[str] = []
+        watch = store.watch_prefix(f"{PREFIX}/", lambda kvs, rev: seen.extend(kv.key for kv in kvs),
+                                   lambda evs: seen.extend(ev.key for ev in evs))
+        try:
+            wait_for("snapshot", lambda: f"{PREFIX}/a" in seen, timeout=10)
+            store.put(f"{PREFIX}/c", b"3")
+            wait_for("watch event", lambda: f"{PREFIX}/c" in seen, timeout=10)
+            assert store.gateway is True
+        finally:
+            watch.stop()
     finally:
         store.close()
 
