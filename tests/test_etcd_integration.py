@@ -88,50 +88,58 @@ def test_unreachable_fails_fast_and_clearly(keys: Keys) -> None:
     print(f"failed after {time.monotonic() - start:.2f}s")
 
 
+class Mirror:
+    """What a prefix watch shows: key -> value, from its snapshots and events."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, bytes] = {}
+        self.snapshots: list[int] = []
+        self.lock = threading.Lock()
+
+    def on_snapshot(self, kvs, rev):  # type: ignore[no-untyped-def]
+        with self.lock:
+            self.snapshots.append(rev)
+            self.seen = {kv.key: kv.value for kv in kvs}
+
+    def on_events(self, events):  # type: ignore[no-untyped-def]
+        with self.lock:
+            for ev in events:
+                if ev.kind == "put":
+                    self.seen[ev.key] = ev.value
+                else:
+                    self.seen.pop(ev.key, None)
+
+    def until(self, want: dict[str, bytes], timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                if self.seen == want:
+                    return
+            time.sleep(0.05)
+        with self.lock:
+            assert self.seen == want
+
+
 @pytest.mark.etcd
 def test_watch_resumes_and_recovers_from_compaction(etcd_store: KVStore, keys: Keys, etcd_server: Etcd) -> None:
     store = etcd_store
     prefix = keys.networks()
     store.put(keys.network("a"), b"1")
-    seen: dict[str, bytes] = {}
-    snapshots = []
-    lock = threading.Lock()
-
-    def on_snapshot(kvs, rev):  # type: ignore[no-untyped-def]
-        with lock:
-            snapshots.append(rev)
-            seen.clear()
-            seen.update({kv.key: kv.value for kv in kvs})
-
-    def on_events(events):  # type: ignore[no-untyped-def]
-        with lock:
-            for ev in events:
-                if ev.kind == "put":
-                    seen[ev.key] = ev.value
-                else:
-                    seen.pop(ev.key, None)
-
-    w = store.watch_prefix(prefix, on_snapshot, on_events)
+    mirror = Mirror()
+    w = store.watch_prefix(prefix, mirror.on_snapshot, mirror.on_events)
     try:
         assert w.synced.wait(5)
         store.put(keys.network("b"), b"2")
         store.delete(keys.network("a"))
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and seen != {keys.network("b"): b"2"}:
-            time.sleep(0.05)
-        assert seen == {keys.network("b"): b"2"}
+        mirror.until({keys.network("b"): b"2"}, timeout=5)
         # Force the watch to reconnect from a compacted revision: it must resynchronise fully.
         w._cancel() if w._cancel else None  # type: ignore[misc]
         w.revision = 1
         store.put(keys.network("c"), b"3")
         rev = store.put(keys.network("d"), b"4")
         etcd_server.ctl("compact", str(rev))
-        deadline = time.monotonic() + 10
-        want = {keys.network("b"): b"2", keys.network("c"): b"3", keys.network("d"): b"4"}
-        while time.monotonic() < deadline and seen != want:
-            time.sleep(0.05)
-        assert seen == want
-        assert len(snapshots) >= 2, "a compacted revision must trigger a new snapshot"
+        mirror.until({keys.network("b"): b"2", keys.network("c"): b"3", keys.network("d"): b"4"}, timeout=10)
+        assert len(mirror.snapshots) >= 2, "a compacted revision must trigger a new snapshot"
     finally:
         w.stop()
 
@@ -147,34 +155,10 @@ def test_watches_read_the_json_gateway_or_grpc_where_it_is_off(gateway: bool, ke
     server.start()
     store = KVStore(EtcdConfig([server.local_url], timeout=2))
     prefix = keys.networks()
-    seen: dict[str, bytes] = {}
-    lock = threading.Lock()
-
-    def on_snapshot(kvs, rev):  # type: ignore[no-untyped-def]
-        with lock:
-            seen.clear()
-            seen.update({kv.key: kv.value for kv in kvs})
-
-    def on_events(events):  # type: ignore[no-untyped-def]
-        with lock:
-            for ev in events:
-                if ev.kind == "put":
-                    seen[ev.key] = ev.value
-                else:
-                    seen.pop(ev.key, None)
-
-    def until(want: dict[str, bytes]) -> None:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            with lock:
-                if seen == want:
-                    return
-            time.sleep(0.05)
-        with lock:
-            assert seen == want
-
+    mirror = Mirror()
+    until = mirror.until
     store.put(keys.network("a"), b"\xff\x00binary")
-    w = store.watch_prefix(prefix, on_snapshot, on_events)
+    w = store.watch_prefix(prefix, mirror.on_snapshot, mirror.on_events)
     try:
         assert w.synced.wait(10)
         until({keys.network("a"): b"\xff\x00binary"})

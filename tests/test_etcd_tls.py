@@ -155,6 +155,19 @@ def _config(e: TlsEtcd, **over: object) -> EtcdConfig:
     return EtcdConfig(**base)  # type: ignore[arg-type]
 
 
+def _watch_follows(store: KVStore) -> None:
+    """A watch of PREFIX (holding PREFIX/a) sees its snapshot, then a new key."""
+    seen: list[str] = []
+    watch = store.watch_prefix(f"{PREFIX}/", lambda kvs, rev: seen.extend(kv.key for kv in kvs),
+                               lambda evs: seen.extend(ev.key for ev in evs))
+    try:
+        wait_for("snapshot", lambda: f"{PREFIX}/a" in seen, timeout=10)
+        store.put(f"{PREFIX}/c", b"3")
+        wait_for("watch event", lambda: f"{PREFIX}/c" in seen, timeout=10)
+    finally:
+        watch.stop()
+
+
 def test_store_works_over_tls_with_client_certificate_and_password(tls_etcd: TlsEtcd) -> None:
     store = KVStore(_config(tls_etcd), health_key=f"{PREFIX}/health")
     try:
@@ -165,15 +178,7 @@ def test_store_works_over_tls_with_client_certificate_and_password(tls_etcd: Tls
         lease = store.grant(10)
         store.put(f"{PREFIX}/leased", b"x", lease=lease)
         assert store.refresh(lease) > 0
-        seen: list[str] = []
-        watch = store.watch_prefix(f"{PREFIX}/", lambda kvs, rev: seen.extend(kv.key for kv in kvs),
-                                   lambda evs: seen.extend(ev.key for ev in evs))
-        try:
-            wait_for("snapshot", lambda: f"{PREFIX}/a" in seen, timeout=10)
-            store.put(f"{PREFIX}/c", b"3")
-            wait_for("watch event", lambda: f"{PREFIX}/c" in seen, timeout=10)
-        finally:
-            watch.stop()
+        _watch_follows(store)
         # The role allows this prefix only.
         with pytest.raises(StoreError, match="permission denied"):
             store.put("/elsewhere", b"x")
@@ -185,21 +190,13 @@ def test_store_works_over_tls_with_client_certificate_and_password(tls_etcd: Tls
 
 def test_watches_go_through_the_json_gateway_with_tls_and_a_password(tls_password_etcd: TlsEtcd) -> None:
     """TLS without client certificates, and a password: the watch reads etcd's JSON gateway over TLS with the
-    token in its Authorization header, and sees only what the user may read."""
+    token in its Authorization header."""
     e = tls_password_etcd
     store = KVStore(EtcdConfig([e.url], cacert=e.cacert, username="pyo", password=PASSWORD, timeout=3.0))
     try:
         store.put(f"{PREFIX}/a", b"1")
-        seen: list[str] = []
-        watch = store.watch_prefix(f"{PREFIX}/", lambda kvs, rev: seen.extend(kv.key for kv in kvs),
-                                   lambda evs: seen.extend(ev.key for ev in evs))
-        try:
-            wait_for("snapshot", lambda: f"{PREFIX}/a" in seen, timeout=10)
-            store.put(f"{PREFIX}/c", b"3")
-            wait_for("watch event", lambda: f"{PREFIX}/c" in seen, timeout=10)
-            assert store.gateway is True
-        finally:
-            watch.stop()
+        _watch_follows(store)
+        assert store.gateway is True
     finally:
         store.close()
 
