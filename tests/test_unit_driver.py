@@ -248,3 +248,29 @@ def test_inspect_shows_the_network_as_etcd_has_it_and_skips_invalid_records(env:
     assert [(a["address"], a["endpoint"]) for a in info["addresses"]] == [(address.split("/")[0], EID[:12])]
     with pytest.raises(NotFound, match="no pyoverlay network"):
         inspect("nonesuch", env.store, env.keys, env.state, None)
+
+
+def test_a_departed_hosts_endpoint_records_go_whether_found_by_index_or_read_whole(env: Any) -> None:
+    """forget_host takes the keys the peers' index holds for the host (no read of every record), checks each
+    record again (a key whose record now names another host stays), and reads everything without them."""
+    from kvstore.records import EndpointRecord
+
+    def write(host: str, eid: str) -> str:
+        rec = EndpointRecord(endpoint_id=eid, network_key="net1", docker_network_id="d" * 12, host=host,
+                             vtep="10.99.0.9", mac="02:42:0a:00:00:09", address="10.9.0.9/24")
+        key = env.keys.endpoint("net1", eid)
+        env.store.put(key, rec.dump())
+        env.store.put(env.keys.aliases("net1", eid), b"{}")
+        return key
+
+    gone = [write("h9", f"e{i}") for i in range(3)]
+    other = write("h8", "e8")
+    read_whole = []
+    real_range = env.store.range
+    env.store.range = lambda prefix, keys_only=False: (read_whole.append(prefix), real_range(prefix, keys_only))[1]
+    assert env.driver.forget_host("h9", [*gone[:2], other, env.keys.endpoint("net1", "never")]) == 2
+    assert env.keys.all_endpoints() not in read_whole, "the index named where to look"
+    assert [env.store.get(k) is None for k in (*gone, other)] == [True, True, False, False]
+    assert env.store.get(env.keys.aliases("net1", "e0")) is None
+    assert env.driver.forget_host("h9") == 1 and env.store.get(gone[2]) is None   # read whole: the rest
+    assert env.keys.all_endpoints() in read_whole and env.store.get(other) is not None

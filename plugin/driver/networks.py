@@ -12,7 +12,7 @@ import logging
 import threading
 import zlib
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from ipam.allocator import Ipam, store_errors
@@ -317,10 +317,17 @@ class NetworkDriver:
             if self.store.commit(txn):
                 return
 
-    def forget_host(self, host: str) -> int:
-        """A departed host's endpoint records and memberships go (its addresses: Ipam.forget_host)."""
+    def forget_host(self, host: str, endpoint_keys: Iterable[str] | None = None) -> int:
+        """A departed host's endpoint records and memberships go (its addresses: Ipam.forget_host).
+
+        endpoint_keys: where its endpoint records are, as the peers' watch knows them. Each is read and checked
+        again before it goes; without them every endpoint record is read (at 20,000 endpoints 9 MB, and every
+        live host sweeps at about the same time)."""
         changed = 0
-        kvs, _ = self.store.range(self.keys.all_endpoints())
+        if endpoint_keys is None:
+            kvs, _ = self.store.range(self.keys.all_endpoints())
+        else:
+            kvs = [kv for kv in map(self.store.get, endpoint_keys) if kv is not None]
         for kv in kvs:
             try:
                 rec = EndpointRecord.load(kv.value, kv.key)
