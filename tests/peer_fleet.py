@@ -155,6 +155,13 @@ class Fleet:
         self.write(arriving, batch=1)
         return keys[changes // 2:] + [k for k, _ in arriving]
 
+    def settle(self) -> None:
+        """Until the peers' thread has no pass queued or running (the kernel holds its final word) and the names
+        have every change."""
+        self.peers._background.submit(lambda: None).result(timeout=30)
+        self.peers._background.submit(lambda: None).result(timeout=30)
+        self.names.settle()
+
     def wait_programmed(self, timeout: float = 120) -> float:
         """Seconds until the kernel holds exactly the entries of the endpoint records in the store."""
         began, want = time.monotonic(), set(self.want.values())
@@ -163,3 +170,34 @@ class Fleet:
                 return time.monotonic() - began
             time.sleep(0.005)
         raise TimeoutError(f"kernel has {self.kernel.count()} of {len(want)} entries")
+
+
+def bytes_per_endpoint(count: int = 2000) -> float:
+    """What the plugin keeps per remote endpoint (the validated record, its peer entries, its names, and the
+    in-memory store's copy), by tracemalloc over count endpoints. Run it in a fresh interpreter (`python -m
+    tests.peer_fleet`): in a test session other tests' threads and caches would be counted too."""
+    import gc
+    import tracemalloc
+
+    fleet = Fleet(hosts=count // 40, per_host=40)
+    fleet.write_hosts()
+    fleet.peers.start()
+    try:
+        records = fleet.prepare(count)
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            fleet.write(records)
+            fleet.wait_programmed()
+            fleet.settle()
+            gc.collect()
+            return (tracemalloc.get_traced_memory()[0] - before) / count
+        finally:
+            tracemalloc.stop()
+    finally:
+        fleet.close()
+
+
+if __name__ == "__main__":
+    print(f"{bytes_per_endpoint():.0f}")

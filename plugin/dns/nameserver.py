@@ -107,34 +107,49 @@ def to_wire(reply: dns.message.Message, query: dns.message.Message, limit: int) 
         return short.to_wire(max_size=limit)
 
 
+# One value bare, several in a tuple: nearly every name has one address and every address one name, and a
+# 1-tuple is 48 bytes more, twice per endpoint (a set or frozenset of one would be 216).
+Values = str | tuple[str, ...]
+
+
+def _values(held: Values | None) -> tuple[str, ...]:
+    return () if held is None else (held,) if isinstance(held, str) else held
+
+
 @dataclass
 class Zone:
     """The names of one network: name -> addresses, address -> names.
 
-    The tuples are replaced, never changed in place: the serving thread reads them while a change is being
-    applied, and sees each name's old or new addresses, never a half-made change. (Tuples, not frozensets:
-    nearly every name has one address, and a 1-tuple takes 48 bytes where a frozenset takes 216.)
-    A pair two endpoints give (a container moving between hosts has a record on each for a moment) is in the
-    tuples twice, and stays until neither gives it: the tuples count, answers show each value once."""
-    forward: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    reverse: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    The values are replaced, never changed in place: the serving thread reads them while a change is being
+    applied, and sees each name's old or new addresses, never a half-made change.
+    A pair two endpoints give (a container moving between hosts has a record on each for a moment) is held
+    twice, and stays until neither gives it: the values count, answers show each once."""
+    forward: dict[str, Values] = field(default_factory=dict)
+    reverse: dict[str, Values] = field(default_factory=dict)
+
+    def addresses(self, name: str) -> tuple[str, ...]:
+        return _values(self.forward.get(name))
+
+    def names(self, address: str) -> tuple[str, ...]:
+        return _values(self.reverse.get(address))
 
     def add(self, name: str, address: str) -> None:
         name = _name(name)
         if name:
             for table, k, v in ((self.forward, name, address), (self.reverse, address, name)):
-                table[k] = (*table.get(k, ()), v)
+                have = table.get(k)
+                table[k] = v if have is None else (*_values(have), v)
 
     def discard(self, name: str, address: str) -> None:
         """One giver of the pair less."""
         name = _name(name)
         for table, k, v in ((self.forward, name, address), (self.reverse, address, name)):
-            have = table.get(k, ())
+            have = _values(table.get(k))
             if v in have:
                 at = have.index(v)
                 rest = have[:at] + have[at + 1:]
                 if rest:
-                    table[k] = rest
+                    table[k] = rest[0] if len(rest) == 1 else rest
                 else:
                     del table[k]
 
@@ -208,13 +223,13 @@ def answer(query: dns.message.Message, zone: Zone | None) -> dns.message.Message
             address = dns.reversename.to_address(q.name)
         except (dns.exception.SyntaxError, ValueError):
             return None
-        names = zone.reverse.get(str(ipaddress.ip_address(address)))
+        names = zone.names(str(ipaddress.ip_address(address)))
         if not names:
             return None
         reply.answer.append(dns.rrset.from_text_list(q.name, TTL, "IN", "PTR", [f"{n}." for n in sorted(set(names))]))
         return reply
-    addresses = zone.forward.get(text)
-    if addresses is None:
+    addresses = zone.addresses(text)
+    if not addresses:
         return None
     family = {dns.rdatatype.A: 4, dns.rdatatype.AAAA: 6}.get(q.rdtype)
     matching = sorted({a for a in addresses if ipaddress.ip_address(a).version == family})
