@@ -64,6 +64,7 @@ def test_status_inspect_doctor_and_metrics_say_what_is_there(rig3: Rig, cleanup)
     assert net["encrypted"] is False and net["subnets"] == ["10.50.0.0/24"]
     assert st["peers"][str(net["vni"])] == {"expected": 1, "programmed": 1}, "view-2 on h2"
     assert st["etcd"]["healthy"] is True and st["etcd"]["latency_ms"] > 0
+    assert st["etcd"]["watches"] == "JSON gateway", "etcd's gateway is on by default: watches use it"
     assert [e["address"] for e in st["endpoints"] if e["network"] == "10.50.0.0_24"] == [f"{ip1}/24"]
     assert st["live_hosts"] == ["h1", "h2", "h3"]
     assert st["vtep_filter"]["present"] and st["vtep_filter"]["vteps"] == [h.ip for h in rig3.hosts]

@@ -83,7 +83,8 @@ def _status_overview(st: dict[str, Any]) -> None:
     print(f"host {st['host']}  ({st['stage']}, scope {st['scope']})")
     print(f"etcd {', '.join(etcd['endpoints'])}: " + (f"healthy, {etcd['latency_ms']} ms" if etcd["healthy"]
                                                       else f"UNREACHABLE: {etcd['error']}")
-          + (f"; {etcd['pending_changes']} changes queued" if etcd["pending_changes"] else ""))
+          + (f"; {etcd['pending_changes']} changes queued" if etcd["pending_changes"] else "")
+          + (f"; watches through its {etcd['watches']}" if etcd.get("watches") else ""))
     print(f"live hosts: {', '.join(st['live_hosts']) or '-'}")
 
 

@@ -177,6 +177,7 @@ class Runtime:
         except StoreError as err:
             etcd = {"healthy": False, "latency_ms": None, "error": str(err)}
         etcd["endpoints"] = self.settings.etcd_endpoints or ["embedded"]
+        etcd["watches"] = {True: "JSON gateway", False: "gRPC stream", None: "not started"}[self.store.gateway]
         etcd["pending_changes"] = len(self.state.take_pending())
         enc = self.encryption
         return {
