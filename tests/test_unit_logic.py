@@ -232,29 +232,32 @@ def test_names_follow_each_change_and_equal_a_fresh_build() -> None:
     records: dict[str, RemoteEndpoint] = {}
     aliases: dict[str, AliasRecord] = {}
 
-    def ep(i: int, host: str, name: str | None) -> RemoteEndpoint:
-        return RemoteEndpoint(EndpointRecord(endpoint_id=f"e{i:04d}", network_key="n1", docker_network_id="d",
+    def ep(i: int, host: str, name: str | None, eid: str = "e") -> RemoteEndpoint:
+        return RemoteEndpoint(EndpointRecord(endpoint_id=f"{eid}{i:04d}", network_key="n1", docker_network_id="d",
                                              host=host, vtep="10.99.0.1", mac="02:42:00:00:00:01",
                                              address=f"10.0.{i // 250}.{i % 250 + 1}/16", name=name))
 
+    def key(i: int, eid: str = "e") -> str:
+        return svc.keys.endpoint("n1", f"{eid}{i:04d}")
+
     for i in range(200):
-        records[f"/t/ep/{i}"] = ep(i, "h1" if i % 2 else "h2", f"c{i}")
+        records[key(i)] = ep(i, "h1" if i % 2 else "h2", f"c{i}")
     svc.changed(dict(records), True, hosts)
     for step in range(300):
         i = rng.randrange(200)
-        key, updates = f"/t/ep/{i}", {}
+        k, updates = key(i), {}
         roll = rng.random()
         if roll < 0.3:                                     # removed
-            records.pop(key, None)
-            updates[key] = None
+            records.pop(k, None)
+            updates[k] = None
         elif roll < 0.6:                                   # (re)created, renamed, on either host
-            records[key] = ep(i, rng.choice(["h1", "h2"]), rng.choice([f"c{i}", f"r{i}", "shared"]))
-            updates[key] = records[key]
-        elif roll < 0.7:                                   # moving: a second record, same container, same IP
-            old = records.get(key)
+            records[k] = ep(i, rng.choice(["h1", "h2"]), rng.choice([f"c{i}", f"r{i}", "shared"]))
+            updates[k] = records[k]
+        elif roll < 0.7:                                   # moving: the container's endpoint on another host
+            old = records.get(k)                           # (a new endpoint ID), same name and IP, for a moment
             if old is not None:
-                records[key + "m"] = ep(i, "h2" if old.host == "h1" else "h1", old.name)
-                updates[key + "m"] = records[key + "m"]
+                records[key(i, "m")] = ep(i, "h2" if old.host == "h1" else "h1", old.name, "m")
+                updates[key(i, "m")] = records[key(i, "m")]
         else:                                              # Docker's aliases for it
             al = AliasRecord(endpoint_id=f"e{i:04d}", network_key="n1", host="h1", container=f"c{i}",
                              names=[f"c{i}", f"alias{step % 5}"])
@@ -269,9 +272,9 @@ def test_names_follow_each_change_and_equal_a_fresh_build() -> None:
         fresh = build_zones(records.values(), set(hosts), aliases.values()).get("n1")
         got = svc.server.zones.get("n1")
         for table in ("addresses", "names"):   # the same names and addresses, in whatever order they came
-            have = {k: set(getattr(got, table)(k)) for k in (got.forward if table == "addresses" else got.reverse)} \
+            have = {n: set(getattr(got, table)(n)) for n in (got.forward if table == "addresses" else got.reverse)} \
                 if got else {}
-            assert have == ({k: set(getattr(fresh, table)(k))
-                             for k in (fresh.forward if table == "addresses" else fresh.reverse)}
+            assert have == ({n: set(getattr(fresh, table)(n))
+                             for n in (fresh.forward if table == "addresses" else fresh.reverse)}
                             if fresh else {}), f"step {step}"
     svc.server.stop()

@@ -199,7 +199,7 @@ def test_the_kernel_check_costs_a_bounded_share_of_the_time() -> None:
 def test_a_remote_endpoint_costs_bounded_memory() -> None:
     """What the plugin keeps per remote endpoint (the validated record, its peer entries, its names), measured
     with tracemalloc over 2,000 endpoints in a fresh interpreter: under 2.0 KB including the in-memory store's
-    copy (1.63 KB measured; 3.9 KB before records shared their field sets and repeated strings and entries
+    copy (1.55 KB measured; 3.9 KB before records shared their field sets and repeated strings and entries
     stopped being joined strings, 2.2 KB before the peers held slotted records and the names flat tuples)."""
     import subprocess
     import sys

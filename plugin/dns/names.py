@@ -41,7 +41,6 @@ class NameService:
         self.redirect = DnsRedirect(address, self.server.upstreams) if address else None
         self._alias_of: dict[str, AliasRecord] = {}        # endpoint ID -> its aliases
         self._endpoints: dict[str, RemoteEndpoint] = {}    # etcd key -> record (as the peer watch has them)
-        self._keys_of: MultiMap[str, str] = {}             # endpoint ID -> etcd keys (two while it moves)
         self._keys_on: MultiMap[str, str] = {}             # host -> etcd keys of its endpoints
         self._hosts: set[str] = set()
         self._index = NameIndex()
@@ -74,16 +73,16 @@ class NameService:
             self._alias_of = {al.endpoint_id: al for al in self._aliases.values()}
             self._rebuild()
             return
-        touched = set()
+        touched = set()   # the endpoint records the aliases are of: the same network key and endpoint ID
         for u in updates:
             if u.new is not None:
                 self._alias_of[u.new.endpoint_id] = u.new
-                touched.add(u.new.endpoint_id)
+                touched.add(self.keys.endpoint(u.new.network_key, u.new.endpoint_id))
             elif u.old is not None and self._alias_of.get(u.old.endpoint_id) is u.old:
                 del self._alias_of[u.old.endpoint_id]
-                touched.add(u.old.endpoint_id)
-        for eid in touched:
-            for key in self._keys_of.get(eid, ()):
+                touched.add(self.keys.endpoint(u.old.network_key, u.old.endpoint_id))
+        for key in touched:
+            if key in self._endpoints:
                 self._index.set(key, self._names(key))
 
     def current_aliases(self) -> dict[str, AliasRecord]:
@@ -128,15 +127,13 @@ class NameService:
     def _apply(self, updates: dict[str, RemoteEndpoint | None], whole: bool, hosts: dict[str, HostRecord]) -> None:
         with self._lock:
             if whole:
-                self._endpoints, self._keys_of, self._keys_on = {}, {}, {}
+                self._endpoints, self._keys_on = {}, {}
             for key, ep in updates.items():
                 old = self._endpoints.pop(key, None)
                 if old is not None:
-                    unlink(self._keys_of, old.endpoint_id, key)
                     unlink(self._keys_on, old.host, key)
                 if ep is not None:
                     self._endpoints[key] = ep
-                    link(self._keys_of, ep.endpoint_id, key)
                     link(self._keys_on, ep.host, key)
             live = set(hosts)
             if whole:
