@@ -147,7 +147,7 @@ def test_watch_resumes_and_recovers_from_compaction(etcd_store: KVStore, keys: K
 @pytest.mark.etcd
 @pytest.mark.parametrize("gateway", [True, False], ids=["json-gateway", "grpc-stream"])
 def test_watches_read_the_json_gateway_or_grpc_where_it_is_off(gateway: bool, keys: Keys, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """Watches go through etcd's JSON gateway (a third of gRPC's CPU per event), and through gRPC's stream on
+    """Watches go through etcd's JSON gateway (less than half of gRPC's CPU per event), and through gRPC's stream on
     an etcd without one. Either way: binary values, deletions, one revision of 2,000 events (a ~1.8 MB answer),
     and a key that is not UTF-8 (someone wrote it under our prefix) that must not stop the watch."""
     server = Etcd(tmp_path, ["127.0.0.1"],   # room for 2,000 puts in one transaction: one answer of ~1.8 MB
