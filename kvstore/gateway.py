@@ -4,11 +4,13 @@ JSON over one HTTP/1.1 connection, read by the watch's own thread.
 Why not gRPC's stream: measured with 2,000 events at 100 a second from one member, in alternating runs of one
 KVStore watch each way, grpcio's synchronous stream cost 562-612 us of the process's CPU per event (its
 channel-spin thread, the C core's event engine and the reading thread, which hand each message over through
-a Python condition); this stream 239-267 us. Every host pays that for every change in the fleet. The gateway is etcd's own: on by default (3.4+), on the same port, behind the same TLS,
-with the same authentication token (the Authorization header) and gRPC metadata (Grpc-Metadata-* headers:
-the leader requirement). Where it is switched off (`--enable-grpc-gateway=false`: 404) or will not serve the
-client (a TLS client certificate that names a user: 400), GatewayMissing tells the client to keep gRPC's
-stream (kvstore/client.py).
+a Python condition); this stream 239-267 us. Every host pays that for every change in the fleet.
+
+The gateway is etcd's own: on by default (3.4+), on the same port, behind the same TLS, with the same
+authentication token (the Authorization header) and gRPC metadata (Grpc-Metadata-* headers: the leader
+requirement). Where it is switched off (`--enable-grpc-gateway=false`: 404) or will not serve the client (a TLS
+client certificate that names a user: 400), GatewayMissing tells the client to keep gRPC's stream
+(kvstore/client.py).
 """
 
 from __future__ import annotations
