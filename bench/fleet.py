@@ -219,6 +219,7 @@ class Simulation:
         self.store, self.keys, self.nkey, self.n = store, keys, nkey, hosts
         self.addresses: Iterator[ipaddress.IPv4Address] = iter(list(SUBNET.hosts())[300:])  # type: ignore[arg-type]
         self.endpoints: dict[str, tuple[int, str]] = {}    # key -> (host index, ip)
+        self.born: dict[str, float] = {}                   # key -> when written
         self.leases: dict[int, int] = {}
         self.rng = random.Random(1)
         self.seq = 0
@@ -240,6 +241,7 @@ class Simulation:
         key = self.keys.endpoint(self.nkey, eid)
         with self.lock:
             self.endpoints[key] = (i, str(ip))
+            self.born[key] = time.monotonic()
         return key, rec.dump(), str(ip)
 
     def register(self, i: int) -> int:
@@ -266,6 +268,8 @@ class Simulation:
         with self.lock:
             self.dead.add(i)
             gone = [k for k, (host, _) in self.endpoints.items() if host == i]
+            for k in gone:
+                self.born.pop(k, None)
             return [self.endpoints.pop(k)[1] for k in gone]
 
     def arrive(self) -> tuple[str, str]:
@@ -276,9 +280,13 @@ class Simulation:
         return "add", ip
 
     def leave(self) -> tuple[str, str]:
+        """A random endpoint at least a second old goes: one written and deleted within one pass (0.1 s) is
+        rightly never programmed, and the monitor would wait for it in vain."""
         with self.lock:
-            key = self.rng.choice(list(self.endpoints))
+            old = time.monotonic() - 1.0
+            key = self.rng.choice([k for k in self.endpoints if self.born[k] < old])
             _, ip = self.endpoints.pop(key)
+            del self.born[key]
         self.store.delete(key)
         return "del", ip
 
