@@ -485,14 +485,16 @@ def report(results: list[dict[str, Any]]) -> None:
     """bench/results/fleet.json, the table in docs/bench/fleet.md and the plots."""
     rows = [[r["hosts"], r["endpoints"], r["bringup_programmed_s"], r["burst_2000_s"],
              r["churn_latency_ms"]["p50"], r["churn_latency_ms"]["p99"], r["churn_cpu_pct_core"],
-             r["idle_cpu_pct_core"], r["etcd_bytes_per_change"], r["restart_new_endpoint_s"], r["rss_idle_mib"],
+             r["idle_cpu_pct_core"], r["etcd_bytes_per_change"], r["restart_new_endpoint_s"],
+             r.get("after_restart_latency_ms", {}).get("p99", "-"), r["rss_idle_mib"],
              r["rss_full_mib"], r.get("pss_idle_mib", "-"), r.get("pss_full_mib", "-")]
             for r in results]
     md = ("One real host (dockerd + pyoverlay + kernel) and the signed etcd records of N simulated hosts x "
           f"{PER_HOST} endpoints on one /16 network (`bench/fleet.py`).\n\n"
           + table(["hosts", "remote endpoints", "all programmed s", "2,000 changes s", "churn p50 ms",
                    "churn p99 ms", "CPU % of a core at 100 changes/s", "idle CPU %", "etcd bytes per change",
-                   "restart: new endpoint s", "RSS idle MiB", "RSS all MiB", "PSS idle MiB", "PSS all MiB"], rows)
+                   "restart: new endpoint s", "after restart: new endpoints p99 ms",
+                   "RSS idle MiB", "RSS all MiB", "PSS idle MiB", "PSS all MiB"], rows)
           + "\nRSS sums the gunicorn master's and the worker's resident pages, counting the pages they share "
           "(the interpreter, forked) twice; PSS counts each shared page once.\n")
     save("fleet", {"results": results}, md)
