@@ -99,6 +99,9 @@ class GatewayWatch:
         try:
             self._conn.request("POST", "/v3/watch", body=orjson.dumps(body), headers=headers_of(metadata))
             self._response = self._conn.getresponse()
+        except ssl.SSLError as err:   # Python's TLS refused what gRPC's may take: let gRPC's stream decide
+            self._conn.close()
+            raise GatewayMissing(f"etcd at {endpoint}: TLS to its JSON gateway failed ({err})") from err
         except (OSError, http.client.HTTPException) as err:
             self._conn.close()
             raise MemberLost(f"etcd at {endpoint}: {err or type(err).__name__}") from err
