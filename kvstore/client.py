@@ -13,7 +13,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 # First: etcd's messages in today's protobuf form, where etcd3 will look for its own (kvstore/etcdrpc).
 import kvstore.etcdrpc  # noqa: F401
@@ -102,19 +101,16 @@ class KVStore:
     def _connect(self, endpoint: str) -> etcd3.Etcd3Client:
         if endpoint.startswith("unix:"):
             # unix:/path/name:port (the embedded etcd): gRPC's own target syntax, which etcd3 forms as host:port
-            path, _, port = endpoint.rpartition(":")
-            return etcd3.client(host=path, port=int(port), timeout=self.config.timeout, user=self.config.username,
-                                password=self.config.password, grpc_options=_GRPC_OPTIONS)
-        url = urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
-        if not url.hostname:
-            raise StoreError(f"bad etcd endpoint {endpoint!r}")
-        tls = url.scheme == "https" or self.config.cacert is not None
+            path, _, socket_port = endpoint.rpartition(":")
+            return etcd3.client(host=path, port=int(socket_port), timeout=self.config.timeout,
+                                user=self.config.username, password=self.config.password, grpc_options=_GRPC_OPTIONS)
+        host, port, tls = self.config.member(endpoint)
         if tls and not self.config.cacert:
             raise StoreUnavailable(f"etcd at {endpoint} uses TLS but ETCD_CACERT is not set (the CA certificate that "
                                    f"signed etcd's server certificate)")
         return etcd3.client(
-            host=url.hostname,
-            port=url.port or 2379,
+            host=host,
+            port=port,
             ca_cert=self.config.cacert if tls else None,
             cert_key=self.config.key if tls else None,
             cert_cert=self.config.cert if tls else None,

@@ -20,7 +20,6 @@ import http.client
 import socket
 import ssl
 from collections.abc import Iterator
-from urllib.parse import urlsplit
 
 import orjson
 
@@ -63,16 +62,13 @@ def _connection(endpoint: str, config: EtcdConfig) -> http.client.HTTPConnection
     """A connection to the member at endpoint, as kvstore.client connects to it (the same forms and TLS)."""
     if endpoint.startswith("unix:"):
         return _UnixConnection(endpoint.removeprefix("unix:"), config.timeout)
-    url = urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
-    if not url.hostname:
-        raise StoreError(f"bad etcd endpoint {endpoint!r}")
-    port = url.port or 2379
-    if url.scheme == "https" or config.cacert is not None:
+    host, port, tls = config.member(endpoint)
+    if tls:
         context = ssl.create_default_context(cafile=config.cacert)
         if config.cert and config.key:
             context.load_cert_chain(config.cert, config.key)
-        return http.client.HTTPSConnection(url.hostname, port, timeout=config.timeout, context=context)
-    return http.client.HTTPConnection(url.hostname, port, timeout=config.timeout)
+        return http.client.HTTPSConnection(host, port, timeout=config.timeout, context=context)
+    return http.client.HTTPConnection(host, port, timeout=config.timeout)
 
 
 def headers_of(metadata: tuple[tuple[str, str], ...] | None) -> dict[str, str]:
